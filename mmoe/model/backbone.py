@@ -1,0 +1,257 @@
+"""The Multiway Transformer backbone (BEiT-3 layout with optional MH-MoE FFNs).
+
+Dimension legend: B batch, G vision tokens (CLS + patches), L text tokens, N = G + L, M keys (cached + new), D width.
+
+Sequence layout ([B3] sec. 2.1, SPEC.md 5): vision tokens first ([CLS, patches...]), then text. The number
+of vision tokens is passed explicitly to every block. Returns features plus the routing records and the
+summed auxiliary loss of every MoE layer ([MH1] sec. 3.3). Offers timm's backbone contract
+(`forward_features`, `no_weight_decay`, `group_matcher`, `set_grad_checkpointing`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmoe.model.attention import KVCache, build_attention_mask, causal_mask, rescale_
+from mmoe.model.block import MultiwayBlock
+from mmoe.model.config import MultiwayConfig
+from mmoe.model.embed import TextEmbed, VisionEmbed
+from mmoe.model.multiway import DenseFFN, Multiway, Shared
+
+
+@dataclass
+class BackboneOutput:
+    """What `MultiwayTransformer.forward` returns (docs/interfaces.md section 2)."""
+
+    features: torch.Tensor
+    num_vision_tokens: int
+    grid_size: tuple[int, int] | None
+    routing: dict[str, Any] = field(default_factory=dict)
+    aux_loss: torch.Tensor | None = None
+
+
+class MultiwayTransformer(nn.Module):
+    """BEiT-3-style Multiway Transformer ([B3] sec. 2.1) with MH-MoE layers every `moe.every` blocks ([MH1])."""
+
+    def __init__(self, config: MultiwayConfig) -> None:
+        super().__init__()
+        if not isinstance(config, MultiwayConfig):
+            raise TypeError(f"MultiwayTransformer: expected a MultiwayConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed_dim = self.num_features = config.dim
+        self.grad_checkpointing = config.grad_checkpointing
+        self.vision_embed = VisionEmbed(
+            img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans, dim=config.dim
+        )
+        self.text_embed = TextEmbed(vocab_size=config.vocab_size, max_len=config.max_text_len, dim=config.dim)
+        self.embed_drop = nn.Dropout(config.dropout)
+        # Stochastic depth grows linearly with depth (BEiT-3 / torchscale np.linspace(0, rate, depth)).
+        drop_rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
+        self.blocks = nn.ModuleList(
+            MultiwayBlock(
+                dim=config.dim,
+                num_heads=config.num_heads,
+                ffn_dim=config.ffn_dim,
+                multiway_attention=config.attention == "decoupled",
+                subln=config.subln,
+                eps=config.layernorm_eps,
+                qkv_bias=config.qkv_bias,
+                dropout=config.dropout,
+                attn_dropout=config.attn_dropout,
+                drop_path=drop_rates[i],
+                attn_impl=config.attn_impl,
+                vlffn=config.has_vlffn(i) and config.vlffn_layers > 0,
+                moe=config.moe if config.is_moe_layer(i) else None,
+            )
+            for i in range(config.depth)
+        )
+        self.norm = (
+            Multiway(nn.LayerNorm(config.dim, eps=config.layernorm_eps), nn.LayerNorm(config.dim, eps=config.layernorm_eps))
+            if config.final_norm
+            else None
+        )
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init (SPEC.md 5)
+    def init_weights(self) -> None:
+        """Trunc-normal(std) Linear/embeddings, unit LayerNorms, output projections of layer l divided by sqrt(2l).
+
+        MoE layers keep the initialization `mmoe.moe` gives them ([MH1] sec. 3 / SPEC.md 1).
+        """
+        std = self.config.init_std
+        moe_modules = {id(m) for blk in self.blocks if blk.moe is not None for m in blk.moe.modules()}
+        for module in self.modules():
+            if id(module) in moe_modules:
+                continue
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.trunc_normal_(module.weight, std=std)
+        for param in (self.vision_embed.cls_token, self.vision_embed.mask_token, self.vision_embed.pos_embed):
+            nn.init.trunc_normal_(param, std=std)
+        nn.init.trunc_normal_(self.text_embed.pos_embed, std=std)
+        for layer_id, blk in enumerate(self.blocks, start=1):
+            for proj in _branches(blk.attn.out_proj):
+                rescale_(proj, layer_id)
+            if blk.ffn is not None:
+                for ffn in blk.ffn.modules():
+                    if isinstance(ffn, DenseFFN):
+                        rescale_(ffn.fc2, layer_id)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tokenizer_spec(self) -> dict[str, Any]:
+        """The tokenizer the text ids are meant for (docs/interfaces.md sections 2 and 3)."""
+        cfg = self.config
+        return {
+            "kind": cfg.tokenizer,
+            "path": cfg.tokenizer_path,
+            "vocab_size": cfg.vocab_size,
+            "pad_id": cfg.pad_id,
+            "mask_id": cfg.mask_id,
+            "max_len": cfg.max_text_len,
+        }
+
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for incremental decoding (docs/interfaces.md section 8)."""
+        return KVCache(len(self.blocks))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        image: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        text_start: int = 0,
+        update_cache: bool = True,
+    ) -> BackboneOutput:
+        """Encode an image, a text, or both (vision tokens first).
+
+        `attn_mask` (N, N) or (B, N, N) bool, True = may attend. With a non-empty `cache`, the new (text)
+        tokens attend to every cached key plus the new tokens up to themselves (or per an `attn_mask` of
+        shape (N_new, cached + N_new)); `text_start` is the position of the first new text token.
+        """
+        if image is None and text is None:
+            raise ValueError("MultiwayTransformer.forward: pass `image`, `text` or both")
+        past = 0 if cache is None else cache.length
+        if past and image is not None:
+            raise ValueError("MultiwayTransformer.forward: an image can only be given in the first call with a cache")
+        parts: list[torch.Tensor] = []
+        num_vision, grid = 0, None
+        if image is not None:
+            x_BGD, grid = self.vision_embed(image, image_mask)
+            num_vision = x_BGD.shape[1]
+            parts.append(x_BGD)
+        elif image_mask is not None:
+            raise ValueError("MultiwayTransformer.forward: `image_mask` given without `image`")
+        padding_BN: torch.Tensor | None = None
+        if text is not None:
+            x_BLD = self.text_embed(text, start=text_start)
+            if text_padding_mask is not None:
+                if text_padding_mask.shape != text.shape or text_padding_mask.dtype != torch.bool:
+                    raise ValueError(
+                        f"text_padding_mask: expected a bool tensor of shape {tuple(text.shape)} (True = pad), got "
+                        f"{text_padding_mask.dtype} {tuple(text_padding_mask.shape)}"
+                    )
+                # Pad embeddings are zeroed as in torchscale's Encoder, so pad ids never matter.
+                x_BLD = x_BLD.masked_fill(text_padding_mask.unsqueeze(-1), 0.0)
+                padding_BN = text_padding_mask
+                if num_vision:
+                    vision_pad = text_padding_mask.new_zeros(text.shape[0], num_vision)
+                    padding_BN = torch.cat([vision_pad, text_padding_mask], dim=1)
+            parts.append(x_BLD)
+        elif text_padding_mask is not None:
+            raise ValueError("MultiwayTransformer.forward: `text_padding_mask` given without `text`")
+        elif past:
+            raise ValueError("MultiwayTransformer.forward: a call on a non-empty cache needs `text`")
+        x_BND = self.embed_drop(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+        batch, num_new = x_BND.shape[:2]
+
+        key_padding_BM = padding_BN
+        if past:
+            if cache.batch_size != batch:  # type: ignore[union-attr]
+                raise ValueError(f"cache: holds batch {cache.batch_size}, got inputs of batch {batch}")  # type: ignore[union-attr]
+            if cache.padding is not None or padding_BN is not None:  # type: ignore[union-attr]
+                old = cache.padding if cache.padding is not None else x_BND.new_zeros(batch, past, dtype=torch.bool)  # type: ignore[union-attr]
+                new = padding_BN if padding_BN is not None else x_BND.new_zeros(batch, num_new, dtype=torch.bool)
+                key_padding_BM = torch.cat([old.to(x_BND.device), new], dim=1)
+            if attn_mask is None:
+                attn_mask = causal_mask(num_new, past, x_BND.device)
+        mask_B1NM = build_attention_mask(
+            batch=batch,
+            num_queries=num_new,
+            num_keys=past + num_new,
+            key_padding_BM=key_padding_BM,
+            attn_mask=attn_mask,
+            device=x_BND.device,
+        )
+
+        use_ckpt = self.grad_checkpointing and cache is None and torch.is_grad_enabled()
+        routing: dict[str, Any] = {}
+        aux_loss = x_BND.new_zeros((), dtype=torch.float32)
+        for i, blk in enumerate(self.blocks):
+            if use_ckpt:
+                x_BND, aux, records = checkpoint(
+                    blk, x_BND, num_vision, mask_B1NM, padding_BN, None, i, True, use_reentrant=False
+                )
+            else:
+                x_BND, aux, records = blk(x_BND, num_vision, mask_B1NM, padding_BN, cache, i, update_cache)
+            if aux is not None:
+                aux_loss = aux_loss + aux
+            for suffix, record in records.items():
+                routing[f"layer{i}{suffix}"] = record
+        if self.norm is not None:
+            x_BND = self.norm(x_BND, num_vision)
+        if cache is not None and update_cache:
+            if key_padding_BM is not None or cache.padding is not None:
+                cache.padding = (
+                    key_padding_BM
+                    if key_padding_BM is not None
+                    else torch.zeros(batch, past + num_new, dtype=torch.bool, device=x_BND.device)
+                )
+        return BackboneOutput(
+            features=x_BND, num_vision_tokens=num_vision, grid_size=grid, routing=routing, aux_loss=aux_loss
+        )
+
+    # ------------------------------------------------------------------ timm backbone contract
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image-only features (B, 1 + P, D), as timm's `VisionTransformer.forward_features`."""
+        return self(image=x).features
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"vision_embed.cls_token", "vision_embed.mask_token", "vision_embed.pos_embed", "text_embed.pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer groups for timm's `param_groups_layer_decay`: embeddings 0, block i -> i + 1, final norm last."""
+        return dict(
+            stem=r"^(vision_embed|text_embed)",
+            blocks=r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+
+def _branches(module: nn.Module) -> list[nn.Linear]:
+    if isinstance(module, Multiway):
+        return [module.vision, module.text]  # type: ignore[list-item]
+    if isinstance(module, Shared):
+        return [module.shared]  # type: ignore[list-item]
+    return [module]  # type: ignore[list-item]

@@ -1,0 +1,99 @@
+"""Vision and text embeddings of the Multiway Transformer (SPEC.md 5, [B3] sec. 2.1).
+
+Dimension legend: B batch, P patches, G = 1 + P vision tokens (CLS first), L text tokens, D width.
+
+BEiT-3 keeps learned absolute positions per modality in fairseq tables whose first two rows are never
+used (indices start at 2). We store only the used rows: `pos_embed` (1, 1 + P, D) for vision and
+(1, max_text_len, D) for text; the converter drops the two legacy rows (mmoe/model/convert.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import PatchEmbed, resample_abs_pos_embed
+from torch import nn
+
+
+class VisionEmbed(nn.Module):
+    """Conv patch embedding (timm `PatchEmbed`) + CLS + learned positions + BEiT mask token.
+
+    `image_mask` (B, P) True replaces the patch embedding with the learned mask token before positions are
+    added, as in BEiT masked image modeling ([B3] sec. 2.2). Images of another size (also non-square, as
+    detection needs) get their position table resampled on the fly with timm's `resample_abs_pos_embed`.
+    """
+
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.patch_embed = PatchEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dim, strict_img_size=False
+        )
+        self.grid_size: tuple[int, int] = (img_size // patch_size, img_size // patch_size)
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, dim))
+
+    def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"VisionEmbed: image size {height}x{width} is not divisible by patch_size {self.patch_size}"
+            )
+        return height // self.patch_size, width // self.patch_size
+
+    def position_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings (1, 1 + gh*gw, D) for a patch grid, resampled when it differs from the stored one."""
+        if tuple(grid) == self.grid_size:
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.grid_size))
+
+    def forward(
+        self, image_B3HW: torch.Tensor, image_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        if image_B3HW.ndim != 4:
+            raise ValueError(f"image: expected (B, C, H, W), got shape {tuple(image_B3HW.shape)}")
+        grid = self.feature_grid(image_B3HW.shape[-2], image_B3HW.shape[-1])
+        x_BPD = self.patch_embed(image_B3HW)
+        batch, num_patches, _ = x_BPD.shape
+        if image_mask is not None:
+            if image_mask.shape != (batch, num_patches):
+                raise ValueError(
+                    f"image_mask: expected shape {(batch, num_patches)} (batch, patches), got {tuple(image_mask.shape)}"
+                )
+            w_BP1 = image_mask.unsqueeze(-1).to(x_BPD.dtype)
+            x_BPD = x_BPD * (1 - w_BP1) + self.mask_token.to(x_BPD.dtype) * w_BP1
+        x_BGD = torch.cat([self.cls_token.expand(batch, -1, -1).to(x_BPD.dtype), x_BPD], dim=1)
+        return x_BGD + self.position_table(grid).to(x_BPD.dtype), grid
+
+
+class TextEmbed(nn.Module):
+    """Token embedding + learned absolute positions; positions start at `start` (incremental decoding)."""
+
+    def __init__(self, *, vocab_size: int, max_len: int, dim: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.token_embed = nn.Embedding(vocab_size, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, max_len, dim))
+
+    def forward(self, text_BL: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if text_BL.ndim != 2:
+            raise ValueError(f"text: expected (B, L) token ids, got shape {tuple(text_BL.shape)}")
+        length = text_BL.shape[1]
+        if start < 0 or start + length > self.max_len:
+            raise ValueError(
+                f"text: positions {start}..{start + length - 1} exceed max_text_len {self.max_len} of the model"
+            )
+        if text_BL.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"text: expected int64 token ids, got {text_BL.dtype}")
+        return self.token_embed(text_BL) + self.pos_embed[:, start : start + length]
+
+
+def resample_vision_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
+    """Resample a stored (1, 1 + gh*gw, D) square table to `new_grid` (used when loading state dicts)."""
+    num_patches = pos_embed.shape[1] - 1
+    side = int(round(num_patches**0.5))
+    if side * side != num_patches:
+        raise ValueError(f"vision pos_embed: {num_patches} patch positions do not form a square grid")
+    if (side, side) == tuple(new_grid):
+        return pos_embed
+    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=[side, side])

@@ -1,0 +1,129 @@
+"""Saving and loading backbones (docs/interfaces.md section 2).
+
+File format: `{"format": "mmoe", "config": MultiwayConfig.to_dict(), "state_dict": ...}`, written atomically
+(temporary name, then `os.replace`) and read with `torch.load(weights_only=True)`. `load_model` also reads our
+Lightning checkpoints, whose module stored `checkpoint["mmoe_config"]` and keeps the backbone under `backbone.`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmoe.model.backbone import MultiwayTransformer
+from mmoe.model.config import MultiwayConfig
+from mmoe.model.embed import resample_vision_pos_embed
+
+FORMAT = "mmoe"
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the target folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: MultiwayTransformer, path: str | Path, *, extra: dict[str, Any] | None = None) -> None:
+    """Write a backbone file: its config and state dict (plus optional `extra` metadata)."""
+    payload: dict[str, Any] = {"format": FORMAT, "config": model.config.to_dict(), "state_dict": model.state_dict()}
+    if extra:
+        payload["extra"] = extra
+    atomic_torch_save(payload, path)
+
+
+def read_checkpoint(path: str | Path) -> tuple[MultiwayConfig, dict[str, torch.Tensor]]:
+    """Config and backbone state dict from an mmoe model file or one of our Lightning checkpoints."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_model: {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"load_model: {path} holds a {type(ckpt).__name__}, expected a dict")
+    if ckpt.get("format") == FORMAT:
+        return MultiwayConfig.from_dict(ckpt["config"], source=f"{path}:config"), ckpt["state_dict"]
+    if "mmoe_config" in ckpt and "state_dict" in ckpt:
+        config = MultiwayConfig.from_dict(dict(ckpt["mmoe_config"]), source=f"{path}:mmoe_config")
+        prefix = "backbone."
+        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f"load_model: {path} has 'mmoe_config' but no 'backbone.'-prefixed weights in state_dict")
+        return config, state
+    raise ValueError(
+        f"load_model: {path} is neither an mmoe model file (format='mmoe') nor a Lightning checkpoint with "
+        f"'mmoe_config'; keys found: {sorted(ckpt)[:10]}. Convert foreign checkpoints with tools/convert_checkpoint.py"
+    )
+
+
+def load_model(path: str | Path, *, strict: bool = True, **overrides: Any) -> MultiwayTransformer:
+    """Rebuild the backbone saved in `path`; `overrides` change the config (e.g. `img_size=384`, `drop_path=0.1`).
+
+    Position tables are resampled when the image size changes (timm `resample_abs_pos_embed`).
+    """
+    config, state = read_checkpoint(path)
+    if overrides:
+        config = config.replace(**overrides)
+    model = MultiwayTransformer(config)
+    load_backbone_weights(model, state, strict=strict)
+    return model
+
+
+def adapt_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fit position tables of `state` to `model`: resample the vision grid, cut or extend text positions."""
+    state = dict(state)
+    own = model.state_dict()
+    key = "vision_embed.pos_embed"
+    if key in state and key in own and state[key].shape != own[key].shape:
+        grid = model.vision_embed.grid_size  # type: ignore[union-attr]
+        state[key] = resample_vision_pos_embed(state[key], grid)
+    key = "text_embed.pos_embed"
+    if key in state and key in own and state[key].shape != own[key].shape:
+        src, dst = state[key], own[key].clone()
+        rows = min(src.shape[1], dst.shape[1])
+        dst[:, :rows] = src[:, :rows].to(dst.dtype)
+        state[key] = dst
+    return state
+
+
+def load_backbone_weights(
+    model: MultiwayTransformer, state_dict: dict[str, torch.Tensor], *, strict: bool = True, prefix: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Load backbone weights into `model`, adapting position tables; returns (missing, unexpected) keys.
+
+    `prefix` (e.g. "backbone.") selects and strips a sub-tree; by default a common "backbone." prefix is
+    detected. With `strict=True` any missing or unexpected key raises, naming them.
+    """
+    if prefix is None and state_dict and all(k.startswith("backbone.") for k in state_dict):
+        prefix = "backbone."
+    if prefix:
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    state_dict = adapt_state_dict(model, state_dict)
+    own = model.state_dict()
+    bad_shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if bad_shapes:
+        raise ValueError("load_backbone_weights: shape mismatch for " + "; ".join(bad_shapes[:10]))
+    result = model.load_state_dict(state_dict, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"load_backbone_weights: missing keys {missing[:10]} ({len(missing)} total), "
+            f"unexpected keys {unexpected[:10]} ({len(unexpected)} total)"
+        )
+    return missing, unexpected

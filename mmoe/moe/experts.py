@@ -1,0 +1,232 @@
+"""Stacked expert FFNs with grouped compute over an expert-sorted token buffer.
+
+Dimension legend: A assignments (rows of the sorted buffer), C expert input width (= d/h),
+F expert hidden width, E experts, S sub-tokens, K top-k.
+
+Experts are FFNs ``C -> F -> C`` ([MH1] sec. 3, SPEC.md 1 step 4): GELU with two matrices (the
+torchscale/official MH-MoE expert, with biases) or SwiGLU with three ([MH2], no biases).
+Weights are stacked ``(E, ...)`` so that all experts run as one grouped matmul:
+
+- ``torch._grouped_mm`` (2-D x 3-D with ``offs``) where the dtype and strides allow it
+  (float32/bfloat16 on CPU, bfloat16 on CUDA sm90+; rows and widths 16-byte aligned);
+- otherwise one matmul per expert segment of the sorted buffer (one host sync for the counts);
+  this also serves float64, which ``_grouped_mm`` rejects.
+
+``forward_per_expert`` is the classic masked per-expert loop, independent of the sorted plan; it
+is the slow reference of the tests and the "per-expert loop" baseline of ``tools/bench_moe.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmoe.moe.dispatch import DispatchPlan
+
+__all__ = ["GroupedExperts", "grouped_mm_supported"]
+
+ExpertImpl = Literal["auto", "grouped_mm", "segments"]
+
+
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, widths: tuple[int, ...]) -> bool:
+    """Whether ``torch._grouped_mm`` can run these operands (dtype, device, 16-byte aligned rows)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if any((w * itemsize) % 16 for w in widths):
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16)
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return False
+
+
+class GroupedExperts(nn.Module):
+    """E expert FFNs with stacked weights ``w1 (E, C, F)``, ``w2 (E, F, C)`` (+ ``w3`` for SwiGLU).
+
+    Args:
+        num_experts: E.
+        dim: C, the sub-token width d/h.
+        hidden: F, the expert hidden width.
+        activation: ``"gelu"`` (two matrices) or ``"swiglu"`` (three; ``silu(x w1) * (x w3) w2``).
+        bias: biases on the expert matrices (default: True for GELU as in torchscale's FFN experts,
+            False for SwiGLU).
+        inner_norm: a LayerNorm over F inside each expert (BEiT-3/Magneto sub-LN,
+            ``fc2(LN(act(fc1 x)))``), needed to upcycle the dense Sub-LN FFN of BEiT-3 checkpoints.
+        impl: ``"auto"`` picks ``grouped_mm`` when supported, else ``"segments"``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        *,
+        activation: Literal["gelu", "swiglu"] = "gelu",
+        bias: bool | None = None,
+        inner_norm: bool = False,
+        norm_eps: float = 1e-5,
+        impl: ExpertImpl = "auto",
+    ) -> None:
+        super().__init__()
+        if activation not in ("gelu", "swiglu"):
+            raise ValueError(f"GroupedExperts: activation={activation!r}; expected 'gelu' or 'swiglu'")
+        if impl not in ("auto", "grouped_mm", "segments"):
+            raise ValueError(f"GroupedExperts: impl={impl!r}; expected 'auto', 'grouped_mm' or 'segments'")
+        if num_experts < 1 or dim < 1 or hidden < 1:
+            raise ValueError(
+                f"GroupedExperts: num_experts={num_experts}, dim={dim}, hidden={hidden}; expected all >= 1"
+            )
+        self.num_experts = num_experts
+        self.dim = dim
+        self.hidden = hidden
+        self.activation = activation
+        self.impl = impl
+        self.norm_eps = norm_eps
+        use_bias = (activation == "gelu") if bias is None else bias
+        E, C, Fh = num_experts, dim, hidden
+        self.w1 = nn.Parameter(torch.empty(E, C, Fh))
+        self.w2 = nn.Parameter(torch.empty(E, Fh, C))
+        self.w3 = nn.Parameter(torch.empty(E, C, Fh)) if activation == "swiglu" else None
+        self.b1 = nn.Parameter(torch.empty(E, Fh)) if use_bias else None
+        self.b2 = nn.Parameter(torch.empty(E, C)) if use_bias else None
+        self.b3 = nn.Parameter(torch.empty(E, Fh)) if use_bias and activation == "swiglu" else None
+        self.norm_weight = nn.Parameter(torch.empty(E, Fh)) if inner_norm else None
+        self.norm_bias = nn.Parameter(torch.empty(E, Fh)) if inner_norm else None
+        self.reset_parameters()
+
+    @property
+    def has_bias(self) -> bool:
+        return self.b1 is not None
+
+    @property
+    def inner_norm(self) -> bool:
+        return self.norm_weight is not None
+
+    def reset_parameters(self) -> None:
+        # trunc-normal(0.02) as every Linear of BEiT-3 (SPEC.md 5); biases and sub-LN at identity.
+        for w in (self.w1, self.w2, self.w3):
+            if w is not None:
+                nn.init.trunc_normal_(w, std=0.02)
+        for b in (self.b1, self.b2, self.b3, self.norm_bias):
+            if b is not None:
+                nn.init.zeros_(b)
+        if self.norm_weight is not None:
+            nn.init.ones_(self.norm_weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, activation={self.activation}, "
+            f"bias={self.has_bias}, inner_norm={self.inner_norm}, impl={self.impl}"
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def use_grouped_mm(self, x: Tensor) -> bool:
+        if self.impl == "segments":
+            return False
+        ok = grouped_mm_supported(x.dtype, x.device, (self.dim, self.hidden))
+        if self.impl == "grouped_mm" and not ok:
+            raise RuntimeError(
+                f"GroupedExperts(impl='grouped_mm'): torch._grouped_mm cannot run dtype={x.dtype} on {x.device} "
+                f"with dim={self.dim}, hidden={self.hidden} (needs float32/bfloat16, 16-byte aligned widths)"
+            )
+        return ok
+
+    def _act(self, h1: Tensor, h3: Tensor | None) -> Tensor:
+        if self.activation == "gelu":
+            return F.gelu(h1)
+        return F.silu(h1) * h3
+
+    # ------------------------------------------------------------------ fast paths
+    def forward(self, x_AC: Tensor, plan: DispatchPlan) -> Tensor:
+        """Expert outputs for the expert-sorted buffer ``x_AC``; rows past the kept ones are zero."""
+        if self.use_grouped_mm(x_AC):
+            return self._forward_grouped_mm(x_AC, plan)
+        return self._forward_segments(x_AC, plan)
+
+    def _forward_grouped_mm(self, x_AC: Tensor, plan: DispatchPlan) -> Tensor:
+        offs = plan.offsets_E
+        idx_A = plan.expert_index_A.clamp(max=self.num_experts - 1)
+        dtype = x_AC.dtype
+        if plan.has_tail:
+            # _grouped_mm leaves rows past offs[-1] uninitialised in its outputs and in the input
+            # gradients; mask every operand and result of it with where (not a multiply: the garbage
+            # may be NaN) so the sentinel tail is exactly zero forwards and backwards.
+            row_ok_A1 = (torch.arange(x_AC.shape[0], device=x_AC.device) < offs[-1].to(torch.int64))[:, None]
+
+            def gmm(a: Tensor, w: Tensor) -> Tensor:
+                a = torch.where(row_ok_A1, a, torch.zeros_like(a))
+                out = torch._grouped_mm(a, w.to(dtype), offs=offs)
+                return torch.where(row_ok_A1, out, torch.zeros_like(out))
+
+        else:
+
+            def gmm(a: Tensor, w: Tensor) -> Tensor:
+                return torch._grouped_mm(a, w.to(dtype), offs=offs)
+
+        h1 = gmm(x_AC, self.w1)
+        if self.b1 is not None:
+            h1 = h1 + self.b1.to(dtype).index_select(0, idx_A)
+        h3 = None
+        if self.w3 is not None:
+            h3 = gmm(x_AC, self.w3)
+            if self.b3 is not None:
+                h3 = h3 + self.b3.to(dtype).index_select(0, idx_A)
+        h = self._act(h1, h3)
+        if self.norm_weight is not None:
+            h = F.layer_norm(h, (self.hidden,), eps=self.norm_eps)
+            h = h * self.norm_weight.to(dtype).index_select(0, idx_A) + self.norm_bias.to(dtype).index_select(0, idx_A)
+        y = gmm(h, self.w2)
+        if self.b2 is not None:
+            y = y + self.b2.to(dtype).index_select(0, idx_A)
+            if plan.has_tail:
+                y = torch.where(row_ok_A1, y, torch.zeros_like(y))
+        return y
+
+    def expert_ffn(self, e: int, x_TC: Tensor) -> Tensor:
+        """Expert ``e`` applied to rows ``x_TC`` (the plain two/three-matrix FFN)."""
+        dtype = x_TC.dtype
+        h1 = x_TC @ self.w1[e].to(dtype)
+        if self.b1 is not None:
+            h1 = h1 + self.b1[e].to(dtype)
+        h3 = None
+        if self.w3 is not None:
+            h3 = x_TC @ self.w3[e].to(dtype)
+            if self.b3 is not None:
+                h3 = h3 + self.b3[e].to(dtype)
+        h = self._act(h1, h3)
+        if self.norm_weight is not None:
+            h = F.layer_norm(
+                h, (self.hidden,), self.norm_weight[e].to(dtype), self.norm_bias[e].to(dtype), self.norm_eps
+            )
+        y = h @ self.w2[e].to(dtype)
+        if self.b2 is not None:
+            y = y + self.b2[e].to(dtype)
+        return y
+
+    def _forward_segments(self, x_AC: Tensor, plan: DispatchPlan) -> Tensor:
+        counts = plan.counts_E.tolist()  # the one host sync of this path
+        n_kept = sum(counts)
+        outs = [self.expert_ffn(e, seg) for e, seg in enumerate(torch.split(x_AC[:n_kept], counts)) if seg.shape[0]]
+        tail = x_AC.shape[0] - n_kept
+        if tail:
+            outs.append(x_AC.new_zeros(tail, self.dim))
+        if not outs:
+            return x_AC.new_zeros(0, self.dim)
+        return torch.cat(outs, 0)
+
+    # ------------------------------------------------------------------ slow reference
+    def forward_per_expert(self, x_SC: Tensor, expert_ids_SK: Tensor, gates_SK: Tensor, kept_SK: Tensor) -> Tensor:
+        """Masked per-expert loop (reference/baseline): ``sum_k gate * expert(x)`` over kept choices."""
+        out_SC = torch.zeros_like(x_SC)
+        for e in range(self.num_experts):
+            s_idx, k_idx = torch.nonzero((expert_ids_SK == e) & kept_SK, as_tuple=True)
+            if s_idx.numel() == 0:
+                continue
+            y = self.expert_ffn(e, x_SC[s_idx]) * gates_SK[s_idx, k_idx, None].to(x_SC.dtype)
+            out_SC = out_SC.index_add(0, s_idx, y)
+        return out_SC

@@ -1,0 +1,167 @@
+"""Trainer callbacks and plugins the ``mmoe`` CLI installs by default (issue 5, "Logging").
+
+- :class:`PlainProgress`: one plain line per ``every_n_steps`` steps, used when stdout is not a TTY (CI logs, the
+  demo's log file), where a rich/tqdm bar would write carriage-return soup.
+- :class:`StepTimer`: wall time per optimizer step and samples per second (``train/step_time``,
+  ``train/samples_per_sec``), the "step time" column of the [MH1] Table 1-style comparison.
+- :class:`AtomicCheckpointIO`: Lightning's ``_atomic_save`` writes through an fsspec transaction whose temp file
+  lives in the system temp dir and is then ``shutil.move``-d, which is a copy (not atomic) when ``/tmp`` is on
+  another file system. This plugin writes a temp file next to the target and ``os.replace``-s it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+__all__ = ["PlainProgress", "StepTimer", "AtomicCheckpointIO", "batch_size_of"]
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of samples in one of our batches (docs/interfaces.md section 4), streams summed for pretraining."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, dict):
+        if any(k in batch for k in ("image", "text", "labels", "images")):
+            for key in ("image", "text", "labels"):
+                v = batch.get(key)
+                if isinstance(v, torch.Tensor) and v.ndim:
+                    return int(v.shape[0])
+            if isinstance(batch.get("images"), list | tuple):
+                return len(batch["images"])
+        return sum(batch_size_of(v) for v in batch.values() if isinstance(v, dict))
+    if isinstance(batch, list | tuple) and batch:
+        return batch_size_of(batch[0])
+    return 0
+
+
+class PlainProgress(ProgressBar):
+    """Plain-text progress: ``step 20/300  loss 5.123  lr 1.0e-03  0.41 s/step`` every ``every_n_steps`` steps."""
+
+    def __init__(self, every_n_steps: int = 10) -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"PlainProgress: argument every_n_steps={every_n_steps} must be >= 1")
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+        self._t0 = 0.0
+        self._last_step = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._t0 = time.perf_counter()
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if not self._enabled or not trainer.is_global_zero or step == self._last_step:
+            return
+        if step % self.every_n_steps and step != trainer.max_steps:
+            return
+        now = time.perf_counter()
+        per_step = (now - self._t0) / max(1, step - self._last_step)
+        self._t0, self._last_step = now, step
+        metrics = self.get_metrics(trainer, pl_module)
+        parts = [f"step {step}" + (f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else "")]
+        for key in ("train/loss", "train/loss_mlm_text", "train/loss_mim_image", "train/aux_loss"):
+            if key in metrics:
+                parts.append(f"{key.removeprefix('train/')} {float(metrics[key]):.4f}")
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        if opt is not None:
+            parts.append(f"lr {max(g['lr'] for g in opt.param_groups):.2e}")
+        parts.append(f"{per_step:.3f} s/step")
+        print("  ".join(parts), file=sys.stdout, flush=True)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._enabled and trainer.is_global_zero and not trainer.sanity_checking:
+            metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if str(k).startswith("val")}
+            if metrics:
+                text = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()) if _is_number(v))
+                print(f"validation at step {trainer.global_step}: {text}", flush=True)
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class StepTimer(Callback):
+    """Logs ``train/step_time`` (seconds per optimizer step, wall clock) and ``train/samples_per_sec``.
+
+    Timing starts at batch start and ends at batch end, so data loading between batches is excluded: this is the
+    model's step time. The first ``skip`` steps (warm-up, allocator growth) are not logged.
+    """
+
+    def __init__(self, skip: int = 1) -> None:
+        super().__init__()
+        self.skip = skip
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step <= self.skip:
+            return
+        dt = time.perf_counter() - self._start
+        n = batch_size_of(batch) * trainer.world_size
+        pl_module.log("train/step_time", dt, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+        if dt > 0 and n:
+            pl_module.log(
+                "train/samples_per_sec", n / dt, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True
+            )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``<name>.tmp-<pid>`` in the target directory, then ``os.replace`` (atomic on POSIX).
+
+    A crash mid-write leaves the previous checkpoint intact and at most a stray temp file, never a truncated
+    ``last.ckpt`` that a later ``--ckpt_path last`` would fail on.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"AtomicCheckpointIO.save_checkpoint: storage_options={storage_options!r} is not supported; "
+                "pass None or use Lightning's default CheckpointIO"
+            )
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
+        """Load with ``torch.load(weights_only=True)`` unless the caller asks otherwise (our checkpoints hold only
+        tensors, containers and primitives)."""
+        return super().load_checkpoint(
+            path, map_location=map_location, weights_only=True if weights_only is None else weights_only
+        )

@@ -1,0 +1,427 @@
+"""COCO captioning with BEiT-3-style masked fine-tuning: the LightningModule and its LightningDataModule.
+
+Training ([B3] sec. 3.2, SPEC.md 7; unilm ``beit3`` ``BEiT3ForCaptioning``): image + ``[BOS] caption [EOS]`` go
+through the Multiway Transformer under the captioning mask (text attends causally to text and fully to the image,
+the image does not attend to text); 60-70% of the caption tokens after BOS are replaced by [MASK] and predicted by
+a linear LM head with label smoothing 0.1. Optionally, after ``drop_worst_after`` steps the worst
+``drop_worst_ratio`` (20%) of the token losses of each batch are dropped (BEiT-3's ``--drop_worst_after 12000``).
+The MoE auxiliary loss of the backbone is added to the task loss ([MH1] sec. 3.3).
+
+Evaluation and prediction decode with :mod:`mmoe.model.generation` (beam 3, length penalty 0.6, max 32, k/v cache)
+and score with :mod:`mmoe.metrics.captions` (BLEU-1..4, ROUGE-L, CIDEr-D). ``mmoe predict`` writes the official
+results format ``[{"image_id", "caption"}]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mmoe.data.captions import (
+    CaptionCollator,
+    CaptionDataset,
+    CaptionRecord,
+    ImageListDataset,
+    list_images,
+    load_caption_records,
+    references_of,
+    write_coco_references,
+)
+from mmoe.data.tokenizer import build_tokenizer
+from mmoe.data.transforms import BEIT3_MEAN, BEIT3_STD, build_transform
+from mmoe.metrics.captions import score_captions
+from mmoe.model import create_model
+from mmoe.model.generation import GenerationConfig, SpecialIds, caption_attention_mask, generate, num_vision_tokens
+from mmoe.model.io import load_backbone_weights, read_checkpoint
+from mmoe.train.optim import OptimConfig, configure_optimizers
+
+__all__ = ["CaptioningTask", "CaptioningDataModule", "masked_caption_loss", "write_results"]
+
+
+def masked_caption_loss(
+    logits_MV: torch.Tensor,
+    labels_M: torch.Tensor,
+    *,
+    label_smoothing: float = 0.1,
+    drop_worst_ratio: float = 0.0,
+) -> torch.Tensor:
+    """Mean cross-entropy over the M masked tokens, optionally without the worst ``drop_worst_ratio`` share.
+
+    Dropping the hardest 20% of token losses late in training is BEiT-3's captioning trick against noisy captions
+    (unilm ``beit3`` ``CaptioningHandler``: ``drop_worst_ratio=0.2`` after ``drop_worst_after`` steps).
+    """
+    loss_M = F.cross_entropy(logits_MV.float(), labels_M, label_smoothing=label_smoothing, reduction="none")
+    if drop_worst_ratio > 0.0 and loss_M.numel() > 1:
+        keep = loss_M.numel() - int(loss_M.numel() * drop_worst_ratio)
+        loss_M = loss_M.topk(max(keep, 1), largest=False).values
+    return loss_M.mean()
+
+
+def _atomic_write_json(obj: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def write_results(captions: dict[int, str], path: str | Path) -> Path:
+    """Write ``{image_id: caption}`` in the official results format ``[{"image_id", "caption"}]`` (atomically)."""
+    return _atomic_write_json([{"image_id": int(k), "caption": v} for k, v in sorted(captions.items())], path)
+
+
+def _gather_dict(d: dict[int, str]) -> dict[int, str]:
+    """Merge per-rank predictions under DDP (a no-op on one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return d
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, d)
+    merged: dict[int, str] = {}
+    for p in parts:
+        merged.update(p)
+    return merged
+
+
+class CaptioningTask(pl.LightningModule):
+    """BEiT-3-style masked captioning over a Multiway Transformer (see the module docstring).
+
+    Args:
+        backbone: registered model name or YAML path (docs/interfaces.md section 7).
+        backbone_overrides: config overrides, e.g. ``{"img_size": 384, "drop_path": 0.1}``.
+        init_from: an mmoe model file or one of our Lightning checkpoints (pretraining or captioning) whose
+            backbone weights initialize this one; a captioning checkpoint also restores the LM head.
+        label_smoothing: on the masked-token cross-entropy ([B3]: 0.1).
+        drop_worst_ratio, drop_worst_after: drop this share of the worst token losses from step
+            ``drop_worst_after`` on (``None`` = never; BEiT-3: 0.2 after 12000 steps).
+        generation: decoding for validation/test/predict (beam 3, length penalty 0.6, max 32, cache).
+        val_generate: decode and score captions at validation (else only the masked loss is logged).
+        optim: optimizer + schedule (``mmoe.train.optim.OptimConfig``).
+        results_path: where ``test``/``predict`` write their captions; default ``<log dir>/captions_<stage>.json``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tiny_mhmoe",
+        backbone_overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        label_smoothing: float = 0.1,
+        drop_worst_ratio: float = 0.2,
+        drop_worst_after: int | None = None,
+        generation: GenerationConfig | None = None,
+        val_generate: bool = True,
+        optim: OptimConfig | None = None,
+        results_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"CaptioningTask: label_smoothing must be in [0, 1), got {label_smoothing}")
+        if not 0.0 <= drop_worst_ratio < 1.0:
+            raise ValueError(f"CaptioningTask: drop_worst_ratio must be in [0, 1), got {drop_worst_ratio}")
+        if drop_worst_after is not None and drop_worst_after < 0:
+            raise ValueError(f"CaptioningTask: drop_worst_after must be >= 0 or null, got {drop_worst_after}")
+        self.generation = generation or GenerationConfig()
+        self.optim = optim or OptimConfig(lr=4e-5, weight_decay=0.05)
+        self.save_hyperparameters(
+            {
+                "backbone": backbone,
+                "backbone_overrides": backbone_overrides,
+                "init_from": init_from,
+                "label_smoothing": label_smoothing,
+                "drop_worst_ratio": drop_worst_ratio,
+                "drop_worst_after": drop_worst_after,
+                "generation": asdict(self.generation),
+                "val_generate": val_generate,
+                "optim": asdict(self.optim),
+                "results_path": results_path,
+            }
+        )
+        self.backbone = create_model(backbone, **(backbone_overrides or {}))
+        cfg = self.backbone.config
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)
+        nn.init.trunc_normal_(self.lm_head.weight, std=0.02)
+        nn.init.zeros_(self.lm_head.bias)
+        self.label_smoothing = label_smoothing
+        self.drop_worst_ratio = drop_worst_ratio
+        self.drop_worst_after = drop_worst_after
+        self.val_generate = val_generate
+        self.results_path = results_path
+        self.tokenizer = build_tokenizer(cfg.tokenizer, max_len=cfg.max_text_len, path=cfg.tokenizer_path)
+        if (self.tokenizer.pad_id, self.tokenizer.mask_id) != (cfg.pad_id, cfg.mask_id):
+            raise ValueError(
+                f"CaptioningTask: backbone {backbone!r} expects pad/mask ids {(cfg.pad_id, cfg.mask_id)}, its "
+                f"{cfg.tokenizer} tokenizer has {(self.tokenizer.pad_id, self.tokenizer.mask_id)}"
+            )
+        self.special = SpecialIds.from_tokenizer(self.tokenizer)
+        self._predictions: dict[int, str] = {}
+        if init_from:
+            self._init_from(init_from)
+
+    # ------------------------------------------------------------------ weights
+    def _init_from(self, path: str) -> None:
+        _, state = read_checkpoint(path)
+        load_backbone_weights(self.backbone, state, strict=True)
+        full = torch.load(path, map_location="cpu", weights_only=True)
+        head = {k[len("lm_head.") :]: v for k, v in full.get("state_dict", {}).items() if k.startswith("lm_head.")}
+        if head:
+            self.lm_head.load_state_dict(head)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmoe_config"] = self.backbone.config.to_dict()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masked-caption logits: returns ``(logits (M, V) at masked positions, labels (M,), aux_loss)``."""
+        image, text = batch["image"], batch["text"]
+        nv = num_vision_tokens(self.backbone, image)
+        out = self.backbone(
+            image=image,
+            text=text,
+            text_padding_mask=batch["text_padding_mask"],
+            attn_mask=caption_attention_mask(nv, text.shape[1], image.device),
+        )
+        labels_BL = batch["text_labels"]
+        chosen = labels_BL != -100
+        feats_MD = out.features[:, nv:][chosen]  # the LM head runs only where a token is predicted
+        aux = out.aux_loss if out.aux_loss is not None else feats_MD.new_zeros(())
+        return self.lm_head(feats_MD), labels_BL[chosen], aux
+
+    def _loss(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        logits, labels, aux = self(batch)
+        drop = self.drop_worst_ratio if (
+            stage == "train" and self.drop_worst_after is not None and self.global_step >= self.drop_worst_after
+        ) else 0.0
+        cap = masked_caption_loss(logits, labels, label_smoothing=self.label_smoothing, drop_worst_ratio=drop)
+        loss = cap + aux
+        bs = batch["image"].shape[0]
+        sync = stage != "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=sync)
+        self.log(f"{stage}/loss_caption", cap, batch_size=bs, sync_dist=sync)
+        self.log(f"{stage}/aux_loss", aux, batch_size=bs, sync_dist=sync)
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == labels).float().mean() if labels.numel() else cap.new_zeros(())
+        self.log(f"{stage}/masked_acc", acc, batch_size=bs, sync_dist=sync)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._loss(batch, "train")
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def caption(self, image: torch.Tensor, config: GenerationConfig | None = None) -> list[str]:
+        """Caption a batch of normalized images (B, 3, H, W)."""
+        out = generate(self.backbone, self.lm_head, image, special=self.special, config=config or self.generation)
+        return [self.tokenizer.decode(t) for t in out.tokens]
+
+    def _collect(self, batch: dict[str, Any]) -> None:
+        for i, c in zip(batch["image_id"].tolist(), self.caption(batch["image"])):
+            self._predictions[int(i)] = c
+
+    def on_validation_epoch_start(self) -> None:
+        self._predictions = {}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "text" in batch:
+            self._loss(batch, "val")
+        if self.val_generate:
+            self._collect(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._score("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._predictions = {}
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "text" in batch:
+            self._loss(batch, "test")
+        self._collect(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._score("test")
+
+    def _score(self, stage: str) -> None:
+        if self.trainer.sanity_checking or not self._predictions:
+            return
+        preds = _gather_dict(self._predictions)
+        self._predictions = {}
+        dm = self.trainer.datamodule
+        refs = dm.references(stage) if dm is not None and hasattr(dm, "references") else {}
+        if self.trainer.is_global_zero:
+            path = self._results_file(stage)
+            write_results(preds, path)
+        preds = {k: v for k, v in preds.items() if refs.get(k)}
+        if not preds:
+            return
+        scores = score_captions(refs, preds, tokenizer="python", meteor=False)
+        for key in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"):
+            self.log(f"{stage}/{key}", float(scores[key]), rank_zero_only=True)
+
+    def _results_file(self, stage: str) -> Path:
+        if self.results_path and stage in ("test", "predict"):
+            return Path(self.results_path)
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        suffix = f"_step{self.global_step:07d}" if stage == "val" else ""
+        return root / f"captions_{stage}{suffix}.json"
+
+    def on_predict_epoch_start(self) -> None:
+        self._predictions = {}
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        caps = self.caption(batch["image"])
+        ids = batch["image_id"].tolist()
+        for i, c in zip(ids, caps):
+            self._predictions[int(i)] = c
+        return [{"image_id": int(i), "caption": c} for i, c in zip(ids, caps)]
+
+    def on_predict_epoch_end(self) -> None:
+        preds = _gather_dict(self._predictions)
+        self._predictions = {}
+        if self.trainer.is_global_zero:
+            path = write_results(preds, self._results_file("predict"))
+            print(f"mmoe predict: wrote {len(preds)} captions to {path}")
+
+    # ------------------------------------------------------------------ optim
+    def configure_optimizers(self) -> dict[str, Any]:
+        return configure_optimizers(self, self.optim)
+
+
+class CaptioningDataModule(pl.LightningDataModule):
+    """COCO caption data from the Karpathy split file or official caption annotations (``mmoe.data.captions``).
+
+    ``*_annotations`` are a ``dataset_coco.json`` (Karpathy; ``*_split`` picks the split, ``train`` adds
+    ``restval``) or a ``captions_*.json``; ``*_images`` is the image root (Karpathy: the COCO root holding
+    ``train2014/`` and ``val2014/``; COCO file: the folder of its ``file_name``s, default = Karpathy root
+    ``train_images``). ``predict_images`` is a folder of images or one image for ``mmoe predict``.
+    The tokenizer must match the model's (``tokenizer``, ``tokenizer_path``, ``max_text_len``).
+    """
+
+    def __init__(
+        self,
+        *,
+        train_annotations: str | None = None,
+        train_images: str | None = None,
+        val_annotations: str | None = None,
+        val_images: str | None = None,
+        test_annotations: str | None = None,
+        test_images: str | None = None,
+        predict_images: str | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        tokenizer: str = "openclip",
+        tokenizer_path: str | None = None,
+        max_text_len: int = 32,
+        image_size: int = 224,
+        mean: Sequence[float] = BEIT3_MEAN,
+        std: Sequence[float] = BEIT3_STD,
+        train_scale: Sequence[float] = (0.5, 1.0),
+        hflip: float = 0.0,
+        color_jitter: float | None = None,
+        auto_augment: str | None = None,
+        mask_ratio: Sequence[float] = (0.6, 0.7),
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_images: int | None = None,
+        max_eval_images: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if len(mask_ratio) != 2:
+            raise ValueError(f"CaptioningDataModule: mask_ratio must be (low, high), got {list(mask_ratio)}")
+        self.tokenizer = build_tokenizer(tokenizer, max_len=max_text_len, path=tokenizer_path)
+        self.records: dict[str, list[CaptionRecord]] = {}
+        self.datasets: dict[str, Any] = {}
+
+    def _records(self, stage: str) -> list[CaptionRecord]:
+        if stage in self.records:
+            return self.records[stage]
+        hp = self.hparams
+        ann = getattr(hp, f"{stage}_annotations")
+        if not ann:
+            raise ValueError(f"CaptioningDataModule: {stage}_annotations is not set (needed for {stage})")
+        root = getattr(hp, f"{stage}_images") or hp.train_images or str(Path(ann).parent)
+        recs = load_caption_records(ann, root, getattr(hp, f"{stage}_split"))
+        limit = hp.max_train_images if stage == "train" else hp.max_eval_images
+        if limit is not None:
+            recs = recs[:limit]
+        if not recs:
+            raise ValueError(f"CaptioningDataModule: {ann} has no images for split {getattr(hp, f'{stage}_split')!r}")
+        self.records[stage] = recs
+        return recs
+
+    def references(self, stage: str) -> dict[int, list[str]]:
+        """``{image_id: [reference captions]}`` of a stage (``val``/``test``) for scoring."""
+        return references_of(self._records(stage))
+
+    def write_references(self, stage: str, path: str | Path) -> Path:
+        """The stage's references as a COCO caption file (for ``python -m mmoe.metrics.captions``)."""
+        return write_coco_references(self._records(stage), path)
+
+    def _transform(self, train: bool):
+        hp = self.hparams
+        return build_transform(
+            hp.image_size,
+            train=train,
+            mean=hp.mean,
+            std=hp.std,
+            scale=hp.train_scale,
+            hflip=hp.hflip,
+            color_jitter=hp.color_jitter,
+            auto_augment=hp.auto_augment,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage in (None, "fit"):
+            self.datasets["train"] = CaptionDataset(self._records("train"), self._transform(True), per_caption=True)
+        if stage in (None, "fit", "validate") and hp.val_annotations:
+            self.datasets["val"] = CaptionDataset(self._records("val"), self._transform(False), per_caption=False)
+        if stage in (None, "test"):
+            self.datasets["test"] = CaptionDataset(self._records("test"), self._transform(False), per_caption=False)
+        if stage == "predict":
+            if not hp.predict_images:
+                raise ValueError("CaptioningDataModule: predict_images (a folder or an image file) is not set")
+            self.datasets["predict"] = ImageListDataset(list_images(hp.predict_images), self._transform(False))
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        hp = self.hparams
+        ds = self.datasets[name]
+        collate = CaptionCollator(
+            self.tokenizer, ratio=(float(hp.mask_ratio[0]), float(hp.mask_ratio[1])), seed=None if train else hp.seed
+        )
+        return DataLoader(
+            ds,
+            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+            shuffle=train,
+            drop_last=train and len(ds) >= hp.batch_size,
+            num_workers=hp.num_workers,
+            collate_fn=collate,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", False) if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", False)

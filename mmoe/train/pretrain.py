@@ -1,0 +1,397 @@
+"""BEiT-3 masked multimodal pretraining on one shared Multiway (MH-)MoE backbone ([B3] sec. 2.2, SPEC.md 6).
+
+BEiT-3 pretrains with a single objective, masked data modeling, on three kinds of data at once: masked language
+modeling (MLM) on monomodal text and on the text of image-text pairs, and masked image modeling (MIM) on monomodal
+images and on the images of pairs. One backbone serves every stream; each stream is a separate forward pass (its
+own modality mix), and the losses are summed. [MH1] sec. 4.3 (Table 4) pretrains Dense / X-MoE / MH-MoE this way
+and reports masked multimodal perplexity; nobody released the code, so this is our reading of the papers.
+
+Image targets (``image_target``):
+
+- ``"pixels"`` (default): the per-patch normalized pixels of the masked patches (MAE-style ``norm_pix``), MSE loss.
+  Needs nothing outside this project. BEiT-3 itself predicts BEiT v2 VQ-KD codes, which need that tokenizer.
+- ``"codebook"``: discrete codes from a k-means codebook over normalized patch pixels
+  (``tools/build_visual_codebook.py``); cross-entropy over codes, so image perplexity ``exp(CE)`` can be reported
+  next to text perplexity, as [MH1] Table 4's "masked multimodal perplexity".
+
+Dimension legend: B batch, L text length, P patches per image, D width, V text vocabulary, K codebook size,
+M masked positions (flattened over the batch), C pixel values per patch (= patch_size^2 * channels).
+
+Batches (docs/interfaces.md section 4): ``{"image": sub, "text": sub, "pair": sub}``, any subset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from mmoe.model import create_model, load_model
+from mmoe.train.optim import OptimConfig, configure_optimizers
+
+__all__ = [
+    "MaskedPretraining",
+    "patchify",
+    "normalize_patches",
+    "load_codebook",
+    "save_codebook",
+    "assign_codes",
+    "routing_metrics",
+    "STREAMS",
+]
+
+STREAMS = ("image", "text", "pair")
+CODEBOOK_FORMAT = "mmoe-visual-codebook"
+
+
+# ---------------------------------------------------------------------------------------------------------- targets
+def patchify(image_B3HW: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, P, patch_size^2 * C), patches in row-major grid order (the backbone's token order)."""
+    if image_B3HW.ndim != 4 or image_B3HW.shape[-1] % patch_size or image_B3HW.shape[-2] % patch_size:
+        raise ValueError(
+            f"patchify: expected (B, C, H, W) with H, W divisible by patch_size={patch_size}, "
+            f"got {tuple(image_B3HW.shape)}"
+        )
+    return rearrange(image_B3HW, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
+
+
+def normalize_patches(patches_BPC: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch zero mean, unit variance (MAE's ``norm_pix_loss``): targets ignore a patch's brightness/contrast."""
+    x = patches_BPC.float()
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    return (x - mean) / (var + eps).sqrt()
+
+
+def save_codebook(path: str | os.PathLike[str], centroids_KC: torch.Tensor, *, patch_size: int, **meta: Any) -> None:
+    """Write a codebook file atomically: ``{"format", "centroids" (K, C) float32, "patch_size", "meta"}``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    payload = {
+        "format": CODEBOOK_FORMAT,
+        "centroids": centroids_KC.detach().float().cpu().contiguous(),
+        "patch_size": int(patch_size),
+        "meta": {str(k): v for k, v in meta.items()},
+    }
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_codebook(path: str | os.PathLike[str], *, patch_size: int | None = None) -> torch.Tensor:
+    """Read a codebook written by :func:`save_codebook`; returns the (K, C) centroids."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"codebook file {path} does not exist (build one with tools/build_visual_codebook.py --out {path})"
+        )
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or data.get("format") != CODEBOOK_FORMAT:
+        raise ValueError(f"codebook file {path}: expected a dict with format={CODEBOOK_FORMAT!r}")
+    centroids = data["centroids"]
+    if not isinstance(centroids, torch.Tensor) or centroids.ndim != 2:
+        raise ValueError(f"codebook file {path}: 'centroids' must be a (K, C) tensor")
+    if patch_size is not None and int(data.get("patch_size", -1)) != patch_size:
+        raise ValueError(
+            f"codebook file {path}: built for patch_size={data.get('patch_size')}, the backbone uses {patch_size}"
+        )
+    return centroids.float()
+
+
+def assign_codes(patches_MC: torch.Tensor, centroids_KC: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid (squared L2) of each normalized patch; (M, C) -> (M,) int64."""
+    x = patches_MC.float()
+    c = centroids_KC.to(x.device, torch.float32)
+    dist_MK = (x * x).sum(-1, keepdim=True) - 2.0 * x @ c.t() + (c * c).sum(-1)[None, :]
+    return dist_MK.argmin(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------- routing
+def routing_metrics(records_by_layer: Mapping[str, list[Any]], *, threshold: float | None = None) -> dict[str, float]:
+    """Per-layer routing statistics over one or more forward passes ([MH1] sec. 4.4 / Fig. 1, SPEC.md 4).
+
+    ``records_by_layer`` maps a layer key (``layer3``, ``layer3.vision``) to the RoutingRecords of that layer from
+    several streams; counts are summed, diversity averaged over the non-padding tokens of all of them. Returns
+    ``{"{layer}/activation_ratio", "{layer}/diversity", "{layer}/dropped_share", "{layer}/load_max"}``.
+    """
+    from mmoe.moe import stats as moe_stats  # imported here so this module loads before the stats land
+
+    out: dict[str, float] = {}
+    for layer, records in records_by_layer.items():
+        if not records:
+            continue
+        counts = sum(r.counts.detach().cpu().long() for r in records)
+        kwargs = {} if threshold is None else {"threshold": threshold}
+        out[f"{layer}/activation_ratio"] = float(moe_stats.activation_ratio(counts, **kwargs))
+        out[f"{layer}/load_max"] = float(moe_stats.expert_load(counts).max())
+        div_sum, div_n, dropped, assigned = 0.0, 0, 0.0, 0.0
+        for r in records:
+            div_BL = moe_stats.token_diversity(r).float()
+            first_h = r.expert_ids[:, 0].view(-1, r.num_heads)
+            valid = (first_h >= 0).all(dim=-1).view(div_BL.shape).to(div_BL.device)
+            div_sum += float(div_BL[valid].sum())
+            div_n += int(valid.sum())
+            dropped += float(r.dropped)
+            assigned += float(r.counts.sum()) + float(r.dropped)
+        out[f"{layer}/diversity"] = div_sum / max(1, div_n)
+        out[f"{layer}/dropped_share"] = dropped / assigned if assigned > 0 else 0.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- module
+class MaskedPretraining(LightningModule):
+    """Masked data modeling (MLM + MIM) over image, text and pair streams on one backbone ([B3] sec. 2.2).
+
+    Args:
+        backbone: registered model name (``configs/model/*.yaml``) or a model YAML path.
+        backbone_overrides: fields of ``MultiwayConfig`` to override (``moe: {...}`` merges into the MoE block),
+            e.g. ``{"drop_path": 0.1, "moe": {"z_loss_weight": 0.001}}``.
+        init_from: an mmoe model file or one of our Lightning checkpoints to start the backbone from.
+        optim: AdamW + warm-up/cosine settings (:class:`mmoe.train.optim.OptimConfig`).
+        image_target: ``"pixels"`` (normalized pixels, MSE) or ``"codebook"`` (k-means codes, cross-entropy).
+        codebook: path of the codebook file (required for ``image_target="codebook"``).
+        mlm_weight / mim_weight: weights of the text and image losses in the sum.
+        aux_loss_scale: multiplies the backbone's aux loss, which already carries the MoE config's per-layer
+            weights (load balance 0.01, z-loss ``moe.z_loss_weight``) summed over layers (SPEC.md 2).
+        on_nonfinite: ``"raise"`` stops with an error naming the step and stream; ``"skip"`` skips the batch
+            (single-process only: a skipped step on one DDP rank would desynchronize the gradient all-reduce).
+        activation_threshold: load share above which an expert counts as activated (``None`` = mmoe.moe.stats's
+            default); used for the ``moe/*/activation_ratio`` metrics.
+        log_routing_every: compute training routing statistics every this many steps (0 = never).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tiny_mhmoe",
+        backbone_overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        optim: OptimConfig | None = None,
+        image_target: Literal["pixels", "codebook"] = "pixels",
+        codebook: str | None = None,
+        mlm_weight: float = 1.0,
+        mim_weight: float = 1.0,
+        aux_loss_scale: float = 1.0,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+        activation_threshold: float | None = None,
+        log_routing_every: int = 1,
+    ) -> None:
+        super().__init__()
+        optim = optim if optim is not None else OptimConfig()
+        if isinstance(optim, dict):
+            optim = OptimConfig(**optim)
+        if image_target not in ("pixels", "codebook"):
+            raise ValueError(f"MaskedPretraining: image_target={image_target!r}, expected 'pixels' or 'codebook'")
+        if image_target == "codebook" and not codebook:
+            raise ValueError("MaskedPretraining: image_target='codebook' needs codebook=<path of a codebook file>")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"MaskedPretraining: on_nonfinite={on_nonfinite!r}, expected 'raise' or 'skip'")
+        for name, value in (("mlm_weight", mlm_weight), ("mim_weight", mim_weight), ("aux_loss_scale", aux_loss_scale)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"MaskedPretraining: {name}={value!r} must be a finite number >= 0")
+        if log_routing_every < 0:
+            raise ValueError(f"MaskedPretraining: log_routing_every={log_routing_every} must be >= 0")
+        # Hyper-parameters are stored as plain containers so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["optim"])
+        self.hparams["optim"] = dataclasses.asdict(optim)
+        self.optim = optim
+        self.image_target = image_target
+        self.mlm_weight, self.mim_weight, self.aux_loss_scale = mlm_weight, mim_weight, aux_loss_scale
+        self.on_nonfinite = on_nonfinite
+        self.activation_threshold = activation_threshold
+        self.log_routing_every = log_routing_every
+
+        self.backbone = create_model(backbone, **(backbone_overrides or {}))
+        if init_from:
+            self._load_backbone(init_from)
+        cfg = self.backbone.config
+        self.patch_size = cfg.patch_size
+        dim = cfg.dim
+        self.mlm_head = nn.Linear(dim, cfg.vocab_size)
+        if image_target == "codebook":
+            centroids = load_codebook(codebook, patch_size=cfg.patch_size)  # type: ignore[arg-type]
+            expected = cfg.patch_size * cfg.patch_size * cfg.in_chans
+            if centroids.shape[1] != expected:
+                raise ValueError(
+                    f"MaskedPretraining: codebook {codebook} has vectors of {centroids.shape[1]} values, the "
+                    f"backbone's patches have {expected}"
+                )
+            self.register_buffer("centroids", centroids, persistent=True)
+            self.mim_head = nn.Linear(dim, centroids.shape[0])
+        else:
+            self.centroids = None
+            self.mim_head = nn.Linear(dim, cfg.patch_size * cfg.patch_size * cfg.in_chans)
+        for head in (self.mlm_head, self.mim_head):
+            nn.init.trunc_normal_(head.weight, std=cfg.init_std)
+            nn.init.zeros_(head.bias)
+        self._val_records: dict[str, list[Any]] = {}
+        self._val_sums: dict[str, list[float]] = {}
+        self._last_counts: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def _load_backbone(self, path: str) -> None:
+        source = load_model(path)
+        missing, unexpected = self.backbone.load_state_dict(source.state_dict(), strict=False)
+        if unexpected or missing:
+            raise ValueError(
+                f"MaskedPretraining: init_from={path}: backbone mismatch, missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return configure_optimizers(self, self.optim)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # docs/interfaces.md section 7: lets mmoe.model.load_model rebuild the backbone from this checkpoint.
+        checkpoint["mmoe_config"] = dataclasses.asdict(self.backbone.config)
+
+    # ------------------------------------------------------------------ losses
+    def _mlm(self, text_feats_BLD: torch.Tensor, labels_BL: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Cross-entropy on masked text positions only ([B3] sec. 2.2); returns (loss, number of targets)."""
+        sel = labels_BL != -100
+        n = int(sel.sum())
+        if n == 0:
+            return text_feats_BLD.sum() * 0.0, 0
+        logits_MV = self.mlm_head(text_feats_BLD[sel]).float()
+        return F.cross_entropy(logits_MV, labels_BL[sel]), n
+
+    def _mim(
+        self, patch_feats_BPD: torch.Tensor, image_B3HW: torch.Tensor, mask_BP: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        """Loss on masked patches only: MSE to normalized pixels, or CE to codebook codes (SPEC.md 6)."""
+        n = int(mask_BP.sum())
+        if n == 0:
+            return patch_feats_BPD.sum() * 0.0, 0
+        target_MC = normalize_patches(patchify(image_B3HW, self.patch_size)[mask_BP])
+        pred = self.mim_head(patch_feats_BPD[mask_BP]).float()
+        if self.centroids is None:
+            return F.mse_loss(pred, target_MC), n
+        codes_M = assign_codes(target_MC, self.centroids)
+        return F.cross_entropy(pred, codes_M), n
+
+    def stream_losses(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
+        """Forward every stream present; returns ({"mlm_text": ..., "mim_image": ..., ...}, aux_loss, routing).
+
+        ``routing`` maps each MoE layer key to the list of its RoutingRecords (one per stream).
+        """
+        losses: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        routing: dict[str, list[Any]] = {}
+        aux = None
+        present = [s for s in STREAMS if s in batch and batch[s] is not None]
+        unknown = sorted(set(batch) - set(STREAMS))
+        if unknown or not present:
+            raise KeyError(
+                f"MaskedPretraining: batch keys {sorted(batch)}: expected a dict of streams among {list(STREAMS)} "
+                "(docs/interfaces.md section 4)"
+            )
+        for stream in present:
+            sub = batch[stream]
+            image = sub.get("image") if stream != "text" else None
+            text = sub.get("text") if stream != "image" else None
+            if (stream != "text" and image is None) or (stream != "image" and text is None):
+                raise KeyError(f"MaskedPretraining: stream {stream!r} lacks its image/text tensors; keys {sorted(sub)}")
+            image_mask = sub.get("image_mask") if image is not None else None
+            out = self.backbone(
+                image=image,
+                text=text,
+                text_padding_mask=sub.get("text_padding_mask") if text is not None else None,
+                image_mask=image_mask,
+            )
+            nv = out.num_vision_tokens
+            if image is not None and image_mask is not None:
+                losses[f"mim_{stream}"], counts[f"mim_{stream}"] = self._mim(
+                    out.features[:, 1:nv], image, image_mask.bool()
+                )
+            if text is not None and sub.get("text_labels") is not None:
+                losses[f"mlm_{stream}"], counts[f"mlm_{stream}"] = self._mlm(out.features[:, nv:], sub["text_labels"])
+            if out.aux_loss is not None:
+                aux = out.aux_loss if aux is None else aux + out.aux_loss
+            for key, record in out.routing.items():
+                routing.setdefault(key, []).append(record)
+        if aux is None:
+            aux = torch.zeros((), device=self.device)
+        self._last_counts = counts
+        return losses, aux, routing
+
+    def _total(self, losses: dict[str, torch.Tensor], aux: torch.Tensor) -> torch.Tensor:
+        total = aux.float() * self.aux_loss_scale
+        for name, value in losses.items():
+            total = total + value * (self.mlm_weight if name.startswith("mlm") else self.mim_weight)
+        return total
+
+    @staticmethod
+    def _batch_size(batch: Mapping[str, Any]) -> int:
+        n = 0
+        for sub in batch.values():
+            t = sub.get("image") if sub.get("image") is not None else sub.get("text")
+            n += int(t.shape[0]) if isinstance(t, torch.Tensor) else 0
+        return max(1, n)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+        losses, aux, routing = self.stream_losses(batch)
+        bad = [name for name, v in {**losses, "aux": aux}.items() if not torch.isfinite(v.detach()).all()]
+        if bad:
+            msg = (
+                f"MaskedPretraining: non-finite loss at step {self.global_step} (batch {batch_idx}) in stream(s) "
+                + ", ".join(f"{b}={float(losses.get(b, aux)):.4g}" for b in bad)
+            )
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(msg + "; lower optim.lr or set on_nonfinite='skip' to skip such batches")
+            rank_zero_warn(msg + "; batch skipped (on_nonfinite='skip')")
+            return None
+        total = self._total(losses, aux)
+        bs = self._batch_size(batch)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/aux_loss", aux.detach().float(), batch_size=bs)
+        for name, value in losses.items():
+            self.log(f"train/loss_{name}", value.detach(), batch_size=bs)
+            if name.startswith("mlm") or self.centroids is not None:
+                self.log(f"train/ppl_{name}", torch.exp(value.detach().clamp(max=30.0)), batch_size=bs)
+        if self.log_routing_every and self.global_step % self.log_routing_every == 0 and routing:
+            for key, value in routing_metrics(routing, threshold=self.activation_threshold).items():
+                self.log(f"train/moe/{key}", value, batch_size=bs)
+        return total
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        losses, aux, routing = self.stream_losses(batch)
+        total = self._total(losses, aux)
+        bs = self._batch_size(batch)
+        self.log("val/loss", total, batch_size=bs, sync_dist=True)
+        for name, value in losses.items():
+            self.log(f"val/loss_{name}", value, batch_size=bs, sync_dist=True)
+        for name, value in losses.items():
+            acc = self._val_sums.setdefault(name, [0.0, 0.0])
+            acc[0] += float(value) * self._last_counts[name]
+            acc[1] += self._last_counts[name]
+        for key, records in routing.items():
+            self._val_records.setdefault(key, []).extend(records)
+        return total
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_records = {}
+        self._val_sums = {}
+
+    def on_validation_epoch_end(self) -> None:
+        # Perplexities are exp of the target-weighted mean CE over the whole set (summed over ranks); routing is
+        # summarized over the whole evaluation set, the way [MH1] Fig. 1 measures the expert activation ratio.
+        for name, (total, count) in sorted(self._val_sums.items()):
+            if name.startswith("mlm") or self.centroids is not None:
+                sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+                sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+                mean = float(sums[0] / sums[1].clamp(min=1))
+                self.log(f"val/ppl_{name}", math.exp(min(mean, 30.0)), sync_dist=False)
+        if self._val_records:
+            for key, value in routing_metrics(self._val_records, threshold=self.activation_threshold).items():
+                self.log(f"val/moe/{key}", value, sync_dist=False)
+        self._val_records, self._val_sums = {}, {}

@@ -1,0 +1,383 @@
+"""Generic classification fine-tuning (SPEC.md 7; [B3] sec. 4; STYLE.md 10: one module per objective).
+
+``ClassificationTask`` fine-tunes the Multiway Transformer with a ``mmoe.model.heads.ClassificationHead``
+on VQAv2, NLVR2 or ImageNet; a recipe only chooses the pooling, the loss and which batch keys to read:
+
+=========  ============  ===================================  ==========================================
+task       pooling       loss                                 batch keys (docs/interfaces.md section 4)
+=========  ============  ===================================  ==========================================
+VQAv2      image_cls     ``soft_bce``: BCE-with-logits x C    image, text, text_padding_mask, labels (B,C)
+                         on the 0.3/0.6/0.9/1.0 soft scores,  question_id
+                         head lr x20
+NLVR2      pair          ``ce`` (cross-entropy)               image, image2, text, text_padding_mask,
+                                                              labels (B,), identifier
+ImageNet   mean_patch    ``ce`` + label smoothing, optional   image, labels (B,) or (B, C) soft
+                         timm Mixup/CutMix
+=========  ============  ===================================  ==========================================
+
+Validation logs ``val/loss`` and, per loss, ``val/vqa_score`` (the soft score of the arg-max answer, in
+percent: the training-time proxy of the official metric), ``val/acc`` / ``val/acc_top5`` and for NLVR2
+``val/consistency``. ``predict`` (and ``test``) write the official submission files into ``results_dir``
+(default ``<default_root_dir>/results``): VQA ``vqa_results.json`` (``[{"question_id", "answer"}]``) with the
+answer vocabulary copied beside it as ``answer_vocab.json``; NLVR2 ``nlvr2_predictions.csv``
+(``identifier,prediction``); otherwise ``predictions.json``. The answer vocabulary (``label_names``) is
+stored in every checkpoint, so a fine-tuned checkpoint can predict without the original vocabulary file.
+
+Backbone construction follows docs/interfaces.md section 7 (``backbone``, ``backbone_overrides``,
+``init_from``; ``mmoe_config`` in checkpoints); the optimizer is ``mmoe.train.optim`` (AdamW, layer decay,
+head lr multiplier, warm-up + cosine per step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from mmoe.data.vqa import load_answer_vocab, save_answer_vocab
+from mmoe.metrics.nlvr2 import sentence_key, write_predictions_csv
+from mmoe.model import create_model, load_model
+from mmoe.model.heads import ClassificationHead, Pooling
+from mmoe.model.io import load_backbone_weights, read_checkpoint
+from mmoe.train.optim import OptimConfig, configure_optimizers
+
+__all__ = ["ClassificationTask"]
+
+LossName = Literal["soft_bce", "ce"]
+PredictFormat = Literal["vqa", "nlvr2", "labels"]
+
+
+def _gather_objects(obj: list[Any]) -> list[Any]:
+    """Concatenate a per-rank list over all ranks (identity without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    parts: list[list[Any]] = [[] for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(parts, obj)
+    return [x for part in parts for x in part]
+
+
+class ClassificationTask(LightningModule):
+    """Backbone + ``ClassificationHead`` trained with soft-target BCE or cross-entropy (module docstring).
+
+    Args:
+        backbone: registered model name or YAML path; ``None`` with ``init_from`` rebuilds the checkpoint's own.
+        backbone_overrides: ``MultiwayConfig`` fields to change (e.g. ``{"drop_path": 0.1, "img_size": 480}``).
+        init_from: an mmoe model file or one of our Lightning checkpoints (pretrained backbone weights;
+            position tables are resampled to the new image size).
+        num_classes: number of classes; may be omitted when ``label_vocab`` gives it (NLVR2: 2).
+        label_vocab: answer/class-name file (``tools/build_vqa_vocab.py`` output or a JSON list); its
+            names are stored in checkpoints and used to write predictions.
+        pooling, hidden_mult, head_norm_eps, head_init_scale, head_dropout: ``ClassificationHead`` settings.
+        loss: ``"soft_bce"`` (VQA: BCE-with-logits times the number of labels) or ``"ce"``.
+        label_smoothing: cross-entropy label smoothing (ImageNet 0.1).
+        mixup: timm ``Mixup`` keyword arguments (e.g. ``{"mixup_alpha": 0.8, "cutmix_alpha": 1.0}``) or None;
+            ``num_classes`` and ``label_smoothing`` are filled in here.
+        image_key, image2_key, text_key, label_key, id_key: which batch keys to read (``image2_key`` is
+            required by the ``"pair"`` pooling; ``text_key=None`` for vision-only tasks).
+        optim: optimizer/schedule (``mmoe.train.optim.OptimConfig`` keys).
+        predict_format: ``"vqa"``, ``"nlvr2"`` or ``"labels"``: the results file predict/test write.
+        results_dir: where results files go (default ``<trainer.default_root_dir>/results``).
+        top_k: accuracies to report for ``"ce"`` (k <= num_classes are kept).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str | None = "tiny_mhmoe",
+        backbone_overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        num_classes: int | None = None,
+        label_vocab: str | None = None,
+        pooling: Pooling = "image_cls",
+        hidden_mult: int | None | Literal["auto"] = "auto",
+        head_norm_eps: float = 1e-5,
+        head_init_scale: float = 1.0,
+        head_dropout: float = 0.0,
+        loss: LossName = "ce",
+        label_smoothing: float = 0.0,
+        mixup: dict[str, Any] | None = None,
+        image_key: str = "image",
+        image2_key: str | None = None,
+        text_key: str | None = "text",
+        label_key: str = "labels",
+        id_key: str | None = None,
+        optim: OptimConfig | None = None,
+        predict_format: PredictFormat = "labels",
+        results_dir: str | None = None,
+        top_k: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        optim = optim if optim is not None else OptimConfig()
+        if isinstance(optim, dict):
+            optim = OptimConfig(**optim)
+        self.save_hyperparameters(ignore=["optim"])
+        self.hparams["optim"] = asdict(optim)  # plain dict: checkpoints stay loadable with weights_only=True
+        self.optim = optim
+        if loss not in ("soft_bce", "ce"):
+            raise ValueError(f"ClassificationTask: loss={loss!r}; expected 'soft_bce' or 'ce'")
+        if pooling == "pair" and not image2_key:
+            raise ValueError("ClassificationTask: pooling='pair' (NLVR2) needs image2_key (e.g. 'image2')")
+        if pooling == "pair" and not text_key:
+            raise ValueError("ClassificationTask: pooling='pair' needs text_key (image CLS and text CLS are pooled)")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"ClassificationTask: label_smoothing={label_smoothing} must be in [0, 1)")
+        if mixup and loss != "ce":
+            raise ValueError("ClassificationTask: mixup needs loss='ce' (soft-target cross-entropy)")
+
+        self.label_names: list[str] | None = load_answer_vocab(label_vocab) if label_vocab else None
+        if num_classes is None:
+            if self.label_names is None:
+                raise ValueError("ClassificationTask: give num_classes or label_vocab (a file with the class names)")
+            num_classes = len(self.label_names)
+        elif self.label_names is not None and len(self.label_names) != num_classes:
+            raise ValueError(
+                f"ClassificationTask: num_classes={num_classes} but label_vocab {label_vocab} has "
+                f"{len(self.label_names)} entries"
+            )
+        self.num_classes = int(num_classes)
+
+        self.backbone = self._build_backbone(backbone, backbone_overrides or {}, init_from)
+        self.head = ClassificationHead(
+            self.backbone.config.dim,
+            self.num_classes,
+            pooling=pooling,
+            hidden_mult=hidden_mult,
+            norm_eps=head_norm_eps,
+            init_scale=head_init_scale,
+            dropout=head_dropout,
+        )
+        self.mixup_fn = None
+        if mixup:
+            from timm.data import Mixup
+
+            self.mixup_fn = Mixup(**{**mixup, "label_smoothing": label_smoothing, "num_classes": self.num_classes})
+
+        ks = sorted({int(k) for k in (top_k or [1, 5]) if 0 < int(k) <= self.num_classes}) or [1]
+        self.top_k = ks
+        if loss == "ce":
+            self.val_acc = torch.nn.ModuleDict(
+                {f"top{k}": MulticlassAccuracy(self.num_classes, top_k=k, average="micro") for k in ks}
+            )
+            self.test_acc = torch.nn.ModuleDict(
+                {f"top{k}": MulticlassAccuracy(self.num_classes, top_k=k, average="micro") for k in ks}
+            )
+        self.val_score, self.test_score = MeanMetric(), MeanMetric()
+        self._eval_rows: list[tuple[str, bool]] = []  # (identifier, correct) for NLVR2 consistency
+        self._pred_rows: list[Any] = []
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _build_backbone(name: str | None, overrides: dict[str, Any], init_from: str | None) -> torch.nn.Module:
+        if name is None:
+            if init_from is None:
+                raise ValueError("ClassificationTask: backbone=None needs init_from (a checkpoint to rebuild it from)")
+            return load_model(init_from, **overrides)
+        model = create_model(name, **overrides)
+        if init_from is not None:
+            _, state = read_checkpoint(init_from)
+            # Pretraining heads are not in the backbone state; the backbone itself must match exactly.
+            load_backbone_weights(model, state, strict=True)
+        return model
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Logits (B, C) of one batch (docs/interfaces.md section 4 keys, chosen by the ``*_key`` arguments)."""
+        return self.logits_and_aux(batch)[0]
+
+    def logits_and_aux(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, C) and the backbone's MoE auxiliary loss (None for a dense backbone)."""
+        hp = self.hparams
+        image = batch[hp.image_key]
+        text = padding = None
+        if hp.text_key:
+            text = batch[hp.text_key]
+            padding = batch.get(f"{hp.text_key}_padding_mask")
+        if hp.pooling == "pair":
+            # Both images with the same sentence, stacked on the batch axis ([B3] NLVR2 head).
+            image = torch.cat([image, batch[hp.image2_key]], dim=0)
+            text = torch.cat([text, text], dim=0)
+            padding = torch.cat([padding, padding], dim=0) if padding is not None else None
+        out = self.backbone(image=image, text=text, text_padding_mask=padding)
+        return self.head(out.features, out.num_vision_tokens), out.aux_loss
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.hparams.loss == "soft_bce":
+            if labels.shape != logits.shape:
+                raise ValueError(
+                    f"ClassificationTask(loss='soft_bce'): labels {tuple(labels.shape)} must match logits "
+                    f"{tuple(logits.shape)} (soft scores over the answer vocabulary)"
+                )
+            # BEiT-3/ViLT: mean BCE times the number of labels (= sum over answers, mean over the batch).
+            return F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * labels.shape[1]
+        if labels.dim() == 2:  # soft targets (mixup/cutmix): soft cross-entropy
+            return torch.sum(-labels.float() * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits.float(), labels.long(), label_smoothing=self.hparams.label_smoothing)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        labels = batch[hp.label_key]
+        if self.mixup_fn is not None:
+            if labels.dim() != 1:
+                raise ValueError("ClassificationTask: mixup expects hard labels (B,) from the data module")
+            batch = dict(batch)
+            batch[hp.image_key], labels = self.mixup_fn(batch[hp.image_key], labels)
+        logits, aux = self.logits_and_aux(batch)
+        task_loss = self._loss(logits, labels)
+        aux = aux if aux is not None else logits.new_zeros(())
+        loss = task_loss + aux
+        bs = logits.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/task_loss", task_loss, batch_size=bs)
+        self.log("train/aux_loss", aux, batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        hp = self.hparams
+        logits = self(batch)
+        labels = batch.get(hp.label_key)
+        bs = logits.shape[0]
+        if labels is None:
+            return logits
+        self.log(f"{stage}/loss", self._loss(logits, labels), batch_size=bs, sync_dist=True)
+        pred = logits.argmax(dim=-1)
+        if hp.loss == "soft_bce":
+            score = self.val_score if stage == "val" else self.test_score
+            score.update(100.0 * labels.float().gather(1, pred[:, None]).squeeze(1))
+            self.log(f"{stage}/vqa_score", score, batch_size=bs, prog_bar=stage == "val")
+        else:
+            hard = labels.argmax(dim=-1) if labels.dim() == 2 else labels
+            accs = self.val_acc if stage == "val" else self.test_acc
+            for k in self.top_k:
+                name = "acc" if k == 1 else f"acc_top{k}"
+                accs[f"top{k}"].update(logits, hard)
+                self.log(f"{stage}/{name}", accs[f"top{k}"], batch_size=bs, prog_bar=k == 1 and stage == "val")
+            if hp.pooling == "pair" and hp.id_key and hp.id_key in batch:
+                correct = (pred == hard).tolist()
+                self._eval_rows.extend(zip([str(i) for i in batch[hp.id_key]], correct))
+        return logits
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self._eval_step(batch, "test")
+        self._pred_rows.extend(self._rows(batch, logits))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[Any]:
+        rows = self._rows(batch, self(batch))
+        self._pred_rows.extend(rows)
+        return rows
+
+    def _log_consistency(self, stage: str) -> None:
+        rows = _gather_objects(self._eval_rows)
+        self._eval_rows = []
+        if not rows:
+            return
+        ok: dict[str, bool] = {}
+        for ident, correct in rows:
+            key = sentence_key(ident)
+            ok[key] = ok.get(key, True) and bool(correct)
+        self.log(f"{stage}/consistency", 100.0 * sum(ok.values()) / len(ok), rank_zero_only=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_rows = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_consistency("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_rows, self._pred_rows = [], []
+
+    def on_test_epoch_end(self) -> None:
+        self._log_consistency("test")
+        self._write_results()
+
+    def on_predict_epoch_start(self) -> None:
+        self._pred_rows = []
+
+    def on_predict_epoch_end(self) -> None:
+        self._write_results()
+
+    # ------------------------------------------------------------------ results files
+    def _rows(self, batch: dict[str, Any], logits: torch.Tensor) -> list[Any]:
+        hp = self.hparams
+        pred = logits.argmax(dim=-1).tolist()
+        ids = batch.get(hp.id_key) if hp.id_key else None
+        if ids is None:
+            if hp.predict_format != "labels":
+                raise ValueError(
+                    f"ClassificationTask(predict_format={hp.predict_format!r}): batch has no id key {hp.id_key!r}"
+                )
+            ids = [None] * len(pred)
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if hp.predict_format == "vqa":
+            if self.label_names is None:
+                raise ValueError("ClassificationTask(predict_format='vqa'): no answer vocabulary (label_vocab)")
+            return [{"question_id": int(q), "answer": self.label_names[p]} for q, p in zip(ids, pred)]
+        if hp.predict_format == "nlvr2":
+            return [(str(i), "True" if p == 1 else "False") for i, p in zip(ids, pred)]
+        names = self.label_names
+        return [{"id": i, "label": p, **({"name": names[p]} if names else {})} for i, p in zip(ids, pred)]
+
+    def results_path(self) -> Path:
+        """Folder of the results files (``results_dir`` or ``<default_root_dir>/results``)."""
+        if self.hparams.results_dir:
+            return Path(self.hparams.results_dir)
+        root = self.trainer.default_root_dir if self._trainer is not None else "."
+        return Path(root) / "results"
+
+    def _write_results(self) -> None:
+        rows = _gather_objects(self._pred_rows)
+        self._pred_rows = []
+        if not rows or (self._trainer is not None and not self.trainer.is_global_zero):
+            return
+        out = self.results_path()
+        out.mkdir(parents=True, exist_ok=True)
+        fmt = self.hparams.predict_format
+        if fmt == "nlvr2":
+            write_predictions_csv(out / "nlvr2_predictions.csv", sorted(set(rows)))
+            return
+        if fmt == "vqa":
+            seen: dict[int, dict[str, Any]] = {r["question_id"]: r for r in rows}  # DDP padding repeats some
+            rows = [seen[q] for q in sorted(seen)]
+            save_answer_vocab(out / "answer_vocab.json", self.label_names or [], {"source": "checkpoint"})
+        path = out / ("vqa_results.json" if fmt == "vqa" else "predictions.json")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(rows), encoding="utf-8")
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ optimizer, checkpoints
+    def configure_optimizers(self) -> dict[str, Any]:
+        return configure_optimizers(self, self.optim)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmoe_config"] = self.backbone.config.to_dict()
+        if self.label_names is not None:
+            checkpoint["label_names"] = list(self.label_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        names = checkpoint.get("label_names")
+        if names is not None:
+            if len(names) != self.num_classes:
+                raise ValueError(
+                    f"ClassificationTask: checkpoint has {len(names)} label names, the head has {self.num_classes}"
+                )
+            self.label_names = list(names)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "label_names", None)
+        if names is not None and self.label_names is not None and list(names) != list(self.label_names):
+            raise ValueError(
+                "ClassificationTask: the data module's answer vocabulary differs from the model's "
+                f"({len(names)} vs {len(self.label_names)} answers); use the same label_vocab file for both"
+            )

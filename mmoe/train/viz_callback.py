@@ -1,0 +1,182 @@
+"""Lightning callback: TensorBoard pictures of which experts image patches go to, during validation.
+
+Every `every_n_val_steps` validation batches it takes up to `max_images` images from the batch,
+runs the module's `backbone` on them (image only, no masking; docs/interfaces.md sec. 2 and 7: the
+module is only assumed to have `.backbone`) and logs:
+
+- `{tag}/majority`: images x MoE layers, each patch coloured by the expert most of its sub-tokens
+  chose ([MH1] Fig. 1b) -- picture (a) of `tools/visualize_experts.py`;
+- `{tag}/heads/{layer}`: the first image with one panel per MoE head plus the majority (a);
+- `{tag}/load`: the experts x layers load heat map over those images ([MH1] Fig. 5) -- picture (c);
+- `{tag}/diversity` (optional): distinct experts per patch ([MH1] Fig. 8).
+
+Images go to every logger whose `experiment` has `add_image` (TensorBoard's SummaryWriter), and,
+when `save_dir` is set, also to PNG files there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+from mmoe.viz.experts import draw_assignment, draw_load_heatmaps, draw_map_grid, figure_to_array
+from mmoe.viz.records import RoutingAccumulator, diversity, majority_expert, patch_gates, patch_grid
+from mmoe.viz.run import forward_routing, to_display
+
+_STREAM_ORDER = ("pair", "image")
+
+
+def find_images(batch: Any) -> torch.Tensor | None:
+    """The (B, 3, H, W) images of a batch: a task batch's `image`, else a pretraining batch's
+    `pair` or `image` stream (docs/interfaces.md sec. 4). None when the batch has no images."""
+    if not isinstance(batch, Mapping):
+        return None
+    img = batch.get("image")
+    if isinstance(img, torch.Tensor) and img.ndim == 4:
+        return img
+    streams = [batch[k] for k in _STREAM_ORDER if isinstance(batch.get(k), Mapping)]
+    streams += [v for k, v in batch.items() if k not in _STREAM_ORDER and isinstance(v, Mapping)]
+    for sub in streams:
+        img = sub.get("image")
+        if isinstance(img, torch.Tensor) and img.ndim == 4:
+            return img
+    return None
+
+
+class ExpertVisualizationCallback(Callback):
+    """Log expert-assignment pictures (a) and the load heat map (c) every N validation steps.
+
+    Args:
+        every_n_val_steps: log on every N-th validation batch (counted across epochs, sanity check excluded).
+        max_images: images taken from the batch.
+        tag: TensorBoard tag prefix.
+        log_heads: also log the per-head panels of the first image, one picture per MoE layer.
+        log_diversity: also log the distinct-experts-per-patch grid.
+        save_dir: also write the PNGs to `save_dir/step{global_step:08d}/`.
+        include_sanity_check: log during Lightning's sanity-check validation too.
+    """
+
+    def __init__(
+        self,
+        every_n_val_steps: int = 50,
+        *,
+        max_images: int = 4,
+        tag: str = "experts",
+        log_heads: bool = True,
+        log_diversity: bool = False,
+        save_dir: str | None = None,
+        include_sanity_check: bool = False,
+    ) -> None:
+        super().__init__()
+        if every_n_val_steps < 1:
+            raise ValueError(f"ExpertVisualizationCallback: every_n_val_steps must be >= 1, got {every_n_val_steps}")
+        if max_images < 1:
+            raise ValueError(f"ExpertVisualizationCallback: max_images must be >= 1, got {max_images}")
+        self.every_n_val_steps = int(every_n_val_steps)
+        self.max_images = int(max_images)
+        self.tag = tag
+        self.log_heads = log_heads
+        self.log_diversity = log_diversity
+        self.save_dir = save_dir
+        self.include_sanity_check = include_sanity_check
+        self.val_steps = 0
+        self.logged: list[int] = []  # global steps at which pictures were logged
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"val_steps": self.val_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.val_steps = int(state_dict.get("val_steps", 0))
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking and not self.include_sanity_check:
+            return
+        self.val_steps += 1
+        if self.val_steps % self.every_n_val_steps:
+            return
+        self._log(trainer, pl_module, batch)
+
+    @rank_zero_only
+    def _log(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        images = find_images(batch)
+        backbone = getattr(pl_module, "backbone", None)
+        if images is None or backbone is None:
+            return
+        pictures = self.render(backbone, images[: self.max_images])
+        if not pictures:
+            return
+        step = int(trainer.global_step)
+        for logger in trainer.loggers:
+            writer = getattr(logger, "experiment", None)
+            if hasattr(writer, "add_image"):
+                for name, arr in pictures.items():
+                    writer.add_image(f"{self.tag}/{name}", arr, global_step=step, dataformats="HWC")
+        if self.save_dir:
+            from PIL import Image
+
+            folder = Path(self.save_dir) / f"step{step:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, arr in pictures.items():
+                Image.fromarray(arr).save(folder / (name.replace("/", "_") + ".png"))
+        self.logged.append(step)
+
+    def render(self, backbone: torch.nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """Run `backbone` on `images` and draw the pictures; name -> (H, W, 3) uint8."""
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            with torch.no_grad():
+                routed = forward_routing(backbone, image=images)
+        finally:
+            backbone.train(was_training)
+        if routed.grid_size is None:
+            return {}
+        views = [v for v in routed.views if v.vision is not None]
+        if not views:
+            return {}
+        cfg = backbone.config
+        display = to_display(images, cfg.image_mean, cfg.image_std)
+        keys = [v.key for v in views]
+        firsts = {v.key: patch_grid(v.vision, routed.grid_size) for v in views}
+        gates = {v.key: patch_gates(v.vision, routed.grid_size) for v in views}
+        num_e = max(v.num_experts for v in views)
+        rows = [f"image {i}" for i in range(len(display))]
+        pictures: dict[str, np.ndarray] = {}
+        maj = [[majority_expert(firsts[k][i], gates[k][i]) for k in keys] for i in range(len(display))]
+        fig, _ = draw_map_grid(
+            display, maj, row_labels=rows, col_labels=keys, kind="expert", num_classes=num_e,
+            title="majority expert per patch",
+        )  # fmt: skip
+        pictures["majority"] = figure_to_array(fig)
+        if self.log_heads:
+            for v in views:
+                fig, _ = draw_assignment(
+                    display[0], firsts[v.key][0], maj[0][keys.index(v.key)], v.num_experts, title=f"{v.key}, image 0"
+                )
+                pictures[f"heads/{v.key}"] = figure_to_array(fig)
+        if self.log_diversity:
+            div = [[diversity(firsts[k][i]) for k in keys] for i in range(len(display))]
+            fig, _ = draw_map_grid(
+                display, div, row_labels=rows, col_labels=keys, kind="diversity",
+                num_classes=max(v.num_heads for v in views), title="distinct experts per patch",
+            )  # fmt: skip
+            pictures["diversity"] = figure_to_array(fig)
+        acc = RoutingAccumulator()
+        acc.add(routed.views, routed.grid_size)
+        fig, _ = draw_load_heatmaps({"validation images": acc.load()}, title=f"expert load over {len(display)} images")
+        pictures["load"] = figure_to_array(fig)
+        return pictures

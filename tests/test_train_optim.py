@@ -1,0 +1,123 @@
+"""mmoe.train.optim: parameter groups (layer decay, no-decay set, head lr) and the warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mmoe.train.optim import (
+    OptimConfig,
+    build_optimizer,
+    configure_optimizers,
+    cosine_with_warmup,
+    lr_factor,
+    param_groups,
+)
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+
+class _Backbone(nn.Module):
+    """Stand-in with the timm backbone contract: embeddings (id 0), blocks (i + 1), final norm (last)."""
+
+    def __init__(self, d: int = 8, depth: int = 3) -> None:
+        super().__init__()
+        self.text_embed = nn.Embedding(10, d)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 4, d))
+        self.patch_embed = nn.Linear(d, d)
+        self.blocks = nn.ModuleList(_Block(d) for _ in range(depth))
+        self.norm = nn.LayerNorm(d)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {
+            "stem": r"^text_embed|pos_embed|patch_embed",
+            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
+
+class _Module(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = _Backbone()
+        self.head = nn.Linear(8, 3)
+        self.tied = nn.Linear(8, 10, bias=False)
+        self.tied.weight = self.backbone.text_embed.weight  # tied: must be optimized once
+
+
+def _group_of(groups: list[dict], p: torch.Tensor) -> dict:
+    hits = [g for g in groups if any(q is p for q in g["params"])]
+    assert len(hits) == 1, f"parameter in {len(hits)} groups"
+    return hits[0]
+
+
+def test_layer_decay_and_no_decay_sets() -> None:
+    m = _Module()
+    groups = param_groups(m, lr=1.0, weight_decay=0.05, layer_decay=0.5, head_lr_mult=10.0)
+    # every trainable parameter exactly once
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert len(all_ids) == len(set(all_ids)) == len(list(m.parameters()))
+    depth = 3  # lr * decay^(L + 1 - id): embeddings id 0, block i id i+1, final norm L + 1
+    assert _group_of(groups, m.backbone.patch_embed.weight)["lr"] == pytest.approx(0.5 ** (depth + 1))
+    for i, blk in enumerate(m.backbone.blocks):
+        g = _group_of(groups, blk.fc.weight)
+        assert g["lr"] == pytest.approx(0.5 ** (depth - i))
+        assert g["weight_decay"] == 0.05
+        assert _group_of(groups, blk.fc.bias)["weight_decay"] == 0.0
+        assert _group_of(groups, blk.norm.weight)["weight_decay"] == 0.0
+    # timm's (99999,) tag puts the final norm with the last block
+    assert _group_of(groups, m.backbone.norm.weight)["lr"] == pytest.approx(0.5)
+    # embeddings: no decay
+    assert _group_of(groups, m.backbone.text_embed.weight)["weight_decay"] == 0.0
+    assert _group_of(groups, m.backbone.pos_embed)["weight_decay"] == 0.0
+    # heads: lr * head_lr_mult, decay on matrices only
+    assert _group_of(groups, m.head.weight)["lr"] == pytest.approx(10.0)
+    assert _group_of(groups, m.head.weight)["weight_decay"] == 0.05
+    assert _group_of(groups, m.head.bias)["weight_decay"] == 0.0
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="layer_decay"):
+        param_groups(_Module(), lr=1e-3, weight_decay=0.05, layer_decay=1.5)
+    with pytest.raises(ValueError, match="betas"):
+        build_optimizer(_Module(), lr=1e-3, betas=(0.9, 1.2))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        OptimConfig(warmup_steps=-1)
+
+
+def test_schedule_warmup_then_cosine() -> None:
+    assert lr_factor(0, warmup_steps=4, total_steps=20) == pytest.approx(0.25)
+    assert lr_factor(3, warmup_steps=4, total_steps=20) == pytest.approx(1.0)
+    assert lr_factor(12, warmup_steps=4, total_steps=20) == pytest.approx(0.5)  # cosine midpoint
+    assert lr_factor(20, warmup_steps=4, total_steps=20, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(500, warmup_steps=4, total_steps=20, min_lr_ratio=0.1) == pytest.approx(0.1)
+    m = _Module()
+    opt = build_optimizer(m, lr=2.0, layer_decay=0.5)
+    sched = cosine_with_warmup(opt, warmup_steps=2, total_steps=10)
+    top = next(g for g in opt.param_groups if g["lr_scale"] == 1.0)
+    seen = []
+    for _ in range(10):
+        seen.append(top["lr"])
+        opt.step()
+        sched.step()
+    expected = [2.0 * lr_factor(s, warmup_steps=2, total_steps=10) for s in range(10)]
+    assert seen == pytest.approx(expected)
+    assert math.isclose(seen[1], 2.0)
+
+
+def test_configure_optimizers_dict() -> None:
+    out = configure_optimizers(_Module(), {"lr": 1e-3, "total_steps": 5, "warmup_steps": 1})
+    assert isinstance(out["optimizer"], torch.optim.AdamW)
+    assert out["lr_scheduler"]["interval"] == "step"
+    with pytest.raises(ValueError, match="total_steps"):
+        configure_optimizers(_Module(), OptimConfig())  # no trainer, no total_steps

@@ -1,0 +1,109 @@
+"""Routing records -> per-patch assignments, diversity, load and activation ratio (mmoe.viz.records)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_viz_helpers import make_record
+
+from mmoe.viz.records import (
+    RoutingAccumulator,
+    activation_ratio,
+    diversity,
+    load_share,
+    majority_expert,
+    parse_layer_key,
+    patch_grid,
+    record_to_tokens,
+    split_routing,
+)
+
+
+def _known(b=2, grid=(2, 3), h=3, e=5, nt=4, k=1, seed=0):
+    rng = np.random.default_rng(seed)
+    nv = 1 + grid[0] * grid[1]
+    ids = rng.integers(0, e, size=(b, nv + nt, h, k))
+    ids[1, -1] = -1  # last text token of sequence 1 is padding
+    return ids, nv, nt
+
+
+def test_parse_layer_key():
+    assert parse_layer_key("layer3") == ("layer3", "shared")
+    assert parse_layer_key("layer3.vision") == ("layer3", "vision")
+    assert parse_layer_key("layer11.text") == ("layer11", "text")
+
+
+def test_row_order_is_token_major_then_head():
+    # interfaces.md sec. 1: row i*h + j is sub-token j of token i, tokens flattened as b*L + l
+    b, seq, h = 2, 3, 2
+    rows = np.arange(b * seq * h).reshape(-1, 1)
+    rec = make_record(rows.reshape(b, seq, h, 1) % 97, 97)
+    tok = record_to_tokens(rec)
+    assert tok.expert_ids[1, 2, 1, 0] == (1 * seq + 2) * h + 1
+    assert tok.expert_ids[0, 1, 0, 0] == 2
+
+
+def test_split_shared_pool_and_patch_grid():
+    ids, nv, nt = _known()
+    views = split_routing({"layer1": make_record(ids, 5)}, num_vision_tokens=nv, num_text_tokens=nt)
+    (v,) = views
+    assert v.pool == "shared" and v.layer == "layer1"
+    np.testing.assert_array_equal(v.vision.expert_ids, ids[:, :nv])
+    np.testing.assert_array_equal(v.text.expert_ids, ids[:, nv:])
+    grid = patch_grid(v.vision, (2, 3))
+    assert grid.shape == (2, 2, 3, 3)
+    # patch (r, c) is vision token 1 + r*gw + c (CLS first, row-major patches)
+    np.testing.assert_array_equal(grid[1, 1, 2], ids[1, 1 + 1 * 3 + 2, :, 0])
+    assert v.counts.tolist() == np.bincount(ids[ids >= 0], minlength=5).tolist()
+    assert (v.vision.counts() + v.text.counts()).tolist() == v.counts.tolist()
+
+
+def test_split_per_modality_pools():
+    ids, nv, nt = _known()
+    routing = {"layer2.vision": make_record(ids[:, :nv], 5), "layer2.text": make_record(ids[:, nv:], 5)}
+    vis, txt = split_routing(routing, num_vision_tokens=nv, num_text_tokens=nt)
+    assert vis.pool == "vision" and vis.text is None
+    assert txt.pool == "text" and txt.vision is None
+    np.testing.assert_array_equal(txt.text.expert_ids, ids[:, nv:])
+    # a per-modality record over the full sequence is sliced to its own modality
+    (full,) = split_routing({"layer2.text": make_record(ids, 5)}, num_vision_tokens=nv, num_text_tokens=nt)
+    np.testing.assert_array_equal(full.text.expert_ids, ids[:, nv:])
+    assert full.vision is None
+
+
+def test_split_rejects_wrong_length():
+    ids, nv, nt = _known()
+    with pytest.raises(ValueError, match=r"layer1.*expected"):
+        split_routing({"layer1": make_record(ids, 5)}, num_vision_tokens=nv + 1, num_text_tokens=nt)
+
+
+def test_majority_and_diversity():
+    first = np.array([[3, 3, 1], [0, 1, 2], [2, 2, 2], [-1, -1, -1], [4, 1, -1]])
+    assert diversity(first).tolist() == [2, 3, 1, 0, 2]
+    gates = np.array([[0.1, 0.1, 0.9], [0.1, 0.2, 0.7], [1, 1, 1], [0, 0, 0], [0.2, 0.6, 0.0]])
+    # votes win; ties go to gate mass, then to the lower id
+    assert majority_expert(first, gates).tolist() == [3, 2, 2, -1, 1]
+    assert majority_expert(first).tolist() == [3, 0, 2, -1, 1]
+
+
+def test_load_and_activation_ratio():
+    counts = np.array([90, 9, 1, 0])
+    np.testing.assert_allclose(load_share(counts), [0.9, 0.09, 0.01, 0.0])
+    assert activation_ratio(counts, 0.01) == 0.75
+    assert activation_ratio(counts, 0.05) == 0.5
+    assert activation_ratio(counts, 0.0) == 0.75  # an expert with no load is never active
+    assert load_share(np.zeros(3)).tolist() == [0, 0, 0]
+
+
+def test_accumulator_sums_batches():
+    acc = RoutingAccumulator()
+    total = np.zeros(5, dtype=np.int64)
+    for seed in range(3):
+        ids, nv, nt = _known(seed=seed)
+        acc.add(split_routing({"layer1": make_record(ids, 5)}, num_vision_tokens=nv, num_text_tokens=nt), (2, 3))
+        total += np.bincount(ids[ids >= 0], minlength=5)
+    st = acc.to_json(0.01)["layer1"]
+    assert st["counts"] == total.tolist()
+    assert sum(st["counts_vision"]) + sum(st["counts_text"]) == int(total.sum())
+    np.testing.assert_allclose(st["load"], total / total.sum())
+    assert 1.0 <= st["mean_patch_diversity"] <= 3.0

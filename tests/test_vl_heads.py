@@ -1,0 +1,80 @@
+"""mmoe.model.heads: pooling, SPEC.md 7 MLP shapes, BEiT-3 init, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mmoe.model.heads import ClassificationHead, Pooler, pool_features
+
+D, NV, NT = 16, 5, 4  # width, vision tokens (CLS + 4 patches), text tokens
+
+
+def _linears(head: nn.Module) -> list[tuple[int, int]]:
+    return [(m.in_features, m.out_features) for m in head.modules() if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize(
+    ("pooling", "num_classes", "linears"),
+    [
+        ("image_cls", 7, [(D, D), (D, 2 * D), (2 * D, 7)]),  # pooler, then Linear(d,2d)-LN-GELU-Linear(2d,N)
+        ("pair", 2, [(4 * D, 2 * D), (2 * D, 2)]),  # LN-Linear(4d,2d)-LN-GELU-Linear(2d,2)
+        ("mean_patch", 10, [(D, 10)]),  # LN-Linear(d,N)
+    ],
+)
+def test_head_shapes_and_gradients(pooling: str, num_classes: int, linears: list[tuple[int, int]]) -> None:
+    torch.manual_seed(0)
+    head = ClassificationHead(D, num_classes, pooling=pooling)
+    assert _linears(head) == linears
+    rows = 6 if pooling == "pair" else 3
+    feats = torch.randn(rows, NV + NT, D, requires_grad=True)
+    logits = head(feats, NV)
+    assert logits.shape == (3, num_classes)
+    assert torch.isfinite(logits).all()
+    logits.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+def test_pooling_reads_the_right_tokens() -> None:
+    feats = torch.randn(4, NV + NT, D)
+    assert torch.equal(pool_features(feats, NV, "image_cls"), feats[:, 0])
+    assert torch.allclose(pool_features(feats, NV, "mean_patch"), feats[:, 1:NV].mean(1))
+    pair = pool_features(feats, NV, "pair")  # rows 0,1 = img0 of examples 0,1; rows 2,3 = img1
+    assert pair.shape == (2, 4 * D)
+    expected0 = torch.cat([feats[0, 0], feats[0, NV], feats[2, 0], feats[2, NV]])
+    assert torch.equal(pair[0], expected0)
+    # Changing a text token other than the text CLS does not change the pair pooling.
+    feats2 = feats.clone()
+    feats2[:, NV + 1] += 1
+    assert torch.equal(pool_features(feats2, NV, "pair"), pair)
+
+
+def test_pooling_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="2B rows"):
+        pool_features(torch.randn(3, NV + NT, D), NV, "pair")
+    with pytest.raises(ValueError, match="no text tokens"):
+        pool_features(torch.randn(2, NV, D), NV, "pair")
+    with pytest.raises(ValueError, match="pooling"):
+        ClassificationHead(D, 3, pooling="max")  # type: ignore[arg-type]
+
+
+def test_init_like_beit3() -> None:
+    torch.manual_seed(0)
+    head = ClassificationHead(64, 1000, pooling="mean_patch", init_scale=0.001, norm_eps=1e-6)
+    assert head.fc.weight.std().item() == pytest.approx(0.02 * 0.001, rel=0.1)
+    assert head.fc.weight.abs().max().item() < 6 * 0.02 * 0.001  # timm-style trunc_normal_ (bounds +-2 absolute)
+    assert torch.all(head.fc.bias == 0)
+    vqa = ClassificationHead(64, 50, pooling="image_cls")
+    assert vqa.mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.all(vqa.mlp[1].weight == 1) and torch.all(vqa.mlp[1].bias == 0)
+    pooler = Pooler(8)
+    out = pooler(torch.randn(3, 8) * 100)
+    assert out.abs().max() <= 1.0  # tanh
+
+
+def test_hidden_mult_override() -> None:
+    head = ClassificationHead(D, 3, pooling="image_cls", hidden_mult=None)
+    assert _linears(head) == [(D, D), (D, 3)]
+    head = ClassificationHead(D, 3, pooling="mean_patch", hidden_mult=1)
+    assert _linears(head) == [(D, D), (D, 3)]

@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Draw which experts image patches and words go to, per MoE layer ([MH1] Fig. 1, 5, 8).
+
+Examples:
+    # a freshly initialized tiny MH-MoE on one image and a caption
+    python tools/visualize_experts.py --model tiny_mhmoe --image datasets/samples/coco/000000000139.jpg \
+        --text "a living room with a tv" --out runs/viz
+    # a trained checkpoint on a folder of images, compared with an SMoE checkpoint
+    python tools/visualize_experts.py --checkpoint runs/mhmoe/last.ckpt --compare runs/smoe/last.ckpt \
+        --image datasets/samples/coco --out runs/viz_compare
+    # the images (and captions) of a webdataset shard
+    python tools/visualize_experts.py --checkpoint model.pt --image shards/pair/val-000000.tar --limit 8 --out runs/viz
+
+`--checkpoint` takes one of our Lightning checkpoints, an mmoe model file, or a registered model
+name / model YAML (freshly initialized with --seed). Writes per model: experts.json, load_heatmap.png,
+activation.png, images/*/{layer}_experts.png and _diversity.png, text/routing.md and text/*.png; with
+--compare, both models' folders plus compare/ with side-by-side figures. Runs on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from mmoe.viz.run import DEFAULT_THRESHOLD, collect_routing, load_inputs, resolve_model, write_comparison, write_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="Lightning checkpoint, mmoe model file, or registered model name / YAML")
+    src.add_argument(
+        "--model", help="registered model name or YAML: a freshly initialized model (same as --checkpoint)"
+    )
+    p.add_argument("--compare", help="a second checkpoint / model name drawn side by side on the same inputs")
+    p.add_argument("--labels", nargs="+", help="display labels for the model (and the --compare model)")
+    p.add_argument("--image", help="an image file, a folder of images, or a webdataset shard (.tar)")
+    p.add_argument("--text", help="text paired with every image (or alone, without --image)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--limit", type=int, default=16, help="at most this many images from a folder or shard (0 = all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="activation threshold: an expert is active when its share of a layer's routed sub-tokens is at least this",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for freshly initialized models")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.image is None and args.text is None:
+        print("visualize_experts: give --image and/or --text", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = [args.checkpoint or args.model] + ([args.compare] if args.compare else [])
+    if args.labels and len(args.labels) != len(specs):
+        print(f"visualize_experts: --labels needs {len(specs)} names, got {len(args.labels)}", file=sys.stderr)
+        return 2
+    inputs = load_inputs(args.image, text=args.text, limit=args.limit or None)
+    out = Path(args.out)
+    results = []
+    for n, spec in enumerate(specs):
+        model, label = resolve_model(spec, seed=args.seed)
+        if args.labels:
+            label = args.labels[n]
+        elif n == 1 and label == results[0].label:
+            label = f"{label}_2"
+        result = collect_routing(model, inputs, label=label, source=spec, batch_size=args.batch_size)
+        if not result.accumulator.layers:
+            print(f"visualize_experts: {spec}: the model has no MoE layers (dense); nothing to draw", file=sys.stderr)
+            return 1
+        folder = out / label if args.compare else out
+        data = write_report(result, folder, threshold=args.threshold)
+        results.append(result)
+        ratios = {k: round(v["activation_ratio"], 4) for k, v in data["layers"].items()}
+        print(f"{label}: {len(inputs)} input(s) -> {folder}; activation ratio per layer: {json.dumps(ratios)}")
+    if args.compare:
+        summary = write_comparison(results, out / "compare", threshold=args.threshold)
+        print(f"comparison -> {out / 'compare'} ({len(summary['files'])} figures)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
