@@ -107,3 +107,24 @@ def test_accumulator_sums_batches():
     assert sum(st["counts_vision"]) + sum(st["counts_text"]) == int(total.sum())
     np.testing.assert_allclose(st["load"], total / total.sum())
     assert 1.0 <= st["mean_patch_diversity"] <= 3.0
+
+
+def test_agrees_with_moe_stats_on_a_real_layer():
+    """The numpy reductions here agree with mmoe.moe.stats on records of a real MH-MoE layer (with padding
+    and capacity drops), so the pictures and the training logs show the same numbers."""
+    import torch
+
+    moe = pytest.importorskip("mmoe.moe")
+    stats = pytest.importorskip("mmoe.moe.stats")
+    torch.manual_seed(0)
+    layer = moe.MHMoE(16, 6, top_k=2, num_heads=4, expert_hidden=8, capacity_factor=0.5).eval()
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    with torch.no_grad():
+        rec = layer(torch.randn(3, 7, 16), padding_mask=pad).routing
+    tok = record_to_tokens(rec)
+    np.testing.assert_array_equal(diversity(tok.first_choice()), stats.token_diversity(rec).numpy())
+    np.testing.assert_array_equal(tok.counts(), rec.counts.numpy())
+    for t in (0.0, 0.01, 0.2):
+        assert activation_ratio(rec.counts.numpy(), t) == stats.activation_ratio(rec.counts, t)
+    assert (tok.expert_ids[1, 5:] == -1).all()

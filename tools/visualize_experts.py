@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mmoe.viz.run import DEFAULT_THRESHOLD, collect_routing, load_inputs, resolve_model, write_comparison, write_report
+from mmoe.viz.run import DEFAULT_THRESHOLD, visualize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,31 +61,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = [args.checkpoint or args.model] + ([args.compare] if args.compare else [])
-    if args.labels and len(args.labels) != len(specs):
-        print(f"visualize_experts: --labels needs {len(specs)} names, got {len(args.labels)}", file=sys.stderr)
-        return 2
-    inputs = load_inputs(args.image, text=args.text, limit=args.limit or None)
-    out = Path(args.out)
-    results = []
-    for n, spec in enumerate(specs):
-        model, label = resolve_model(spec, seed=args.seed)
-        if args.labels:
-            label = args.labels[n]
-        elif n == 1 and label == results[0].label:
-            label = f"{label}_2"
-        result = collect_routing(model, inputs, label=label, source=spec, batch_size=args.batch_size)
-        if not result.accumulator.layers:
-            print(f"visualize_experts: {spec}: the model has no MoE layers (dense); nothing to draw", file=sys.stderr)
-            return 1
-        folder = out / label if args.compare else out
-        data = write_report(result, folder, threshold=args.threshold)
-        results.append(result)
-        ratios = {k: round(v["activation_ratio"], 4) for k, v in data["layers"].items()}
-        print(f"{label}: {len(inputs)} input(s) -> {folder}; activation ratio per layer: {json.dumps(ratios)}")
-    if args.compare:
-        summary = write_comparison(results, out / "compare", threshold=args.threshold)
-        print(f"comparison -> {out / 'compare'} ({len(summary['files'])} figures)")
+    try:
+        done = visualize(
+            args.checkpoint or args.model,
+            out=args.out,
+            image=args.image,
+            text=args.text,
+            compare=args.compare,
+            labels=args.labels,
+            limit=args.limit or None,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            seed=args.seed,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"visualize_experts: {exc}", file=sys.stderr)
+        return 1
+    for report in done["reports"]:
+        ratios = {k: round(v["activation_ratio"], 4) for k, v in report["layers"].items()}
+        label, n = report["model"]["label"], len(report["inputs"])
+        print(f"{label}: {n} input(s), {len(report['files'])} files; activation ratio per layer: {json.dumps(ratios)}")
+    if done["compare"] is not None:
+        print(f"comparison: {len(done['compare']['files'])} figures in {Path(args.out) / 'compare'}")
+    print(f"written to {args.out}")
     return 0
 
 

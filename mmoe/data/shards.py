@@ -524,11 +524,15 @@ class _Counters:
 
 
 def _iter_tar(url: str, counters: _Counters) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples of one tar shard, grouped by key; read errors end the shard and are counted."""
+    """Samples of one tar shard, grouped by key; read errors end the shard and are counted.
+
+    Python's tarfile stops silently at an invalid header after the first member, so after the last
+    member the rest of an uncompressed file is checked: anything but zero padding is a corrupt tail.
+    """
     current_key: str | None = None
     current: dict[str, bytes] = {}
     try:
-        with tarfile.open(url, mode="r|*") as tar:
+        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -549,6 +553,12 @@ def _iter_tar(url: str, counters: _Counters) -> Iterator[tuple[str, dict[str, by
                         yield current_key, current
                     current_key, current = key, {}
                 current[ext.lower()] = data
+            f.seek(0)
+            compressed = f.read(2) == b"\x1f\x8b"
+            if not compressed:
+                f.seek(tar.offset)
+                if f.read(1 << 16).strip(b"\0"):
+                    counters.add("corrupt_shard", f"{url} (invalid tar header at byte {tar.offset})")
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         counters.add("corrupt_shard", f"{url} ({type(e).__name__}: {e})")
     if current_key is not None:

@@ -72,7 +72,9 @@ def manual_attention(
     scores_BHNM = (q_BHND * q_BHND.shape[-1] ** -0.5) @ k_BHMD.transpose(-1, -2)
     if mask_B1NM is not None:
         scores_BHNM = scores_BHNM.masked_fill(~mask_B1NM, float("-inf"))
-    probs_BHNM = F.softmax(scores_BHNM, dim=-1, dtype=torch.float32).type_as(scores_BHNM)
+    # Half precision is upcast to float32 for the softmax; float32/float64 stay as they are.
+    dtype = torch.float32 if scores_BHNM.element_size() < 4 else scores_BHNM.dtype
+    probs_BHNM = F.softmax(scores_BHNM, dim=-1, dtype=dtype).type_as(scores_BHNM)
     probs_BHNM = F.dropout(probs_BHNM, p=dropout_p, training=dropout_p > 0)
     return probs_BHNM @ v_BHMD
 

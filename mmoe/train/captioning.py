@@ -200,9 +200,11 @@ class CaptioningTask(pl.LightningModule):
 
     def _loss(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         logits, labels, aux = self(batch)
-        drop = self.drop_worst_ratio if (
-            stage == "train" and self.drop_worst_after is not None and self.global_step >= self.drop_worst_after
-        ) else 0.0
+        drop = (
+            self.drop_worst_ratio
+            if (stage == "train" and self.drop_worst_after is not None and self.global_step >= self.drop_worst_after)
+            else 0.0
+        )
         cap = masked_caption_loss(logits, labels, label_smoothing=self.label_smoothing, drop_worst_ratio=drop)
         loss = cap + aux
         bs = batch["image"].shape[0]

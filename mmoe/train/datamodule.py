@@ -98,9 +98,13 @@ class PretrainDataModule(LightningDataModule):
         if not (image_shards or text_shards or pair_shards):
             raise ValueError("PretrainDataModule: give at least one of image_shards, text_shards, pair_shards")
         if image_size % patch_size:
-            raise ValueError(f"PretrainDataModule: image_size={image_size} must be a multiple of patch_size={patch_size}")
+            raise ValueError(
+                f"PretrainDataModule: image_size={image_size} must be a multiple of patch_size={patch_size}"
+            )
         if steps_per_epoch < 1 or batch_size < 1:
-            raise ValueError(f"PretrainDataModule: steps_per_epoch={steps_per_epoch}, batch_size={batch_size} must be >= 1")
+            raise ValueError(
+                f"PretrainDataModule: steps_per_epoch={steps_per_epoch}, batch_size={batch_size} must be >= 1"
+            )
         self._tokenizer: Tokenizer | None = None
         self._train_loader: StreamLoader | None = None
         self._val_loader: StreamLoader | None = None
@@ -131,7 +135,7 @@ class PretrainDataModule(LightningDataModule):
         return streams
 
     def _rank(self) -> tuple[int, int]:
-        trainer = self._trainer if hasattr(self, "_trainer") else None
+        trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)

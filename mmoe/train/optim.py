@@ -13,7 +13,7 @@ same recipe shape, AdamW with
 - a larger learning rate for the task heads (``head_lr_mult``, e.g. x20 for the VQAv2 head, SPEC.md 7),
 - linear warm-up then cosine decay, stepped per optimizer step (``cosine_with_warmup``).
 
-Every parameter group carries its absolute ``lr`` (already scaled) plus ``lr_scale`` and ``group_name`` for
+Every parameter group carries its absolute ``lr`` (already scaled) plus ``lr_scale`` and ``name`` (LearningRateMonitor labels) for
 logging; a ``LambdaLR`` multiplies each group's initial lr by the same schedule factor.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ from timm.models import group_parameters
 from timm.optim._param_groups import auto_group_layers
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+_MERGE_WITH_PREVIOUS = 99999.0  # timm's MATCH_PREV_GROUP suffix
 
 __all__ = [
     "OptimConfig",
@@ -59,14 +62,42 @@ def no_decay_names(backbone: nn.Module) -> set[str]:
 
 
 def backbone_layer_ids(backbone: nn.Module) -> dict[str, int]:
-    """Layer id per parameter name from ``backbone.group_matcher(coarse=False)`` (timm's grouping rules).
+    """Layer id per parameter name from ``backbone.group_matcher(coarse=False)``, with timm's grouping rules.
 
-    Id 0 is the embeddings, ``i + 1`` block ``i`` (SPEC.md 7). timm merges a group tagged ``(99999,)`` (the final
-    norm) into the previous one. Backbones without ``group_matcher`` fall back to timm's automatic grouping.
+    Id 0 is the embeddings, ``i + 1`` block ``i`` (SPEC.md 7). As in timm's ``group_with_matcher``: groups are
+    ordered by (group ordinal, numbers captured by the regex, suffix), a group tagged with the suffix ``(99999,)``
+    (the final norm) joins the group before it, and unmatched parameters come last. Unlike timm, captured groups
+    that are not numbers (``^(vision_embed|text_embed)``) are ignored instead of crashing the float conversion.
+    Backbones without a dict ``group_matcher`` use timm's own ``group_parameters`` / automatic grouping.
     """
-    if hasattr(backbone, "group_matcher"):
-        return group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
-    return auto_group_layers(backbone)
+    matcher = backbone.group_matcher(coarse=False) if hasattr(backbone, "group_matcher") else None
+    if matcher is None:
+        return auto_group_layers(backbone)
+    if not isinstance(matcher, dict):
+        return group_parameters(backbone, matcher, reverse=True)
+    compiled: list[tuple[re.Pattern[str], int, tuple[float, ...]]] = []
+    for ordinal, spec in enumerate(matcher.values()):
+        if spec is None:
+            continue
+        for regex, suffix in spec if isinstance(spec, list | tuple) else [(spec, None)]:
+            compiled.append((re.compile(regex), ordinal, tuple(float(x) for x in (suffix or ()))))
+    keys: dict[str, tuple[float, ...]] = {}
+    for name, _ in backbone.named_parameters():
+        key: tuple[float, ...] = (math.inf,)
+        for regex, ordinal, suffix in compiled:
+            m = regex.match(name)
+            if m:
+                nums = tuple(float(g) for g in m.groups() if g is not None and g.isdigit())
+                key = (float(ordinal), *nums, *suffix)
+                break
+        keys[name] = key
+    ids: dict[tuple[float, ...], int] = {}
+    lid = -1
+    for k in sorted(set(keys.values())):
+        if lid < 0 or k[-1] != _MERGE_WITH_PREVIOUS:
+            lid += 1
+        ids[k] = lid
+    return {name: ids[k] for name, k in keys.items()}
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = True) -> None:
@@ -89,7 +120,7 @@ def param_groups(
     (layer-wise lr decay ``decay^(top - id)``; ``layer_decay=1`` disables it). Everything else in
     ``module`` (heads, MIM/MLM predictors) is a head: lr ``lr * head_lr_mult``, decay on >= 2-D weights only.
     Parameters shared between the backbone and a head (tied embeddings) are optimized once, as backbone
-    parameters. Returns a list of dicts with ``params``, ``lr``, ``weight_decay``, ``lr_scale`` and ``group_name``.
+    parameters. Returns a list of dicts with ``params``, ``lr``, ``weight_decay``, ``lr_scale`` and ``name`` (LearningRateMonitor labels).
     """
     _check_positive("lr", lr)
     _check_positive("weight_decay", weight_decay)
@@ -119,7 +150,7 @@ def param_groups(
                     "lr": lr * scale,
                     "weight_decay": weight_decay if decay else 0.0,
                     "lr_scale": scale,
-                    "group_name": f"{backbone_attr}.layer{lid}_{'decay' if decay else 'no_decay'}",
+                    "name": f"{backbone_attr}.layer{lid}_{'decay' if decay else 'no_decay'}",
                 }
             )
     elif backbone is not None:
@@ -143,7 +174,7 @@ def param_groups(
                 "lr": head_lr,
                 "weight_decay": weight_decay,
                 "lr_scale": head_lr_mult,
-                "group_name": "head_decay",
+                "name": "head_decay",
             }
         )
     if head_no_decay:
@@ -153,7 +184,7 @@ def param_groups(
                 "lr": head_lr,
                 "weight_decay": 0.0,
                 "lr_scale": head_lr_mult,
-                "group_name": "head_no_decay",
+                "name": "head_no_decay",
             }
         )
     if not groups:

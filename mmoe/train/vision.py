@@ -256,9 +256,7 @@ class CocoDetectionDataModule(LightningDataModule):
                 category_map=cmap,
             )
         if self.val_set is None:
-            val = CocoInstances(
-                self.val_images, self.val_annotations, with_masks=self.with_masks, category_map=cmap
-            )
+            val = CocoInstances(self.val_images, self.val_annotations, with_masks=self.with_masks, category_map=cmap)
             if self.max_val_images is not None:
                 val = torch.utils.data.Subset(val, range(min(self.max_val_images, len(val))))
             self.val_set = val

@@ -54,7 +54,10 @@ from mmoe.viz.text import TokenPieces, draw_text_routing, markdown_table, split_
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TEXT_EXTS = ("txt", "text", "caption", "cap")
-DEFAULT_THRESHOLD = 0.01
+try:  # one default for the whole project: the training logs and these pictures agree
+    from mmoe.moe.stats import DEFAULT_ACTIVATION_THRESHOLD as DEFAULT_THRESHOLD
+except ImportError:  # pragma: no cover - mmoe.moe is part of the package
+    DEFAULT_THRESHOLD = 0.01
 
 
 @dataclass
@@ -90,8 +93,25 @@ def _read_shard(path: Path) -> Iterator[VizInput]:
         except Exception as exc:  # a broken sample should not stop the others
             print(f"visualize_experts: {path} sample {key}: image failed to decode ({exc}); skipped")
             continue
-        txt = next((parts[e].decode("utf-8").strip() for e in TEXT_EXTS if e in parts), None)
-        yield VizInput(f"{path.name}:{key}", image, txt)
+        yield VizInput(f"{path.name}:{key}", image, _shard_text(parts))
+
+
+def _shard_text(parts: dict[str, bytes]) -> str | None:
+    """A sample's caption: a `.txt`-like member, else the first caption of a `.json` member
+    (`{"captions": [...]}` or `{"caption"|"text": ...}`, as mmoe.data.shards writes them)."""
+    for ext in TEXT_EXTS:
+        if ext in parts:
+            return parts[ext].decode("utf-8").strip() or None
+    if "json" in parts:
+        try:
+            meta = json.loads(parts["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if isinstance(meta, dict):
+            caps = meta.get("captions") or [meta[k] for k in ("caption", "text") if k in meta]
+            caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+            return caps[0] if caps else None
+    return None
 
 
 def load_inputs(path: str | Path | None, *, text: str | None = None, limit: int | None = None) -> list[VizInput]:
@@ -459,3 +479,45 @@ def write_comparison(
     summary["files"] = [os.path.relpath(f, out) for f in files]
     _write_json(summary, out / "compare.json")
     return summary
+
+
+def visualize(
+    checkpoint: str,
+    *,
+    out: str | Path,
+    image: str | Path | None = None,
+    text: str | None = None,
+    compare: str | None = None,
+    labels: Sequence[str] | None = None,
+    limit: int | None = 16,
+    batch_size: int = 8,
+    threshold: float = DEFAULT_THRESHOLD,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The whole job of `tools/visualize_experts.py` as one call (also used by the demo).
+
+    `checkpoint` (and `compare`) is one of our Lightning checkpoints, an mmoe model file, or a
+    registered model name / YAML for a freshly initialized model. With `compare`, each model writes
+    to `out/<label>/` and the side-by-side figures go to `out/compare/`; otherwise everything goes to
+    `out/`. Returns {"reports": [experts.json per model], "compare": compare.json or None}.
+    """
+    specs = [checkpoint] + ([compare] if compare else [])
+    if labels is not None and len(labels) != len(specs):
+        raise ValueError(f"visualize: labels needs {len(specs)} names (one per model), got {list(labels)}")
+    inputs = load_inputs(image, text=text, limit=limit)
+    out = Path(out)
+    results: list[ModelRouting] = []
+    reports = []
+    for n, spec in enumerate(specs):
+        model, label = resolve_model(spec, seed=seed)
+        if labels is not None:
+            label = labels[n]
+        elif n == 1 and label == results[0].label:
+            label = f"{label}_2"
+        result = collect_routing(model, inputs, label=label, source=spec, batch_size=batch_size)
+        if not result.accumulator.layers:
+            raise ValueError(f"visualize: {spec}: the model has no MoE layers (a dense model); nothing to draw")
+        reports.append(write_report(result, out / label if compare else out, threshold=threshold))
+        results.append(result)
+    summary = write_comparison(results, out / "compare", threshold=threshold) if compare else None
+    return {"reports": reports, "compare": summary}

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Convert foreign checkpoints into mmoe model files, or upcycle a dense mmoe model into an MoE one.
+
+    # released BEiT-3 (torchscale BEiT3 state dict, bare or under "model", optionally "beit3."-prefixed)
+    python tools/convert_checkpoint.py --from beit3 beit3_base_patch16_224.pth out/beit3_base.pt \
+        --tokenizer beit3.spm [--model base]
+    # timm ViT into the vision side of a dense config (use subln: false, layernorm_eps: 1e-6 for exactness)
+    python tools/convert_checkpoint.py --from timm vit.pth out/vit.pt --model my_vit.yaml [--copy-to-text]
+    # sparse upcycling: experts start from the dense FFNs; CONFIG's `moe:` block is used
+    python tools/convert_checkpoint.py --upcycle tiny_mhmoe dense.pt out/upcycled.pt --mode split
+
+Without `--model`, BEiT-3 sizes are inferred from the state dict (heads: BEiT-3's head width 64, or --num-heads).
+The output is read back by `mmoe.model.load_model(OUT)`. Files are read with `torch.load(weights_only=True)`;
+`--trust-pickle` allows full unpickling for checkpoints that also pickle Python objects (only for trusted files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmoe.model import create_model, get_config, load_backbone_weights, save_model
+from mmoe.model.backbone import MultiwayTransformer
+from mmoe.model.convert import (
+    beit3_config_from_state_dict,
+    convert_beit3_state_dict,
+    convert_timm_vit_state_dict,
+    unwrap_state_dict,
+)
+from mmoe.model.upcycling import upcycle
+
+
+def read_state(path: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise SystemExit(f"convert_checkpoint: input {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as err:  # noqa: BLE001 - report why the safe loader refused the file
+        raise SystemExit(
+            f"convert_checkpoint: torch.load(weights_only=True) cannot read {path} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0]}); if you trust the file, pass --trust-pickle"
+        ) from None
+    return unwrap_state_dict(obj, source=path)
+
+
+def convert_beit3(args: argparse.Namespace) -> tuple[MultiwayTransformer, dict[str, Any]]:
+    state = read_state(args.input, args.trust_pickle)
+    config = beit3_config_from_state_dict(
+        state,
+        model=args.model,
+        num_heads=args.num_heads,
+        tokenizer_path=args.tokenizer,
+        pad_id=args.pad_id,
+        mask_id=args.mask_id,
+    )
+    converted, unused = convert_beit3_state_dict(state)
+    model = MultiwayTransformer(config)
+    load_backbone_weights(model, converted, strict=True)
+    return model, {"converted_from": "beit3", "source": str(args.input), "unused_keys": unused}
+
+
+def convert_timm(args: argparse.Namespace) -> tuple[MultiwayTransformer, dict[str, Any]]:
+    if args.model is None:
+        raise SystemExit("convert_checkpoint --from timm: --model NAME_OR_YAML (the target dense config) is required")
+    state = read_state(args.input, args.trust_pickle)
+    model = create_model(args.model)
+    converted = convert_timm_vit_state_dict(state, model.config, copy_to_text=args.copy_to_text)
+    missing, unexpected = load_backbone_weights(model, converted, strict=False)
+    if unexpected:
+        raise SystemExit(f"convert_checkpoint --from timm: keys not in the target model: {unexpected[:10]}")
+    return model, {"converted_from": "timm", "source": str(args.input), "not_loaded": missing}
+
+
+def run_upcycle(args: argparse.Namespace) -> tuple[MultiwayTransformer, dict[str, Any]]:
+    moe = get_config(args.upcycle).moe
+    if moe is None:
+        raise SystemExit(f"convert_checkpoint --upcycle: config {args.upcycle!r} has no `moe:` block")
+    model = upcycle(args.input, moe, mode=args.mode, source=args.source)
+    return model, {"upcycled_from": str(args.input), "mode": args.mode, "source": args.source}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--from", dest="source_format", choices=["beit3", "timm"], help="foreign checkpoint format")
+    what.add_argument("--upcycle", metavar="CONFIG", help="model name or YAML whose `moe:` block to upcycle into")
+    p.add_argument("input", help="input checkpoint")
+    p.add_argument("output", help="output mmoe model file")
+    p.add_argument("--model", help="registered model name or YAML (BEiT-3: architecture to check against)")
+    p.add_argument("--num-heads", type=int, help="attention heads when --model is absent (default dim // 64)")
+    p.add_argument("--tokenizer", help="sentencepiece model of the checkpoint's vocabulary (e.g. beit3.spm)")
+    p.add_argument("--pad-id", type=int, help="pad id of that tokenizer (default 1, XLM-R layout)")
+    p.add_argument("--mask-id", type=int, help="mask id (default: number of sentencepiece pieces + 1)")
+    p.add_argument("--copy-to-text", action="store_true", help="timm: also initialize the language branches")
+    p.add_argument("--mode", choices=["replicate", "split"], default="replicate", help="upcycling of experts")
+    p.add_argument("--source", choices=["alternate", "vision", "text"], default="alternate",
+                   help="upcycling with a shared pool: which dense FFN seeds each expert")
+    p.add_argument("--trust-pickle", action="store_true", help="allow torch.load(weights_only=False)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.upcycle:
+        model, extra = run_upcycle(args)
+    elif args.source_format == "beit3":
+        model, extra = convert_beit3(args)
+    else:
+        model, extra = convert_timm(args)
+    save_model(model, args.output, extra=extra)
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    print(
+        f"wrote {args.output}: depth {cfg.depth}, dim {cfg.dim}, heads {cfg.num_heads}, img {cfg.img_size}, "
+        f"vocab {cfg.vocab_size} ({cfg.tokenizer}), moe {'none' if cfg.moe is None else cfg.moe.num_experts}, "
+        f"{n_params / 1e6:.1f}M parameters"
+    )
+    for key in ("unused_keys", "not_loaded"):
+        if extra.get(key):
+            print(f"{key} ({len(extra[key])}): {extra[key][:8]}{' ...' if len(extra[key]) > 8 else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
