@@ -221,3 +221,20 @@ def test_resume_gives_a_fresh_stream_and_workers(tmp_path: Path) -> None:
     multi = StreamLoader(_stream(cfg, num_batches=5, seed=7), num_workers=2)
     batches = list(multi)
     assert len(batches) == len(multi) == 5 and all(b["text"]["text"].shape == (4, 12) for b in batches)
+
+
+def test_flip_swaps_left_and_right_in_pair_captions(tmp_path: Path) -> None:
+    img = Image.new("RGB", (16, 16), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 8, 16))  # red on the left half
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    w = ShardWriter(tmp_path)
+    w.write("000000000", {"png": buf.getvalue(), "txt": "red on the left and blue on the right"})
+    w.close()
+    cfg = {"pair": StreamConfig("pair", [str(tmp_path / "train-*.tar")], 0.5)}
+    for hflip, caption, red_side in ((1.0, "red on the right and blue on the left", -1), (0.0, None, 0)):
+        ds = _stream(cfg, train=True, num_batches=1, batch_size=2, shuffle_buffer=1, hflip=hflip)
+        sub = next(iter(ds))[0]["pair"]
+        assert sub["image"][0, 0, 8, red_side] > 0.9 and sub["image"][0, 2, 8, red_side] < -0.9
+        expected = caption or "red on the left and blue on the right"
+        assert _texts(sub)[0] == expected

@@ -208,8 +208,10 @@ def test_save_load_round_trip_exact(tmp_path):
         assert n1 == n2 and torch.equal(p1, p2)
     image, text, pad = _inputs()
     with torch.no_grad():
-        assert torch.equal(model(image=image, text=text, text_padding_mask=pad).features,
-                           again(image=image, text=text, text_padding_mask=pad).features)
+        assert torch.equal(
+            model(image=image, text=text, text_padding_mask=pad).features,
+            again(image=image, text=text, text_padding_mask=pad).features,
+        )
     bigger = load_model(path, img_size=96)  # positions resampled to a 12 x 12 grid
     assert bigger.vision_embed.pos_embed.shape == (1, 145, 128)
     assert bigger(image=torch.randn(1, 3, 96, 96)).features.shape == (1, 145, 128)
@@ -232,8 +234,9 @@ def test_load_from_lightning_checkpoint(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="convert_checkpoint"):
         load_model(tmp_path / "bad.ckpt")
-    missing, unexpected = load_backbone_weights(create_model("tiny", **SMALL), ckpt["state_dict"], strict=False,
-                                                prefix="backbone.")
+    missing, unexpected = load_backbone_weights(
+        create_model("tiny", **SMALL), ckpt["state_dict"], strict=False, prefix="backbone."
+    )
     assert missing == [] and unexpected == []
     with pytest.raises(ValueError, match="shape mismatch"):
         load_backbone_weights(create_model("tiny", depth=2, dim=64, ffn_dim=256), model.state_dict())
@@ -306,3 +309,20 @@ def test_drop_path_is_stochastic_in_train_only():
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(image=image).features, model(image=image).features)
+
+
+def test_init_follows_beit3_recipe():
+    """SPEC.md 5: std-0.02 Linear weights, zero biases, unit norms; output projections of layer l / sqrt(2l)."""
+    torch.manual_seed(0)
+    model = create_model("tiny", depth=4, dim=256, ffn_dim=1024)
+    blk0, blk3 = model.blocks[0], model.blocks[3]
+    assert abs(blk0.attn.q_proj.vision.weight.std().item() - 0.02) < 2e-3
+    assert abs(blk0.attn.out_proj.text.weight.std().item() - 0.02 / 2**0.5) < 2e-3
+    assert abs(blk3.attn.out_proj.vision.weight.std().item() - 0.02 / 8**0.5) < 1e-3
+    assert abs(blk3.ffn.text.fc2.weight.std().item() - 0.02 / 8**0.5) < 1e-3
+    assert abs(blk3.ffn.text.fc1.weight.std().item() - 0.02) < 2e-3
+    assert torch.count_nonzero(blk3.ffn.text.fc1.bias) == 0 and torch.all(blk3.norm1.vision.weight == 1)
+    moe_model = create_model("tiny_mhmoe", depth=2)
+    head = moe_model.blocks[1].moe.head[0].weight  # MH-MoE keeps its own Xavier init (SPEC.md 1)
+    bound = (6 / (128 + 128)) ** 0.5 / 2**0.5
+    assert head.abs().max() <= bound + 1e-6 and head.abs().max() > 0.8 * bound

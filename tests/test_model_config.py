@@ -10,6 +10,15 @@ import torch
 from mmoe.model import MoEConfig, MultiwayConfig, create_model, get_config, list_models
 from mmoe.model.registry import CONFIG_DIR
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 EXPECTED = {
     "tiny",
     "tiny_dense",
@@ -54,7 +63,14 @@ def test_sizes_match_spec():
     base, large, tiny = get_config("base"), get_config("large"), get_config("tiny")
     assert (base.depth, base.dim, base.ffn_dim, base.num_heads, base.patch_size) == (12, 768, 3072, 12, 16)
     assert (large.depth, large.dim, large.ffn_dim, large.num_heads, large.patch_size) == (24, 1024, 4096, 16, 16)
-    assert (tiny.img_size, tiny.patch_size, tiny.dim, tiny.depth, tiny.num_heads, tiny.ffn_dim) == (64, 8, 128, 4, 4, 512)
+    assert (tiny.img_size, tiny.patch_size, tiny.dim, tiny.depth, tiny.num_heads, tiny.ffn_dim) == (
+        64,
+        8,
+        128,
+        4,
+        4,
+        512,
+    )
     assert (tiny.max_text_len, tiny.vocab_size, tiny.pad_id, tiny.mask_id) == (32, 49410, 49408, 49409)
     assert tiny.image_mean == (0.5, 0.5, 0.5) and tiny.image_std == (0.5, 0.5, 0.5)
     assert get_config("base_mhmoe_32e").moe.num_experts == 32 and get_config("base_mhmoe_32e").moe.num_heads == 4
@@ -64,20 +80,37 @@ def test_sizes_match_spec():
 
 
 def _active_ffn_macs(cfg: MultiwayConfig) -> int:
-    """Multiply-adds per token of one FFN / MoE layer, leading terms ([MH2] sec. 2), GELU experts."""
-    d = cfg.dim
+    """Multiply-adds per token of one FFN / MoE layer from mmoe.moe.parity ([MH2] sec. 2); dense = E=1, k=1."""
+    from mmoe.moe.parity import moe_cost
+
     if cfg.moe is None:
-        return 2 * d * cfg.ffn_dim
+        return moe_cost(cfg.dim, 1, 1, cfg.ffn_dim, activation="gelu").flops_per_token
     m = cfg.moe
-    return (m.head_layers + m.merge_layers) * d * d + 2 * d * m.expert_hidden * m.top_k
+    return moe_cost(
+        cfg.dim,
+        m.num_experts,
+        m.top_k,
+        m.expert_hidden,
+        num_heads=m.num_heads,
+        activation=m.activation,
+        head_layers=m.head_layers,
+        merge_layers=m.merge_layers,
+    ).flops_per_token
 
 
 @pytest.mark.parametrize("prefix", ["tiny", "base"])
 def test_shipped_variants_have_equal_active_flops(prefix):
-    dense = _active_ffn_macs(get_config(f"{prefix}_dense"))
+    from mmoe.moe.parity import match_mhmoe
+
+    dense_cfg = get_config(f"{prefix}_dense")
+    dense = _active_ffn_macs(dense_cfg)
+    assert dense == 2 * dense_cfg.dim * dense_cfg.ffn_dim
     for variant in ("smoe", "xmoe", "mhmoe"):
         assert _active_ffn_macs(get_config(f"{prefix}_{variant}")) == dense, variant
     assert _active_ffn_macs(get_config("base_mhmoe_32e")) == _active_ffn_macs(get_config("base_smoe_32e"))
+    mh = get_config(f"{prefix}_mhmoe").moe
+    match = match_mhmoe(dense_cfg.dim, dense_cfg.ffn_dim, 8, mh.num_heads, top_k=mh.top_k, activation="gelu")
+    assert match.mhmoe.expert_hidden == mh.expert_hidden and match.flops_ratio == 1.0
 
 
 def test_yaml_round_trip(tmp_path):

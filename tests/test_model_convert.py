@@ -6,6 +6,7 @@ Parity against torchscale's BEiT3 (installed as a test-only reference) at a tiny
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,11 @@ from mmoe.model import MultiwayTransformer, create_model, load_backbone_weights,
 from mmoe.model.convert import beit3_config_from_state_dict, convert_beit3_state_dict, convert_timm_vit_state_dict
 from mmoe.model.upcycling import upcycle
 
-torchscale = pytest.importorskip("torchscale")
-from torchscale.architecture.config import EncoderConfig  # noqa: E402
-from torchscale.model.BEiT3 import BEiT3  # noqa: E402
+with warnings.catch_warnings():  # torchscale imports timm.models.layers (deprecated alias)
+    warnings.simplefilter("ignore", FutureWarning)
+    torchscale = pytest.importorskip("torchscale")
+    from torchscale.architecture.config import EncoderConfig
+    from torchscale.model.BEiT3 import BEiT3
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +43,16 @@ def _beit3_args(**kw) -> EncoderConfig:
 @pytest.fixture(scope="module")
 def reference() -> BEiT3:
     torch.manual_seed(0)
-    args = _beit3_args(img_size=32, patch_size=8, vocab_size=100, encoder_embed_dim=64, encoder_attention_heads=4,
-                       encoder_ffn_embed_dim=128, encoder_layers=2, max_source_positions=20)
+    args = _beit3_args(
+        img_size=32,
+        patch_size=8,
+        vocab_size=100,
+        encoder_embed_dim=64,
+        encoder_attention_heads=4,
+        encoder_ffn_embed_dim=128,
+        encoder_layers=2,
+        max_source_positions=20,
+    )
     ref = BEiT3(args).eval()
     with torch.no_grad():  # random weights everywhere, LayerNorms and position rows included
         for p in ref.parameters():
@@ -72,7 +83,14 @@ def test_beit3_parity_image_text_pairs(reference):
     model = _converted(reference)
     cfg = model.config
     assert (cfg.dim, cfg.depth, cfg.ffn_dim, cfg.img_size, cfg.patch_size, cfg.vocab_size, cfg.max_text_len) == (
-        64, 2, 128, 32, 8, 100, 18)
+        64,
+        2,
+        128,
+        32,
+        8,
+        100,
+        18,
+    )
     image, text, pad = _inputs()
     n = 17 + 7
     allow = torch.ones(n, n, dtype=torch.bool)
@@ -82,11 +100,15 @@ def test_beit3_parity_image_text_pairs(reference):
     cases = [
         (dict(visual_tokens=image), dict(image=image)),
         (dict(textual_tokens=text, text_padding_position=pad), dict(text=text, text_padding_mask=pad)),
-        (dict(visual_tokens=image, textual_tokens=text, text_padding_position=pad),
-         dict(image=image, text=text, text_padding_mask=pad)),
+        (
+            dict(visual_tokens=image, textual_tokens=text, text_padding_position=pad),
+            dict(image=image, text=text, text_padding_mask=pad),
+        ),
         # torchscale's attn_mask is additive "blocked" (non-zero = masked); ours is True = may attend
-        (dict(visual_tokens=image, textual_tokens=text, text_padding_position=pad, attn_mask=(~allow).float()),
-         dict(image=image, text=text, text_padding_mask=pad, attn_mask=allow)),
+        (
+            dict(visual_tokens=image, textual_tokens=text, text_padding_position=pad, attn_mask=(~allow).float()),
+            dict(image=image, text=text, text_padding_mask=pad, attn_mask=allow),
+        ),
         (dict(visual_tokens=image, vision_masked_position=image_mask), dict(image=image, image_mask=image_mask)),
     ]
     with torch.no_grad():
@@ -97,19 +119,33 @@ def test_beit3_parity_image_text_pairs(reference):
             assert (got - expected).abs().max() <= 1e-5, list(our_kwargs)
 
 
-@pytest.mark.parametrize(("name", "dim", "depth", "ffn", "heads"), [("base", 768, 12, 3072, 12),
-                                                                   ("large", 1024, 24, 4096, 16)])
+@pytest.mark.parametrize(
+    ("name", "dim", "depth", "ffn", "heads"), [("base", 768, 12, 3072, 12), ("large", 1024, 24, 4096, 16)]
+)
 def test_beit3_name_mapping_base_large_on_meta(name, dim, depth, ffn, heads):
     """Right key set and shapes of a released-size checkpoint, built on the meta device (no download)."""
-    args = _beit3_args(img_size=224, patch_size=16, encoder_embed_dim=dim, encoder_attention_heads=heads,
-                       encoder_ffn_embed_dim=ffn, encoder_layers=depth, max_source_positions=1024)
+    args = _beit3_args(
+        img_size=224,
+        patch_size=16,
+        encoder_embed_dim=dim,
+        encoder_attention_heads=heads,
+        encoder_ffn_embed_dim=ffn,
+        encoder_layers=depth,
+        max_source_positions=1024,
+    )
     with torch.device("meta"):
         ref = BEiT3(args)
     # the unilm fine-tuning wrappers save {"model": {"beit3.<name>": ..., "head.weight": ...}}
     wrapped = {"model": {**{f"beit3.{k}": v for k, v in ref.state_dict().items()}, "head.weight": torch.empty(2, 2)}}
     cfg = beit3_config_from_state_dict(wrapped, model=name, tokenizer_path="beit3.spm", mask_id=64001)
     assert (cfg.dim, cfg.depth, cfg.ffn_dim, cfg.num_heads, cfg.vocab_size, cfg.max_text_len) == (
-        dim, depth, ffn, heads, 64010, 1022)
+        dim,
+        depth,
+        ffn,
+        heads,
+        64010,
+        1022,
+    )
     assert cfg.tokenizer == "sentencepiece" and cfg.pad_id == 1 and cfg.mask_id == 64001
     assert beit3_config_from_state_dict(wrapped, tokenizer_path="beit3.spm", mask_id=64001).num_heads == heads
     converted, unused = convert_beit3_state_dict(wrapped)
@@ -121,8 +157,9 @@ def test_beit3_name_mapping_base_large_on_meta(name, dim, depth, ffn, heads):
     assert got == own
     assert own["vision_embed.pos_embed"] == (1, 197, dim) and own["text_embed.token_embed.weight"] == (64010, dim)
     with pytest.raises(ValueError, match="dim=768 but model 'large'" if name == "base" else "dim=1024 but model"):
-        beit3_config_from_state_dict(wrapped, model="large" if name == "base" else "base",
-                                     tokenizer_path="x", mask_id=1)
+        beit3_config_from_state_dict(
+            wrapped, model="large" if name == "base" else "base", tokenizer_path="x", mask_id=1
+        )
     with pytest.raises(ValueError, match="sentencepiece"):
         beit3_config_from_state_dict(wrapped)
 
@@ -138,8 +175,7 @@ def test_convert_cli_beit3_with_sentencepiece(tmp_path, reference):
     spm = pytest.importorskip("sentencepiece")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(["a red circle next to a blue square", "the green triangle is above a star"] * 20))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=24,
-                                   minloglevel=2)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=24, minloglevel=2)
     sp_path = tmp_path / "tok.model"
     ckpt = {"model": {f"beit3.{k}": v for k, v in reference.state_dict().items()}}
     ckpt["model"]["head.weight"] = torch.zeros(3, 64)
@@ -151,6 +187,10 @@ def test_convert_cli_beit3_with_sentencepiece(tmp_path, reference):
     model = load_model(out).eval()
     assert model.tokenizer_spec["name"] == "sentencepiece" and model.tokenizer_spec["path"] == str(sp_path)
     assert model.config.pad_id == 1 and model.config.mask_id == 25  # 24 pieces + fairseq offset
+    from mmoe.data.tokenizer import tokenizer_from_spec  # the data side accepts the recorded spec
+
+    tok = tokenizer_from_spec(model.tokenizer_spec)
+    assert (tok.pad_id, tok.mask_id, tok.vocab_size) == (1, 25, 100)
     image, text, pad = _inputs()
     with torch.no_grad():
         expected = reference(visual_tokens=image, textual_tokens=text, text_padding_position=pad)["encoder_out"]
@@ -160,11 +200,19 @@ def test_convert_cli_beit3_with_sentencepiece(tmp_path, reference):
         tool.main(["--from", "beit3", str(tmp_path / "nope.pth"), str(out)])
 
 
-def test_timm_vit_import_matches_timm():
+def test_timm_vit_import_matches_timm(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8, embed_dim=128,
-                            depth=2, num_heads=4, num_classes=0).eval()
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=64,
+        patch_size=8,
+        embed_dim=128,
+        depth=2,
+        num_heads=4,
+        num_classes=0,
+    ).eval()
     with torch.no_grad():
         for p in vit.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -176,6 +224,15 @@ def test_timm_vit_import_matches_timm():
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(image), vit.forward_features(image), atol=1e-5, rtol=0)
+    # the same through the CLI, with the target config as a YAML file and the weights under "model"
+    yaml_path = tmp_path / "vit_target.yaml"
+    model.config.to_yaml(yaml_path)
+    torch.save({"model": vit.state_dict()}, tmp_path / "vit.pth")
+    out = tmp_path / "vit_mmoe.pt"
+    assert _load_tool().main(["--from", "timm", str(tmp_path / "vit.pth"), str(out), "--model", str(yaml_path)]) == 0
+    again = load_model(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.forward_features(image), vit.forward_features(image), atol=1e-5, rtol=0)
 
 
 def _perturbed_dense(**overrides) -> MultiwayTransformer:
@@ -196,8 +253,16 @@ def test_upcycled_replicas_match_dense_exactly():
     pad = torch.zeros(2, 6, dtype=torch.bool)
     pad[1, 4:] = True
     real = ~torch.cat([torch.zeros(2, 65, dtype=torch.bool), pad], 1)
-    moe = dict(num_experts=4, expert_hidden=512, top_k=2, num_heads=1, head_layers=1, merge_layers=1,
-               renormalize_gates=True, pool="per_modality")
+    moe = dict(
+        num_experts=4,
+        expert_hidden=512,
+        top_k=2,
+        num_heads=1,
+        head_layers=1,
+        merge_layers=1,
+        renormalize_gates=True,
+        pool="per_modality",
+    )
     per_modality = upcycle(dense, moe).eval()
     shared = upcycle(dense, {**moe, "pool": "shared"}, source="vision").eval()
     with torch.no_grad():

@@ -314,3 +314,26 @@ def test_plan_is_expert_major_and_inverse_is_a_permutation() -> None:
     # Inside expert 2: first choices (tokens 0, 2) before the second choice of token 3.
     assert plan.token_index_A[5:].tolist() == [0, 2, 3]
     assert sorted(plan.inverse_A.tolist()) == list(range(8))
+
+
+@pytest.mark.parametrize("impl, dtype", [("grouped_mm", torch.float32), ("segments", torch.float64)])
+@pytest.mark.parametrize("cfg_name", ["mhmoe_h4_k2", "capacity_k2"])
+def test_expert_checkpointing_changes_nothing(impl: str, dtype: torch.dtype, cfg_name: str) -> None:
+    if impl == "grouped_mm" and not grouped_mm_supported(dtype, torch.device("cpu"), (8, 16)):
+        pytest.skip("no _grouped_mm")
+    cfg = dict(CONFIGS[cfg_name], expert_hidden=16)
+    plain, ref = _pair(cfg, impl, dtype=dtype)
+    torch.manual_seed(0)
+    ckpt = MHMoE(D, **cfg, expert_impl=impl, expert_checkpoint_rows=7).to(dtype)  # chunks cut through segments
+    ckpt.load_state_dict(plain.state_dict())
+    x, pad = _inputs(dtype)
+    op, gxp, gp = _run(plain, x, pad)
+    oc, gxc, gc = _run(ckpt, x, pad)
+    orf, _, gr = _run(ref, x, pad)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(oc.output, op.output, **tol)
+    torch.testing.assert_close(oc.output, orf.output, **tol)
+    torch.testing.assert_close(gxc, gxp, **tol)
+    for n in gp:
+        torch.testing.assert_close(gc[n], gp[n], **tol, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(gc[n], gr[n], **tol, msg=lambda m, n=n: f"{n}: {m}")

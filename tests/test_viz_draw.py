@@ -12,6 +12,7 @@ from mmoe.viz.experts import (
     color_experts,
     diversity_colors,
     draw_activation_bars,
+    draw_activation_summary,
     draw_assignment,
     draw_diversity,
     draw_load_heatmaps,
@@ -94,6 +95,10 @@ def test_load_heatmap_and_activation(tmp_path):
     assert png.std() > 0.05  # not blank
     fig, ratios = draw_activation_bars({"a": loads, "b": {"layer1": np.array([0.5, 0.5, 0, 0])}}, threshold=0.01)
     assert ratios == {"a": {"layer1": 0.5, "layer3": 1.0}, "b": {"layer1": 0.5}}
+    summary = draw_activation_summary(ratios, threshold=0.01)
+    heights = [round(b.get_height(), 6) for b in summary.axes[0].patches]
+    assert heights[:2] == [50.0, 100.0] and heights[2] == 50.0 and np.isnan(heights[3])  # model a, then b
+    figure_to_array(summary)
     arr = figure_to_array(fig)
     assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3 and arr.std() > 5
 

@@ -73,6 +73,7 @@ def test_report_files(tmp_path):
         "images/000_painted/layer1_diversity.png",
         "load_heatmap.png",
         "activation.png",
+        "activation_ratio.png",
     }
     assert set(on_disk["files"]) == expected
     for rel in expected:
@@ -80,11 +81,11 @@ def test_report_files(tmp_path):
 
 
 def test_text_table_and_picture(tmp_path):
-    model = StandInBackbone(heads=2, experts=5, top_k=2, per_modality=True)
+    model = StandInBackbone(heads=2, experts=5, top_k=2, per_modality=True, layers=("layer1",))
     text = "a red circle"
     result = collect_routing(model, [VizInput("x", _painted(np.zeros((GRID, GRID))), text)], label="m")
     data = write_report(result, tmp_path)
-    assert set(data["layers"]) == {"layer1.vision", "layer1.text", "layer3.vision", "layer3.text"}
+    assert set(data["layers"]) == {"layer1.vision", "layer1.text"}
     rows = data["layers"]["layer1.text"]["text"][0]["tokens"]
     assert [r["token"] for r in rows] == ["<bos>", "a", "red", "circle", "<eos>"]
     from mmoe.data.tokenizer import build_tokenizer
@@ -95,7 +96,7 @@ def test_text_table_and_picture(tmp_path):
     words = data["layers"]["layer1.text"]["text"][0]["words"]
     assert [w["word"] for w in words] == ["<bos>", "a", "red", "circle", "<eos>"]
     md = (tmp_path / "text" / "routing.md").read_text()
-    assert "| red | red |" in md and "### layer3.text" in md
+    assert "| red | red |" in md and "### layer1.text" in md
     _assert_png(tmp_path / "text" / "000_routing.png")
     assert data["layers"]["layer1.vision"]["text"] == [] and data["layers"]["layer1.text"]["images"] == []
 
@@ -149,7 +150,13 @@ def test_compare_two_models(tmp_path):
     assert summary["layers"]["mhmoe"]["layer1"]["mean_patch_diversity"] == 4.0
     for rel in summary["files"]:
         _assert_png(tmp_path / rel)
-    assert {"load_heatmap.png", "activation.png", "000_p_majority.png", "000_p_diversity.png"} == set(summary["files"])
+    assert {
+        "load_heatmap.png",
+        "activation.png",
+        "activation_ratio.png",
+        "000_p_majority.png",
+        "000_p_diversity.png",
+    } == set(summary["files"])
     with pytest.raises(ValueError, match="labels"):
         write_comparison([smoe, smoe], tmp_path)
 

@@ -97,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-id", type=int, help="mask id (default: number of sentencepiece pieces + 1)")
     p.add_argument("--copy-to-text", action="store_true", help="timm: also initialize the language branches")
     p.add_argument("--mode", choices=["replicate", "split"], default="replicate", help="upcycling of experts")
-    p.add_argument("--source", choices=["alternate", "vision", "text"], default="alternate",
-                   help="upcycling with a shared pool: which dense FFN seeds each expert")
+    p.add_argument(
+        "--source",
+        choices=["alternate", "vision", "text"],
+        default="alternate",
+        help="upcycling with a shared pool: which dense FFN seeds each expert",
+    )
     p.add_argument("--trust-pickle", action="store_true", help="allow torch.load(weights_only=False)")
     return p
 

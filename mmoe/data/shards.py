@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import random
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -67,6 +68,7 @@ __all__ = [
     "iter_pair_list",
     "iter_text_files",
     "read_sizes",
+    "swap_left_right",
     "validate_image",
     "write_shards",
     "write_world_shards",
@@ -565,6 +567,20 @@ def _iter_tar(url: str, counters: _Counters) -> Iterator[tuple[str, dict[str, by
         yield current_key, current
 
 
+_LEFT_RIGHT = re.compile(r"\b(left|right)(?=\b|most\b)", re.IGNORECASE)
+
+
+def swap_left_right(text: str) -> str:
+    """Swap "left" and "right" (keeping case): the caption of a horizontally flipped image."""
+
+    def swap(m: re.Match[str]) -> str:
+        word = m.group(1)
+        new = "right" if word.lower() == "left" else "left"
+        return new.upper() if word.isupper() else new.capitalize() if word[0].isupper() else new
+
+    return _LEFT_RIGHT.sub(swap, text)
+
+
 def _decode_image(sample: dict[str, bytes]) -> Image.Image:
     for ext in IMAGE_EXTS:
         if ext in sample:
@@ -619,6 +635,9 @@ class ShardStream(IterableDataset):
         rank, world_size: the trainer's data-parallel position.
         seed: base seed; a pass uses ``(seed, iteration, rank, worker)``.
         shuffle_buffer: samples held for shuffling (train only).
+        hflip: horizontal flip probability applied here, after ``image_transform`` (train only; give the
+            transform no flip of its own). In pairs a flip swaps the words "left" and "right" in the
+            text so that captions stay true of the flipped image.
     """
 
     def __init__(
@@ -637,6 +656,7 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        hflip: float = 0.0,
     ) -> None:
         super().__init__()
         if not streams:
@@ -664,6 +684,9 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = int(rank), int(world_size)
         self.seed = int(seed)
         self.shuffle_buffer = int(shuffle_buffer)
+        if not 0.0 <= hflip <= 1.0:
+            raise ValueError(f"ShardStream: hflip must be a probability, got {hflip}")
+        self.hflip = float(hflip) if train else 0.0
         self.iteration = 0  # bumped by StreamLoader before every pass; makes every pass a fresh stream
 
     def _split_batch(self) -> dict[str, int]:
@@ -744,15 +767,19 @@ class ShardStream(IterableDataset):
         for sample in samples:
             where = f"{sample.get('__url__', b'').decode()}:{sample.get('__key__', b'').decode()}"
             out: dict[str, Any] = {}
+            flipped = False
             if kind in ("image", "pair"):
                 if not any(e in sample for e in IMAGE_EXTS):
                     counters.add("missing_image", where)
                     continue
                 try:
-                    out["image"] = self.image_transform(_decode_image(sample))
+                    image = self.image_transform(_decode_image(sample))
                 except Exception as e:  # PIL errors vary; never let one sample stop training
                     counters.add("decode_error", f"{where} ({type(e).__name__}: {e})")
                     continue
+                if self.hflip and rng.random() < self.hflip:
+                    image, flipped = image.flip(-1), True
+                out["image"] = image
             if kind in ("text", "pair"):
                 try:
                     text = _decode_text(sample, rng)
@@ -765,7 +792,7 @@ class ShardStream(IterableDataset):
                 if not text:
                     counters.add("empty_text", where)
                     continue
-                out["text"] = text
+                out["text"] = swap_left_right(text) if flipped else text
             yield out
 
     def _collate(

@@ -11,7 +11,8 @@ Algorithm of the official script, written here:
   sentence key is the identifier with its third field blanked (``dev-850--0``).
 
 Both are returned as fractions and in percent. CLI:
-``python -m mmoe.metrics.nlvr2 --annotations dev.json --predictions preds.csv`` prints JSON.
+``python -m mmoe.metrics.nlvr2 --annotations dev.json --predictions preds.csv`` prints JSON
+(``--baseline-from train.json`` instead of ``--predictions`` scores the majority-label baseline).
 """
 
 from __future__ import annotations
@@ -121,9 +122,20 @@ def write_predictions_csv(path: str | Path, predictions: Sequence[tuple[str, boo
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmoe.metrics.nlvr2", description=__doc__.splitlines()[0])
     parser.add_argument("--annotations", required=True, help="official NLVR2 JSONL, e.g. dev.json")
-    parser.add_argument("--predictions", required=True, help="CSV of identifier,prediction (True/False)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--predictions", help="CSV of identifier,prediction (True/False)")
+    what.add_argument(
+        "--baseline-from", metavar="TRAIN_JSONL", help="score the majority-label baseline of this training file instead"
+    )
     args = parser.parse_args(argv)
-    out = evaluate_nlvr2(read_jsonl(args.annotations), read_predictions_csv(args.predictions))
+    examples = read_jsonl(args.annotations)
+    if args.predictions:
+        preds = read_predictions_csv(args.predictions)
+    else:
+        labels = [str(e["label"]).lower() == "true" for e in read_jsonl(args.baseline_from)]
+        majority = "True" if 2 * sum(labels) >= len(labels) else "False"
+        preds = {str(e["identifier"]): majority for e in examples}
+    out = evaluate_nlvr2(examples, preds)
     json.dump(out, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0

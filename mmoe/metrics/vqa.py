@@ -22,7 +22,9 @@ Goyal et al. 2017), keeping its quirks so that numbers match the official tool:
   official ``setAccuracy``/``setEvalQA`` do.
 
 CLI: ``python -m mmoe.metrics.vqa --questions Q --annotations A --results R`` prints JSON with
-``overall``, ``perAnswerType``, ``perQuestionType`` and ``perQuestion``.
+``overall``, ``perAnswerType``, ``perQuestionType`` and ``perQuestion``; ``--baseline-from TRAIN_A``
+instead of ``--results`` scores the blind majority-answer baseline (``--baseline-by question_type`` for
+the per-question-type prior).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import argparse
 import json
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,7 @@ __all__ = [
     "normalize_answer",
     "question_accuracy",
     "evaluate_vqa",
+    "prior_baseline",
     "load_vqa_json",
     "main",
 ]
@@ -244,19 +248,53 @@ def load_vqa_json(path: str | Path, key: str | None = None) -> Any:
     return data
 
 
+def prior_baseline(
+    train_annotations: Sequence[Mapping[str, Any]], eval_annotations: Sequence[Mapping[str, Any]], by: str = "none"
+) -> list[dict[str, Any]]:
+    """Blind baselines as a results list: the most frequent normalized training answer for every question
+    (``by="none"``, the majority-answer baseline) or per ``question_type`` / ``answer_type`` (``by=...``)."""
+    counts: dict[str, Counter[str]] = {}
+    for ann in train_annotations:
+        key = str(ann.get(by, "")) if by != "none" else ""
+        counts.setdefault(key, Counter()).update(normalize_answer(str(a["answer"])) for a in ann["answers"])
+    overall = sum(counts.values(), Counter()).most_common(1)[0][0]
+    best = {k: c.most_common(1)[0][0] for k, c in counts.items()}
+    out = []
+    for ann in eval_annotations:
+        key = str(ann.get(by, "")) if by != "none" else ""
+        out.append({"question_id": int(ann["question_id"]), "answer": best.get(key, overall)})
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: print the evaluation as JSON (``perQuestion`` keys are question ids as strings)."""
     parser = argparse.ArgumentParser(prog="python -m mmoe.metrics.vqa", description=__doc__.splitlines()[0])
     parser.add_argument("--questions", required=True, help="v2_OpenEnded_mscoco_*_questions.json")
     parser.add_argument("--annotations", required=True, help="v2_mscoco_*_annotations.json")
-    parser.add_argument("--results", required=True, help='results JSON: [{"question_id": int, "answer": str}]')
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--results", help='results JSON: [{"question_id": int, "answer": str}]')
+    what.add_argument(
+        "--baseline-from",
+        metavar="TRAIN_ANNOTATIONS",
+        help="score a blind prior baseline built from these training annotations instead of a results file",
+    )
+    parser.add_argument(
+        "--baseline-by",
+        choices=["none", "question_type", "answer_type"],
+        default="none",
+        help="baseline prior: one majority answer ('none') or the majority answer per question/answer type",
+    )
     parser.add_argument("--digits", type=int, default=2, help="rounding digits of the percentages (official: 2)")
     args = parser.parse_args(argv)
-    results = load_vqa_json(args.results)
-    if not isinstance(results, list):
-        raise ValueError(f"{args.results}: expected a JSON list of {{question_id, answer}} objects")
+    annotations = load_vqa_json(args.annotations, "annotations")
+    if args.results:
+        results = load_vqa_json(args.results)
+        if not isinstance(results, list):
+            raise ValueError(f"{args.results}: expected a JSON list of {{question_id, answer}} objects")
+    else:
+        results = prior_baseline(load_vqa_json(args.baseline_from, "annotations"), annotations, args.baseline_by)
     out = evaluate_vqa(
-        load_vqa_json(args.annotations, "annotations"),
+        annotations,
         results,
         questions=load_vqa_json(args.questions, "questions"),
         n=args.digits,

@@ -8,8 +8,10 @@ Public API: `create_model`, `list_models`, `load_model`, `save_model`, `load_bac
 from mmoe.model.attention import KVCache
 from mmoe.model.backbone import BackboneOutput, MultiwayTransformer
 from mmoe.model.config import MoEConfig, MultiwayConfig
+from mmoe.model.convert import beit3_config_from_state_dict, convert_beit3_state_dict, convert_timm_vit_state_dict
 from mmoe.model.io import load_backbone_weights, load_model, save_model
 from mmoe.model.registry import create_model, get_config, list_models
+from mmoe.model.upcycling import upcycle
 
 __all__ = [
     "BackboneOutput",
@@ -17,10 +19,14 @@ __all__ = [
     "MoEConfig",
     "MultiwayConfig",
     "MultiwayTransformer",
+    "beit3_config_from_state_dict",
+    "convert_beit3_state_dict",
+    "convert_timm_vit_state_dict",
     "create_model",
     "get_config",
     "list_models",
     "load_backbone_weights",
     "load_model",
     "save_model",
+    "upcycle",
 ]

@@ -71,7 +71,9 @@ class MultiwayTransformer(nn.Module):
             for i in range(config.depth)
         )
         self.norm = (
-            Multiway(nn.LayerNorm(config.dim, eps=config.layernorm_eps), nn.LayerNorm(config.dim, eps=config.layernorm_eps))
+            Multiway(
+                nn.LayerNorm(config.dim, eps=config.layernorm_eps), nn.LayerNorm(config.dim, eps=config.layernorm_eps)
+            )
             if config.final_norm
             else None
         )

@@ -48,7 +48,9 @@ class MoEConfig:
     `head_layers=merge_layers=0` is a plain sparse MoE (SMoE); `router="xmoe"` gives X-MoE [XM];
     `num_heads>1` with head/merge layers is MH-MoE ([MH1] sec. 3.2). `pool="shared"` routes vision
     and text tokens to one expert pool; `"per_modality"` keeps one pool per modality (multiway).
-    `extra` is forwarded verbatim to `MHMoE` for options this dataclass does not name.
+    `expert_inner_norm` gives every expert BEiT-3's FFN sub-LN (set by sparse upcycling so expert copies
+    equal the dense FFN). `extra` is forwarded verbatim to `MHMoE` for options this dataclass does not name
+    (e.g. `xmoe_dim`, `split`, `expert_impl`).
     """
 
     num_experts: int
@@ -151,20 +153,24 @@ class MultiwayConfig:
         _check_fraction("MultiwayConfig", "dropout", self.dropout)
         _check_fraction("MultiwayConfig", "attn_dropout", self.attn_dropout)
         if not isinstance(self.vlffn_layers, int) or not 0 <= self.vlffn_layers <= self.depth:
-            raise ValueError(f"MultiwayConfig.vlffn_layers: expected an int in [0, depth={self.depth}], got "
-                             f"{self.vlffn_layers!r}")
+            raise ValueError(
+                f"MultiwayConfig.vlffn_layers: expected an int in [0, depth={self.depth}], got {self.vlffn_layers!r}"
+            )
         if self.vlffn_layers and self.moe is not None:
             raise ValueError("MultiwayConfig.vlffn_layers: the VL-FFN is for dense models; set it to 0 when moe is set")
         for name in ("pad_id", "mask_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"MultiwayConfig.{name}: expected an id in [0, vocab_size={self.vocab_size}), "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"MultiwayConfig.{name}: expected an id in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
         self.image_mean = tuple(float(v) for v in self.image_mean)  # type: ignore[assignment]
         self.image_std = tuple(float(v) for v in self.image_std)  # type: ignore[assignment]
         if len(self.image_mean) != self.in_chans or len(self.image_std) != self.in_chans:
-            raise ValueError(f"MultiwayConfig.image_mean/image_std: expected {self.in_chans} values each, got "
-                             f"{len(self.image_mean)} and {len(self.image_std)}")
+            raise ValueError(
+                f"MultiwayConfig.image_mean/image_std: expected {self.in_chans} values each, got "
+                f"{len(self.image_mean)} and {len(self.image_std)}"
+            )
         if self.tokenizer == "sentencepiece" and not self.tokenizer_path:
             raise ValueError("MultiwayConfig.tokenizer_path: required when tokenizer='sentencepiece'")
         if self.moe is not None and not isinstance(self.moe, MoEConfig):

@@ -6,7 +6,7 @@ Converters and weight metadata live apart from the architecture (STYLE.md 11). N
     text_embed.weight                                  -> text_embed.token_embed.weight
     vision_embed.proj.*                                -> vision_embed.patch_embed.proj.*
     vision_embed.{cls_token,mask_token}                -> vision_embed.{cls_token,mask_token}
-    encoder.embed_positions.A.weight  (2 + 1 + P, D)   -> vision_embed.pos_embed (1, 1 + P, D)  (legacy rows 0, 1 dropped)
+    encoder.embed_positions.A.weight  (2 + 1 + P, D)   -> vision_embed.pos_embed (1, 1 + P, D)  (rows 0, 1 dropped)
     encoder.embed_positions.B.weight  (2 + T, D)       -> text_embed.pos_embed   (1, T, D)
     encoder.layers.i.self_attn.{q,k,v,out}_proj.{A,B}  -> blocks.i.attn.{q,k,v,out}_proj.{vision,text}
     encoder.layers.i.self_attn.inner_attn_ln.{A,B}     -> blocks.i.attn.inner_norm.{vision,text}
@@ -129,7 +129,9 @@ def beit3_config_from_state_dict(
         txt_pos = state["encoder.embed_positions.B.weight"].shape[0]
         ffn_dim = state["encoder.layers.0.ffn.A.fc1.weight"].shape[0]
     except KeyError as err:
-        raise ValueError(f"BEiT-3 checkpoint: missing expected key {err}; is this a torchscale BEiT3 state dict?") from None
+        raise ValueError(
+            f"BEiT-3 checkpoint: missing expected key {err}; is this a torchscale BEiT3 state dict?"
+        ) from None
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
     patch, in_chans = int(patch_w.shape[-1]), int(patch_w.shape[1])
     num_patches = vis_pos - 3
@@ -180,8 +182,9 @@ def _tokenizer_fields(vocab: int, path: str | None, pad_id: int | None, mask_id:
             mask_id = int(spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()) + 1
         else:
             raise ValueError(f"tokenizer_path {path} does not exist; pass mask_id explicitly or a valid .spm file")
-    return dict(tokenizer="sentencepiece", tokenizer_path=str(path), pad_id=1 if pad_id is None else pad_id,
-                mask_id=mask_id)
+    return dict(
+        tokenizer="sentencepiece", tokenizer_path=str(path), pad_id=1 if pad_id is None else pad_id, mask_id=mask_id
+    )
 
 
 def convert_timm_vit_state_dict(
@@ -231,11 +234,15 @@ def convert_timm_vit_state_dict(
                 put(p + rest[:5] + ".{b}." + rest[6:], value)
             elif rest.startswith(("mlp.fc1.", "mlp.fc2.")):
                 if config.is_moe_layer(i):
-                    raise ValueError(f"timm checkpoint: block {i} is an MoE layer in the target; import into a dense "
-                                     "config and upcycle afterwards (mmoe.model.upcycle)")
+                    raise ValueError(
+                        f"timm checkpoint: block {i} is an MoE layer in the target; import into a dense "
+                        "config and upcycle afterwards (mmoe.model.upcycle)"
+                    )
                 put(p + "ffn.{b}." + rest[4:], value)
         # heads, fc_norm, reg tokens etc. are not part of the backbone
     if config.attention == "shared":
-        out = {k.replace(".vision.", ".shared.", 1) if ".attn." in k or ".norm1." in k else k: v for k, v in out.items()}
+        out = {
+            k.replace(".vision.", ".shared.", 1) if ".attn." in k or ".norm1." in k else k: v for k, v in out.items()
+        }
         out = {k: v for k, v in out.items() if ".text." not in k or not (".attn." in k or ".norm1." in k)}
     return out

@@ -89,11 +89,21 @@ def adapt_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     state = dict(state)
     own = model.state_dict()
     key = "vision_embed.pos_embed"
-    if key in state and key in own and state[key].shape != own[key].shape and state[key].shape[-1] == own[key].shape[-1]:
+    if (
+        key in state
+        and key in own
+        and state[key].shape != own[key].shape
+        and state[key].shape[-1] == own[key].shape[-1]
+    ):
         grid = model.vision_embed.grid_size  # type: ignore[union-attr]
         state[key] = resample_vision_pos_embed(state[key], grid)
     key = "text_embed.pos_embed"
-    if key in state and key in own and state[key].shape != own[key].shape and state[key].shape[-1] == own[key].shape[-1]:
+    if (
+        key in state
+        and key in own
+        and state[key].shape != own[key].shape
+        and state[key].shape[-1] == own[key].shape[-1]
+    ):
         src, dst = state[key], own[key].clone()
         rows = min(src.shape[1], dst.shape[1])
         dst[:, :rows] = src[:, :rows].to(dst.dtype)

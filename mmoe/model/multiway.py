@@ -57,9 +57,7 @@ class DenseFFN(nn.Module):
     GELU runs in float32 as in the reference, so half-precision runs match it.
     """
 
-    def __init__(
-        self, dim: int, hidden: int, *, subln: bool = True, eps: float = 1e-5, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, dim: int, hidden: int, *, subln: bool = True, eps: float = 1e-5, dropout: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.ffn_norm = nn.LayerNorm(hidden, eps=eps) if subln else nn.Identity()

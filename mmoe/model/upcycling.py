@@ -72,7 +72,9 @@ def upcycle(
     bad_missing = [k for k in missing if not any(k.startswith(f"blocks.{i}.moe.") for i in moe_layers)]
     bad_unexpected = [k for k in unexpected if not any(k.startswith(f"blocks.{i}.ffn.") for i in moe_layers)]
     if bad_missing or bad_unexpected:
-        raise ValueError(f"upcycle: unexpected key mismatch: missing {bad_missing[:5]}, unexpected {bad_unexpected[:5]}")
+        raise ValueError(
+            f"upcycle: unexpected key mismatch: missing {bad_missing[:5]}, unexpected {bad_unexpected[:5]}"
+        )
 
     for i in moe_layers:
         ffns = dense.blocks[i].ffn

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mmoe.moe.dispatch import DispatchPlan
 
@@ -45,6 +46,19 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, widths: tuple
     return False
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forwards; multiplies the gradient by ``scale`` backwards."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
 class GroupedExperts(nn.Module):
     """E expert FFNs with stacked weights ``w1 (E, C, F)``, ``w2 (E, F, C)`` (+ ``w3`` for SwiGLU).
 
@@ -58,6 +72,8 @@ class GroupedExperts(nn.Module):
         inner_norm: a LayerNorm over F inside each expert (BEiT-3/Magneto sub-LN,
             ``fc2(LN(act(fc1 x)))``), needed to upcycle the dense Sub-LN FFN of BEiT-3 checkpoints.
         impl: ``"auto"`` picks ``grouped_mm`` when supported, else ``"segments"``.
+        checkpoint_rows: > 0 recomputes the experts in backward, in chunks of this many sorted rows
+            (per expert segment on the ``segments`` path), trading one more expert forward for memory.
     """
 
     def __init__(
@@ -71,6 +87,7 @@ class GroupedExperts(nn.Module):
         inner_norm: bool = False,
         norm_eps: float = 1e-5,
         impl: ExpertImpl = "auto",
+        checkpoint_rows: int = 0,
     ) -> None:
         super().__init__()
         if activation not in ("gelu", "swiglu"):
@@ -87,6 +104,9 @@ class GroupedExperts(nn.Module):
         self.activation = activation
         self.impl = impl
         self.norm_eps = norm_eps
+        self.checkpoint_rows = checkpoint_rows
+        # Multiplies the expert weights' gradients (expert parallelism: 1/world to match DDP's mean).
+        self.grad_scale = 1.0
         use_bias = (activation == "gelu") if bias is None else bias
         E, C, Fh = num_experts, dim, hidden
         self.w1 = nn.Parameter(torch.empty(E, C, Fh))
@@ -143,47 +163,89 @@ class GroupedExperts(nn.Module):
 
     # ------------------------------------------------------------------ fast paths
     def forward(self, x_AC: Tensor, plan: DispatchPlan) -> Tensor:
-        """Expert outputs for the expert-sorted buffer ``x_AC``; rows past the kept ones are zero."""
+        """Expert outputs for the expert-sorted buffer ``x_AC``; rows past the kept ones are zero.
+
+        With ``checkpoint_rows > 0`` and autograd on, the buffer runs in chunks of that many rows under
+        activation checkpointing: the (A, F) hidden activations, h times larger than a dense FFN's at
+        equal FLOPs (each token's h sub-tokens each reach k experts of width F), are then never all
+        alive at once. It costs one more forward of the experts.
+        """
         if self.use_grouped_mm(x_AC):
-            return self._forward_grouped_mm(x_AC, plan)
+            offs = plan.offsets_E
+            A = x_AC.shape[0]
+            chunk = self.checkpoint_rows
+            if chunk <= 0 or not torch.is_grad_enabled() or A <= chunk:
+                return self._grouped_rows(x_AC, plan.expert_index_A, offs, 0, plan.has_tail)
+            outs = []
+            for a in range(0, A, chunk):
+                b = min(A, a + chunk)
+                offs_c = (offs.to(torch.int64) - a).clamp(0, b - a).to(torch.int32)
+                outs.append(
+                    checkpoint(
+                        self._grouped_rows,
+                        x_AC[a:b],
+                        plan.expert_index_A[a:b],
+                        offs_c,
+                        a,
+                        True,  # a chunk may end before its last row is computed
+                        use_reentrant=False,
+                    )
+                )
+            return torch.cat(outs, 0)
         return self._forward_segments(x_AC, plan)
 
-    def _forward_grouped_mm(self, x_AC: Tensor, plan: DispatchPlan) -> Tensor:
-        offs = plan.offsets_E
-        idx_A = plan.expert_index_A.clamp(max=self.num_experts - 1)
+    def _param(self, p: Tensor, dtype: torch.dtype) -> Tensor:
+        """A parameter in the compute dtype; with ``grad_scale != 1`` its gradient is scaled (expert parallel)."""
+        if self.grad_scale != 1.0:
+            p = _ScaleGrad.apply(p, self.grad_scale)
+        return p.to(dtype)
+
+    def _fold_bias(self, w: Tensor, b: Tensor | None, dtype: torch.dtype, pad: int) -> Tensor:
+        """``[w; b; 0...]`` (E, C + pad, F): the bias rides in the matmul on a ones column of the input."""
+        w = self._param(w, dtype)
+        if b is None:
+            return w
+        b = self._param(b, dtype)
+        return torch.cat([w, b[:, None, :], w.new_zeros(w.shape[0], pad - 1, w.shape[2])], dim=1)
+
+    def _grouped_rows(self, x_AC: Tensor, expert_A: Tensor, offs: Tensor, row0: int, has_tail: bool) -> Tensor:
+        """The grouped FFN over rows whose experts are sorted, ``offs`` being their segment ends."""
         dtype = x_AC.dtype
-        if plan.has_tail:
+        A = x_AC.shape[0]
+        if has_tail:
             # _grouped_mm leaves rows past offs[-1] uninitialised in its outputs and in the input
             # gradients; mask every operand and result of it with where (not a multiply: the garbage
             # may be NaN) so the sentinel tail is exactly zero forwards and backwards.
-            row_ok_A1 = (torch.arange(x_AC.shape[0], device=x_AC.device) < offs[-1].to(torch.int64))[:, None]
+            row_ok_A1 = (torch.arange(A, device=x_AC.device) < offs[-1].to(torch.int64))[:, None]
 
             def gmm(a: Tensor, w: Tensor) -> Tensor:
                 a = torch.where(row_ok_A1, a, torch.zeros_like(a))
-                out = torch._grouped_mm(a, w.to(dtype), offs=offs)
+                out = torch._grouped_mm(a, w, offs=offs)
                 return torch.where(row_ok_A1, out, torch.zeros_like(out))
 
         else:
 
             def gmm(a: Tensor, w: Tensor) -> Tensor:
-                return torch._grouped_mm(a, w.to(dtype), offs=offs)
+                return torch._grouped_mm(a, w, offs=offs)
 
-        h1 = gmm(x_AC, self.w1)
-        if self.b1 is not None:
-            h1 = h1 + self.b1.to(dtype).index_select(0, idx_A)
-        h3 = None
-        if self.w3 is not None:
-            h3 = gmm(x_AC, self.w3)
-            if self.b3 is not None:
-                h3 = h3 + self.b3.to(dtype).index_select(0, idx_A)
+        x_in = x_AC
+        pad = 16 // x_AC.element_size()
+        if self.b1 is not None:  # a ones column (padded to 16 bytes) carries b1/b3 through the matmul
+            extra = x_AC.new_zeros(A, pad)
+            extra[:, 0] = 1
+            x_in = torch.cat([x_AC, extra], dim=1)
+        h1 = gmm(x_in, self._fold_bias(self.w1, self.b1, dtype, pad))
+        h3 = gmm(x_in, self._fold_bias(self.w3, self.b3, dtype, pad)) if self.w3 is not None else None
         h = self._act(h1, h3)
+        idx_A = expert_A.clamp(max=self.num_experts - 1)
         if self.norm_weight is not None:
             h = F.layer_norm(h, (self.hidden,), eps=self.norm_eps)
-            h = h * self.norm_weight.to(dtype).index_select(0, idx_A) + self.norm_bias.to(dtype).index_select(0, idx_A)
-        y = gmm(h, self.w2)
+            nw, nb = self._param(self.norm_weight, dtype), self._param(self.norm_bias, dtype)
+            h = h * nw.index_select(0, idx_A) + nb.index_select(0, idx_A)
+        y = gmm(h, self._param(self.w2, dtype))
         if self.b2 is not None:
-            y = y + self.b2.to(dtype).index_select(0, idx_A)
-            if plan.has_tail:
+            y = y + self._param(self.b2, dtype).index_select(0, idx_A)
+            if has_tail:
                 y = torch.where(row_ok_A1, y, torch.zeros_like(y))
         return y
 
@@ -211,7 +273,12 @@ class GroupedExperts(nn.Module):
     def _forward_segments(self, x_AC: Tensor, plan: DispatchPlan) -> Tensor:
         counts = plan.counts_E.tolist()  # the one host sync of this path
         n_kept = sum(counts)
-        outs = [self.expert_ffn(e, seg) for e, seg in enumerate(torch.split(x_AC[:n_kept], counts)) if seg.shape[0]]
+        ckpt = self.checkpoint_rows > 0 and torch.is_grad_enabled()
+        outs = [
+            checkpoint(self.expert_ffn, e, seg, use_reentrant=False) if ckpt else self.expert_ffn(e, seg)
+            for e, seg in enumerate(torch.split(x_AC[:n_kept], counts))
+            if seg.shape[0]
+        ]
         tail = x_AC.shape[0] - n_kept
         if tail:
             outs.append(x_AC.new_zeros(tail, self.dim))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -113,6 +113,9 @@ class MHMoE(nn.Module):
             added to the scores only for the top-k choice, updated by :meth:`update_routing_bias`.
         expert_impl: ``"auto"``, ``"grouped_mm"``, ``"segments"`` (sorted dispatch) or
             ``"per_expert"`` (the slow masked loop; reference and baseline).
+        expert_checkpoint_rows: > 0 recomputes the experts in backward in chunks of this many
+            assignments (activation checkpointing): at equal FLOPs the expert hidden activations are
+            h times a dense FFN's, so this is what brings peak memory near a dense block's.
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class MHMoE(nn.Module):
         conv_stride: int | None = None,
         balance_bias_rate: float = 0.0,
         expert_impl: ExpertImplName = "auto",
+        expert_checkpoint_rows: int = 0,
     ) -> None:
         super().__init__()
         if dim < 1 or num_heads < 1 or dim % num_heads:
@@ -200,7 +204,9 @@ class MHMoE(nn.Module):
         self.router = build_router(
             router, self.sub_dim, num_experts, proj_dim=xmoe_dim, xmoe_form=xmoe_form, init_temperature=xmoe_temperature
         )
-        self.experts = GroupedExperts(
+        if expert_checkpoint_rows < 0:
+            raise ValueError(f"MHMoE: expert_checkpoint_rows={expert_checkpoint_rows}; expected >= 0 (0 = off)")
+        self.experts = self._build_experts(
             num_experts,
             self.sub_dim,
             self.expert_hidden,
@@ -208,6 +214,7 @@ class MHMoE(nn.Module):
             bias=expert_bias,
             inner_norm=expert_inner_norm,
             impl="auto" if expert_impl == "per_expert" else expert_impl,
+            checkpoint_rows=expert_checkpoint_rows,
         )
         self.merge = _linear_stack(dim, merge_layers)
         if balance_bias_rate > 0:
@@ -215,6 +222,10 @@ class MHMoE(nn.Module):
         else:
             self.routing_bias = None
         self.reset_parameters()
+
+    def _build_experts(self, num_experts: int, dim: int, hidden: int, **kwargs: Any) -> GroupedExperts:
+        """The expert pool (all E experts here; one shard of them under expert parallelism)."""
+        return GroupedExperts(num_experts, dim, hidden, **kwargs)
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:

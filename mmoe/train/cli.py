@@ -19,9 +19,11 @@ plain one-line-per-N-steps log otherwise.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from mmoe.train.callbacks import AtomicCheckpointIO, PlainProgress, StepTimer
 
-__all__ = ["MMoECLI", "main", "next_version"]
+__all__ = ["MMoECLI", "build_cli", "main", "next_version"]
 
 DEFAULT_ROOT = "runs/mmoe"
 
@@ -101,8 +103,22 @@ class MMoECLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-def main(args: list[str] | None = None, *, run: bool = True) -> MMoECLI:
-    """Entry point of the ``mmoe`` console script (pyproject ``[project.scripts]``)."""
+class _DropAdvert(logging.Filter):
+    """Drops Lightning's "try litlogger" tip, which every run would otherwise print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _quiet_known_noise() -> None:
+    # SaveConfigCallback writes config.yaml into version_N before the CSV logger creates it: harmless.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvert())
+
+
+def build_cli(args: list[str] | None = None, *, run: bool = True) -> MMoECLI:
+    """Parse ``args`` (``sys.argv[1:]`` when None) and, when ``run``, execute the subcommand; returns the CLI."""
+    _quiet_known_noise()
     return MMoECLI(
         LightningModule,
         LightningDataModule,
@@ -115,6 +131,11 @@ def main(args: list[str] | None = None, *, run: bool = True) -> MMoECLI:
         args=args,
         run=run,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``mmoe`` console script (pyproject ``[project.scripts]``); exit status 0 on success."""
+    build_cli(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

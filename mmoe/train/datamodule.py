@@ -49,7 +49,8 @@ class PretrainDataModule(LightningDataModule):
         text_mask_ratio, pair_text_mask_ratio: BERT masking ratios for text-only (0.15) and pair (0.5) text.
         tokenizer, tokenizer_path: ``"openclip"`` or ``"sentencepiece"`` (with the ``.spm`` path).
         mean, std: image normalization (BEiT-3: 0.5/0.5).
-        crop_scale, hflip, color_jitter: training augmentation (random resized crop, flip, jitter).
+        crop_scale, hflip, color_jitter: training augmentation (random resized crop, flip, jitter). A flipped
+            pair image gets "left" and "right" swapped in its caption.
         num_workers, pin_memory: DataLoader settings (per rank).
         seed: base seed of shard resampling, shuffling and masks.
         steps_per_epoch: training batches per epoch per rank.
@@ -152,7 +153,7 @@ class PretrainDataModule(LightningDataModule):
             mean=hp.mean,
             std=hp.std,
             scale=hp.crop_scale,
-            hflip=hp.hflip,
+            hflip=0.0,  # flipped by the stream instead, which also swaps left/right in pair captions
             color_jitter=hp.color_jitter,
         )
         grid = hp.image_size // hp.patch_size
@@ -173,6 +174,7 @@ class PretrainDataModule(LightningDataModule):
             world_size=world,
             seed=hp.seed,
             shuffle_buffer=hp.shuffle_buffer,
+            hflip=0.0 if val else hp.hflip,
         )
 
     # -- Lightning hooks ------------------------------------------------------------------------

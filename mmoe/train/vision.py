@@ -4,10 +4,9 @@ SPEC.md section 7 (ImageNet; COCO detection), [MH1]'s pure-vision experiments (I
 mask AP for Dense vs SMoE vs MH-MoE):
 
 - :class:`ImageNetDataModule`: ImageFolder splits with timm's training transform (RandAugment, random
-  erasing 0.25) and batch-level Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 (``timm.data.Mixup``, applied
-  in ``on_after_batch_transfer`` on training batches, so ``labels`` become (B, C) soft targets, the batch
-  contract of docs/interfaces.md section 4). The model side is the generic ``mmoe.train.tasks.ClassificationTask``
-  with a ``mean_patch`` head; it must not mix the batch a second time.
+  erasing 0.25), batches ``{"image", "labels"}``. The model side is the generic
+  ``mmoe.train.tasks.ClassificationTask`` with a ``mean_patch`` head, which applies timm Mixup 0.8 / CutMix 1.0
+  with label smoothing 0.1 to training batches and reports top-1/top-5 (configs/finetune/imagenet.yaml).
 - :class:`CocoDetectionDataModule`: COCO instance JSON through torchvision's ``CocoDetection`` + transforms v2
   (``mmoe.data.coco``), batches ``{"images": [...], "targets": [...]}``.
 - :class:`DetectionTask`: backbone + ViTDet heads (``mmoe.model.detection``), layer-wise lr decay through
@@ -39,25 +38,10 @@ from mmoe.model.detection import ViTDetHeads
 from mmoe.model.io import load_backbone_weights, read_checkpoint
 from mmoe.train.optim import OptimConfig, configure_optimizers
 
-__all__ = ["ImageNetDataModule", "CocoDetectionDataModule", "DetectionTask", "MixupConfig"]
+__all__ = ["ImageNetDataModule", "CocoDetectionDataModule", "DetectionTask", "build_backbone"]
 
 
 # ================================================================================================ ImageNet
-@dataclasses.dataclass(kw_only=True)
-class MixupConfig:
-    """``timm.data.Mixup`` settings; defaults are BEiT / BEiT-3's ImageNet recipe (SPEC.md 7).
-
-    ``label_smoothing`` also applies when both alphas are 0 (then labels are only smoothed).
-    """
-
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    prob: float = 1.0
-    switch_prob: float = 0.5
-    mode: str = "batch"
-    label_smoothing: float = 0.1
-
-
 class ImageNetDataModule(LightningDataModule):
     """ImageNet-1k (or any ImageFolder, e.g. the synthetic shapes world) for ``ClassificationTask``.
 
@@ -66,8 +50,10 @@ class ImageNetDataModule(LightningDataModule):
             folder names and ``val_dir`` must use the same names.
         image_size: crop size; ``mean``/``std`` must be the backbone's normalization (BEiT-3: 0.5/0.5).
         auto_augment, re_prob, color_jitter, hflip, scale, crop_pct: see ``mmoe.data.imagenet.imagenet_transform``.
-        mixup: a :class:`MixupConfig` (or dict of its keys), or None for hard integer labels.
-        batch_size: per device; with mixup it must be even (timm mixes the batch with its flipped self).
+        batch_size: per device; keep it even when the task uses Mixup (timm mixes a batch with its flip).
+
+    Batches are ``{"image", "labels"}`` with integer labels; Mixup/CutMix and label smoothing belong to
+    ``ClassificationTask`` (``mixup`` / ``label_smoothing``), which mixes training batches on the device.
     """
 
     def __init__(
@@ -87,19 +73,13 @@ class ImageNetDataModule(LightningDataModule):
         hflip: float = 0.5,
         scale: Sequence[float] = (0.08, 1.0),
         crop_pct: float = 0.875,
-        mixup: MixupConfig | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(mixup, dict):
-            mixup = MixupConfig(**mixup)
-        if mixup is not None and batch_size % 2:
-            raise ValueError(f"ImageNetDataModule: batch_size={batch_size} must be even when mixup is set (timm Mixup)")
         self.train_dir, self.val_dir = str(train_dir), str(val_dir)
         self.image_size = image_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.mixup_cfg = mixup
         self.train_transform = imagenet_transform(
             True,
             image_size=image_size,
@@ -114,7 +94,6 @@ class ImageNetDataModule(LightningDataModule):
         self.eval_transform = imagenet_transform(False, image_size=image_size, mean=mean, std=std, crop_pct=crop_pct)
         self.train_set: ImageNetFolder | None = None
         self.val_set: ImageNetFolder | None = None
-        self._mixup: Any = None
 
     def _train_classes(self) -> list[str]:
         root = Path(self.train_dir)
@@ -135,19 +114,6 @@ class ImageNetDataModule(LightningDataModule):
         if stage in (None, "fit"):
             self.train_set = ImageNetFolder(self.train_dir, transform=self.train_transform, classes=classes)
         self.val_set = ImageNetFolder(self.val_dir, transform=self.eval_transform, classes=classes)
-        if self.mixup_cfg is not None and self._mixup is None:
-            from timm.data import Mixup
-
-            c = self.mixup_cfg
-            self._mixup = Mixup(
-                mixup_alpha=c.mixup_alpha,
-                cutmix_alpha=c.cutmix_alpha,
-                prob=c.prob,
-                switch_prob=c.switch_prob,
-                mode=c.mode,
-                label_smoothing=c.label_smoothing,
-                num_classes=len(classes),
-            )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
@@ -175,14 +141,6 @@ class ImageNetDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
-
-    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
-        """Mixup/CutMix + label smoothing on training batches only (evaluation keeps integer labels)."""
-        trainer = getattr(self, "trainer", None)
-        if self._mixup is not None and trainer is not None and trainer.training:
-            image, labels = self._mixup(batch["image"], batch["labels"])
-            batch = {**batch, "image": image, "labels": labels}
-        return batch
 
 
 # ================================================================================================ COCO

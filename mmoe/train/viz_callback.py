@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
 
 from mmoe.viz.experts import draw_assignment, draw_load_heatmaps, draw_map_grid, figure_to_array
 from mmoe.viz.records import RoutingAccumulator, diversity, majority_expert, patch_gates, patch_grid
-from mmoe.viz.run import forward_routing, to_display
+from mmoe.viz.run import RoutedBatch, forward_routing, to_display
 
 _STREAM_ORDER = ("pair", "image")
 
@@ -58,7 +57,7 @@ class ExpertVisualizationCallback(Callback):
         tag: TensorBoard tag prefix.
         log_heads: also log the per-head panels of the first image, one picture per MoE layer.
         log_diversity: also log the distinct-experts-per-patch grid.
-        save_dir: also write the PNGs to `save_dir/step{global_step:08d}/`.
+        save_dir: also write the PNGs to `save_dir/step{global_step:08d}_val{validation step:06d}/`.
         include_sanity_check: log during Lightning's sanity-check validation too.
     """
 
@@ -110,13 +109,18 @@ class ExpertVisualizationCallback(Callback):
             return
         self._log(trainer, pl_module, batch)
 
-    @rank_zero_only
     def _log(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         images = find_images(batch)
         backbone = getattr(pl_module, "backbone", None)
         if images is None or backbone is None:
             return
-        pictures = self.render(backbone, images[: self.max_images])
+        images = images[: self.max_images]
+        # Every rank runs the forward (an expert-parallel backbone does collective all-to-alls in it);
+        # only rank zero draws and logs.
+        routed = self.route(backbone, images)
+        if not trainer.is_global_zero:
+            return
+        pictures = self.draw(routed, images, backbone.config)
         if not pictures:
             return
         step = int(trainer.global_step)
@@ -128,27 +132,34 @@ class ExpertVisualizationCallback(Callback):
         if self.save_dir:
             from PIL import Image
 
-            folder = Path(self.save_dir) / f"step{step:08d}"
+            folder = Path(self.save_dir) / f"step{step:08d}_val{self.val_steps:06d}"
             folder.mkdir(parents=True, exist_ok=True)
             for name, arr in pictures.items():
                 Image.fromarray(arr).save(folder / (name.replace("/", "_") + ".png"))
         self.logged.append(step)
 
-    def render(self, backbone: torch.nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
-        """Run `backbone` on `images` and draw the pictures; name -> (H, W, 3) uint8."""
+    @staticmethod
+    def route(backbone: torch.nn.Module, images: torch.Tensor) -> RoutedBatch:
+        """Run `backbone` on `images` (eval mode, no grad) and split its routing records per modality."""
         was_training = backbone.training
         backbone.eval()
         try:
             with torch.no_grad():
-                routed = forward_routing(backbone, image=images)
+                return forward_routing(backbone, image=images)
         finally:
             backbone.train(was_training)
+
+    def render(self, backbone: torch.nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """Route and draw: name -> (H, W, 3) uint8 picture."""
+        return self.draw(self.route(backbone, images), images, backbone.config)
+
+    def draw(self, routed: RoutedBatch, images: torch.Tensor, cfg: Any) -> dict[str, np.ndarray]:
+        """The pictures of one routed batch: name -> (H, W, 3) uint8 (empty if no MoE layer saw the images)."""
         if routed.grid_size is None:
             return {}
         views = [v for v in routed.views if v.vision is not None]
         if not views:
             return {}
-        cfg = backbone.config
         display = to_display(images, cfg.image_mean, cfg.image_std)
         keys = [v.key for v in views]
         firsts = {v.key: patch_grid(v.vision, routed.grid_size) for v in views}

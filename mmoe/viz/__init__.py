@@ -8,6 +8,7 @@ A leaf package: it never imports Lightning.
 
 from mmoe.viz.experts import (
     draw_activation_bars,
+    draw_activation_summary,
     draw_assignment,
     draw_diversity,
     draw_load_heatmaps,
@@ -36,6 +37,7 @@ __all__ = [
     "activation_ratio",
     "diversity",
     "draw_activation_bars",
+    "draw_activation_summary",
     "draw_assignment",
     "draw_diversity",
     "draw_load_heatmaps",

@@ -268,6 +268,31 @@ def draw_activation_bars(
     return fig, ratios
 
 
+def draw_activation_summary(ratios: Mapping[str, Mapping[str, float]], *, threshold: float) -> Figure:
+    """Activation ratio per layer, one bar group per layer and one bar per model ([MH1] Fig. 1a's headline:
+    the share of experts activated, e.g. SMoE 8.33% vs MH-MoE 90.71%)."""
+    labels = list(ratios)
+    keys: list[str] = []
+    for r in ratios.values():
+        keys += [k for k in r if k not in keys]
+    fig = plt.figure(figsize=(max(4.0, 0.8 * len(keys) * max(1, len(labels)) + 1.5), 3.2), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(labels))
+    palette = matplotlib.colormaps["Set2"].colors
+    for m, label in enumerate(labels):
+        xs = np.arange(len(keys)) + (m - (len(labels) - 1) / 2) * width
+        vals = [100 * ratios[label].get(k, np.nan) for k in keys]
+        bars = ax.bar(xs, vals, width, label=label, color=palette[m % len(palette)], edgecolor="k", linewidth=0.4)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("activated experts (%)")
+    ax.set_xlabel("MoE layer")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"activation ratio (expert share >= {threshold:g})", fontsize=10)
+    return fig
+
+
 def draw_map_grid(
     images: Sequence[np.ndarray],
     maps: Sequence[Sequence[np.ndarray]],

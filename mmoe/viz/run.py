@@ -9,7 +9,8 @@ and 8 plus a JSON of the numbers. One model or two side by side (`write_comparis
 Output layout of `write_report(result, out)`:
     experts.json                        every number drawn (loads, activation ratios, per-patch ids)
     load_heatmap.png                    (c) experts x layers load over all inputs
-    activation.png                      (d) activation-ratio bars per layer
+    activation.png                      (d) per-expert load bars per layer with the activation threshold
+    activation_ratio.png                (d) share of experts activated per layer
     images/{i:03d}_{name}/{key}_experts.png     (a) per-head and majority expert per patch
     images/{i:03d}_{name}/{key}_diversity.png   (b) distinct experts per patch
     text/{i:03d}_routing.png, text/routing.md   text sub-tokens' experts, picture and table
@@ -34,6 +35,7 @@ from PIL import Image
 
 from mmoe.viz.experts import (
     draw_activation_bars,
+    draw_activation_summary,
     draw_assignment,
     draw_diversity,
     draw_load_heatmaps,
@@ -401,8 +403,10 @@ def write_report(result: ModelRouting, out: str | Path, *, threshold: float = DE
         n = len(result.inputs)
         fig, _ = draw_load_heatmaps({result.label: loads}, title=f"expert load per layer over {n} input(s)")
         files.append(str(save_figure(fig, out / "load_heatmap.png")))
-        fig, _ = draw_activation_bars({result.label: loads}, threshold=threshold)
+        fig, ratios = draw_activation_bars({result.label: loads}, threshold=threshold)
         files.append(str(save_figure(fig, out / "activation.png")))
+        fig = draw_activation_summary(ratios, threshold=threshold)
+        files.append(str(save_figure(fig, out / "activation_ratio.png")))
     if result.texts:
         md = [f"# Text routing: {result.label}", ""]
         for tr in result.texts:
@@ -436,8 +440,9 @@ def write_comparison(
     files = []
     fig, _ = draw_load_heatmaps(loads, title="expert load per layer: " + " vs ".join(labels))
     files.append(save_figure(fig, out / "load_heatmap.png"))
-    fig, _ = draw_activation_bars(loads, threshold=threshold, title="expert activation: " + " vs ".join(labels))
+    fig, ratios = draw_activation_bars(loads, threshold=threshold, title="expert activation: " + " vs ".join(labels))
     files.append(save_figure(fig, out / "activation.png"))
+    files.append(save_figure(draw_activation_summary(ratios, threshold=threshold), out / "activation_ratio.png"))
     summary: dict[str, Any] = {"models": labels, "activation_threshold": threshold, "layers": {}}
     for r in results:
         summary["layers"][r.label] = {

@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Training-step time and peak memory of backbones side by side (Dense vs SMoE / X-MoE / MH-MoE at equal FLOPs).
+
+Each model runs in its own subprocess so that peak memory (CPU: max RSS growth; CUDA: max allocated) is its own.
+A step is forward on an image+text batch, loss = mean square of the features + MoE aux loss, backward, AdamW.
+
+    python tools/bench_model.py                                   # tiny set + base set, CPU
+    python tools/bench_model.py --models tiny_dense tiny_mhmoe --steps 10 --json out.json
+    python tools/bench_model.py --device cuda --set base          # on a GPU
+
+Prints a table and writes JSON (`--json`). The issue's target: MH-MoE throughput >= 0.8x the dense step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = {
+    # (models, batch, image size, text length): the base set uses a short sequence (5x5 patches + 16 text tokens)
+    "tiny": (["tiny_dense", "tiny_smoe", "tiny_xmoe", "tiny_mhmoe"], 8, 64, 32),
+    "base": (["base_dense", "base_smoe", "base_mhmoe"], 4, 80, 16),
+}
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def worker(name: str, batch: int, img: int, text_len: int, steps: int, warmup: int, device: str, threads: int) -> dict:
+    """Time `steps` training steps of one model after `warmup` steps; runs in a fresh process."""
+    sys.path.insert(0, str(ROOT))
+    from mmoe.model import create_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    rss0 = _rss_mib()
+    model = create_model(name, img_size=img).to(dev).train()
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(batch, 3, img, img, generator=g).to(dev)
+    text = torch.randint(0, 49408, (batch, text_len), generator=g).to(dev)
+    pad = torch.zeros(batch, text_len, dtype=torch.bool)
+    pad[: batch // 2, text_len * 3 // 4 :] = True
+    pad = pad.to(dev)
+
+    def step() -> None:
+        out = model(image=image, text=text, text_padding_mask=pad)
+        loss = out.features.float().square().mean() + out.aux_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    seq = 1 + (img // model.config.patch_size) ** 2 + text_len
+    cfg = model.config
+    return {
+        "model": name,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "params_m": params / 1e6,
+        "batch": batch,
+        "seq_len": seq,
+        "step_s_median": median,
+        "step_s_min": times[0],
+        "tokens_per_s": batch * seq / median,
+        "peak_mem_mib": (torch.cuda.max_memory_allocated() / 2**20) if dev.type == "cuda" else _rss_mib() - rss0,
+        "peak_mem_kind": "cuda max allocated" if dev.type == "cuda" else "max RSS growth",
+        "moe": None
+        if cfg.moe is None
+        else f"E={cfg.moe.num_experts} h={cfg.moe.num_heads} k={cfg.moe.top_k} "
+        f"F={cfg.moe.expert_hidden} {cfg.moe.router}",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", nargs="+", default=["tiny", "base"], choices=sorted(SETS), help="model sets to run")
+    p.add_argument("--models", nargs="+", help="explicit model names (use with --batch/--img/--text-len)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--img", type=int, default=64)
+    p.add_argument("--text-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch default)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        res = worker(
+            args.worker, args.batch, args.img, args.text_len, args.steps, args.warmup, args.device, args.threads
+        )
+        print("RESULT " + json.dumps(res))
+        return 0
+
+    plan = [(args.models, args.batch, args.img, args.text_len)] if args.models else [SETS[s] for s in args.set]
+    results = []
+    for models, batch, img, text_len in plan:
+        for name in models:
+            cmd = [sys.executable, __file__, "--worker", name, "--batch", str(batch), "--img", str(img),
+                   "--text-len", str(text_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(f"{name}: worker failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+                return 1
+            res = json.loads(line[-1][len("RESULT ") :])
+            dense = next((r for r in results if r["model"].endswith("_dense") and r["seq_len"] == res["seq_len"]), None)
+            res["throughput_vs_dense"] = res["tokens_per_s"] / dense["tokens_per_s"] if dense else None
+            results.append(res)
+            print(f"done {name}", file=sys.stderr, flush=True)
+
+    header = (
+        "| model | MoE | params (M) | batch x seq | step (s, median) | tokens/s | vs dense | peak mem (MiB) |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    print(header)
+    for r in results:
+        ratio = "-" if r["throughput_vs_dense"] is None else f"{r['throughput_vs_dense']:.2f}x"
+        print(
+            f"| {r['model']} | {r['moe'] or 'dense'} | {r['params_m']:.1f} | {r['batch']} x {r['seq_len']} | "
+            f"{r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_mem_mib']:.0f} |"
+        )
+    print(f"device {results[0]['device']}, threads {results[0]['threads']}, peak mem = {results[0]['peak_mem_kind']}")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
