@@ -36,10 +36,22 @@ def _karpathy_file(tmp_path: Path) -> Path:
     splits = ["train"] * 6 + ["restval"] * 2 + ["val", "test"]
     images = []
     for split, img in zip(splits, sorted(ann["images"], key=lambda x: x["id"])):
-        sents = [{"raw": a["caption"], "tokens": a["caption"].lower().split(), "imgid": 0, "sentid": a["id"]}
-                 for a in ann["annotations"] if a["image_id"] == img["id"]]
-        images.append({"filepath": "val2017", "filename": img["file_name"], "cocoid": img["id"], "split": split,
-                       "sentences": sents, "sentids": [s["sentid"] for s in sents], "imgid": len(images)})
+        sents = [
+            {"raw": a["caption"], "tokens": a["caption"].lower().split(), "imgid": 0, "sentid": a["id"]}
+            for a in ann["annotations"]
+            if a["image_id"] == img["id"]
+        ]
+        images.append(
+            {
+                "filepath": "val2017",
+                "filename": img["file_name"],
+                "cocoid": img["id"],
+                "split": split,
+                "sentences": sents,
+                "sentids": [s["sentid"] for s in sents],
+                "imgid": len(images),
+            }
+        )
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps({"images": images, "dataset": "coco"}))
     return path

@@ -45,7 +45,9 @@ class TinyCausalBackbone(nn.Module):
         self.tpos = nn.Embedding(64, dim)
         self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(depth))
         self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
-        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)) for _ in range(depth))
+        self.mlp = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)) for _ in range(depth)
+        )
 
     def new_cache(self) -> _Cache:
         return _Cache()
@@ -67,8 +69,9 @@ class TinyCausalBackbone(nn.Module):
         att = att.masked_fill(~mask, float("-inf")).softmax(-1)
         return self.proj[i]((att @ v_all).transpose(1, 2).reshape(b, n, d))
 
-    def forward(self, image=None, text=None, text_padding_mask=None, attn_mask=None, cache=None, text_start=0,
-                update_cache=True):
+    def forward(
+        self, image=None, text=None, text_padding_mask=None, attn_mask=None, cache=None, text_start=0, update_cache=True
+    ):
         parts = []
         if image is not None:
             v = self.patch(image).flatten(2).transpose(1, 2)
@@ -191,13 +194,27 @@ def test_beam_search_matches_brute_force(seed, use_cache):
     trans_logp = logits.log_softmax(-1)
     image = torch.zeros(1, 3, 4, 4)
     out = beam_search(
-        _MarkovBackbone(vocab), head, image, special=SPECIAL, num_beams=16, length_penalty=0.0,
-        max_length=max_length, use_cache=use_cache,
+        _MarkovBackbone(vocab),
+        head,
+        image,
+        special=SPECIAL,
+        num_beams=16,
+        length_penalty=0.0,
+        max_length=max_length,
+        use_cache=use_cache,
     )
     assert out.scores[0] == pytest.approx(_brute_force(trans_logp, [4, 5], max_length, 0.0), abs=1e-9)
     # narrow beams never beat the exhaustive optimum
-    narrow = beam_search(_MarkovBackbone(vocab), head, image, special=SPECIAL, num_beams=2, length_penalty=0.0,
-                         max_length=max_length, use_cache=use_cache)
+    narrow = beam_search(
+        _MarkovBackbone(vocab),
+        head,
+        image,
+        special=SPECIAL,
+        num_beams=2,
+        length_penalty=0.0,
+        max_length=max_length,
+        use_cache=use_cache,
+    )
     assert narrow.scores[0] <= out.scores[0] + 1e-9
 
 
@@ -206,3 +223,22 @@ def test_generation_config_checks():
         GenerationConfig(strategy="sample")
     with pytest.raises(ValueError, match="max_length"):
         GenerationConfig(max_length=1)
+
+
+@pytest.mark.parametrize("name", ["tiny_mhmoe"])
+def test_real_backbone_cache_equals_recompute(name):
+    """The backbone's KVCache (docs/interfaces.md 8), MoE layers included, decodes exactly like re-encoding."""
+    from mmoe.model import create_model
+
+    torch.manual_seed(0)
+    backbone = create_model(name).double().eval()
+    head = nn.Linear(backbone.config.dim, backbone.config.vocab_size).double()
+    special = SpecialIds(bos_id=49406, eos_id=49407, mask_id=49409, pad_id=49408)
+    image = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for kw in ({"strategy": "greedy"}, {"strategy": "beam", "num_beams": 2}):
+        a = generate(backbone, head, image, special=special, config=GenerationConfig(max_length=6, **kw))
+        b = generate(
+            backbone, head, image, special=special, config=GenerationConfig(max_length=6, use_cache=False, **kw)
+        )
+        assert a.tokens == b.tokens and len(a.tokens[0]) > 0
+        assert a.scores == pytest.approx(b.scores, abs=1e-8)

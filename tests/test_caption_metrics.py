@@ -13,7 +13,9 @@ from pycocoevalcap.rouge.rouge import Rouge
 import mmoe.metrics.captions as mc
 from mmoe.metrics.captions import evaluate_files, java_available, main, ptb_tokenize, score_captions
 
-SAMPLES = Path(__file__).resolve().parents[1] / "datasets" / "samples" / "coco" / "annotations" / "captions_val2017.json"
+SAMPLES = (
+    Path(__file__).resolve().parents[1] / "datasets" / "samples" / "coco" / "annotations" / "captions_val2017.json"
+)
 needs_samples = pytest.mark.skipif(not SAMPLES.is_file(), reason="datasets/samples/coco is missing")
 needs_java = pytest.mark.skipif(not java_available(), reason="java is not on PATH (official PTB tokenizer/METEOR)")
 
@@ -22,8 +24,10 @@ needs_java = pytest.mark.skipif(not java_available(), reason="java is not on PAT
     "text, expected",
     [
         # expectations are the Java PTBTokenizer (stanford-corenlp-3.4.1, -lowerCase) + punctuation removal
-        ("A man's dog, running (fast) on the \"beach\"... isn't it?",
-         "a man 's dog running -lrb- fast -rrb- on the beach is n't it"),
+        (
+            "A man's dog, running (fast) on the \"beach\"... isn't it?",
+            "a man 's dog running -lrb- fast -rrb- on the beach is n't it",
+        ),
         ("Two cats-and dogs; 3.5 km/h U.S. e-mail", "two cats-and dogs 3.5 km/h u.s. e-mail"),
         ("I cannot do it, gonna wanna", "i can not do it gon na wan na"),
         ("He said 'hello' [ok] {x} & 50% $5 #1", "he said hello -lsb- ok -rsb- -lcb- x -rcb- & 50 % $ 5 # 1"),
@@ -52,8 +56,9 @@ def test_perfect_and_constant_predictions():
     perfect = score_captions({k: [v[0]] for k, v in refs.items()}, {k: v[0] for k, v in refs.items()}, meteor=False)
     assert perfect["Bleu_1"] == pytest.approx(1.0, abs=1e-6) and perfect["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
     held_out = score_captions({k: v[1:] for k, v in refs.items()}, {k: v[0] for k, v in refs.items()}, meteor=False)
-    constant = score_captions({k: v[1:] for k, v in refs.items()}, {k: "a picture of something" for k in refs},
-                              meteor=False)
+    constant = score_captions(
+        {k: v[1:] for k, v in refs.items()}, {k: "a picture of something" for k in refs}, meteor=False
+    )
     assert held_out["CIDEr"] > 3 * constant["CIDEr"]
     assert held_out["Bleu_4"] > constant["Bleu_4"]
     assert held_out["METEOR"] is None and "METEOR" in held_out["unavailable"]  # not computed -> unavailable, not 0
@@ -102,17 +107,35 @@ def test_python_pipeline_agrees_with_java_pipeline_within_1_percent():
 
 
 def test_cli_prints_json(tmp_path, capsys):
-    ann = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
-           "annotations": [{"image_id": 1, "id": 1, "caption": "A red circle on the left."},
-                           {"image_id": 1, "id": 2, "caption": "A small red circle."},
-                           {"image_id": 2, "id": 3, "caption": "Two blue squares."},
-                           {"image_id": 2, "id": 4, "caption": "Blue squares, two of them."}]}
+    ann = {
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+        "annotations": [
+            {"image_id": 1, "id": 1, "caption": "A red circle on the left."},
+            {"image_id": 1, "id": 2, "caption": "A small red circle."},
+            {"image_id": 2, "id": 3, "caption": "Two blue squares."},
+            {"image_id": 2, "id": 4, "caption": "Blue squares, two of them."},
+        ],
+    }
     (tmp_path / "ann.json").write_text(json.dumps(ann))
-    res = [{"image_id": 1, "caption": "a small red circle"}, {"image_id": 2, "caption": "two blue squares"},
-           {"image_id": 9, "caption": "not annotated"}]
+    res = [
+        {"image_id": 1, "caption": "a small red circle"},
+        {"image_id": 2, "caption": "two blue squares"},
+        {"image_id": 9, "caption": "not annotated"},
+    ]
     (tmp_path / "res.json").write_text(json.dumps(res))
-    assert main(["--annotations", str(tmp_path / "ann.json"), "--results", str(tmp_path / "res.json"),
-                 "--no-meteor", "--ignore-missing"]) == 0
+    assert (
+        main(
+            [
+                "--annotations",
+                str(tmp_path / "ann.json"),
+                "--results",
+                str(tmp_path / "res.json"),
+                "--no-meteor",
+                "--ignore-missing",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["num_images"] == 2 and out["num_ignored"] == 1
     assert out["Bleu_1"] == pytest.approx(1.0, abs=1e-6)

@@ -47,9 +47,16 @@ def _batch(task: CaptioningTask, b: int = 2) -> dict:
     ids, pad = task.tokenizer(["a small red circle at the top", "two shapes"][:b])
     from mmoe.data.captions import mask_caption_tokens
 
-    text, labels = mask_caption_tokens(ids, pad, mask_id=task.tokenizer.mask_id, generator=torch.Generator().manual_seed(0))
-    return {"image": torch.randn(b, 3, 64, 64), "text": text, "text_padding_mask": pad, "text_labels": labels,
-            "image_id": torch.arange(b)}
+    text, labels = mask_caption_tokens(
+        ids, pad, mask_id=task.tokenizer.mask_id, generator=torch.Generator().manual_seed(0)
+    )
+    return {
+        "image": torch.randn(b, 3, 64, 64),
+        "text": text,
+        "text_padding_mask": pad,
+        "text_labels": labels,
+        "image_id": torch.arange(b),
+    }
 
 
 def test_task_step_gradients_and_checkpoint_round_trip(tmp_path):
@@ -85,16 +92,20 @@ def shapes_world(tmp_path_factory) -> Path:
 def _cli_args(world: Path, root: Path) -> list[str]:
     coco = world / "coco"
     return [
-        "--config", str(RECIPE),
+        "--config",
+        str(RECIPE),
         f"--data.train_annotations={coco / 'annotations' / 'captions_train2014.json'}",
         f"--data.train_images={coco / 'train2014'}",
         f"--data.val_annotations={coco / 'annotations' / 'captions_val2014.json'}",
         f"--data.val_images={coco / 'val2014'}",
         f"--data.test_annotations={coco / 'annotations' / 'captions_val2014.json'}",
         f"--data.test_images={coco / 'val2014'}",
-        "--data.batch_size=4", "--data.eval_batch_size=4",
-        "--model.generation.max_length=6", "--model.generation.num_beams=2",
-        f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+        "--data.batch_size=4",
+        "--data.eval_batch_size=4",
+        "--model.generation.max_length=6",
+        "--model.generation.num_beams=2",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
     ]
 
 
@@ -102,9 +113,16 @@ def test_one_training_step_through_the_cli(shapes_world, tmp_path):
     from mmoe.train.cli import main
 
     root = tmp_path / "run"
-    main(["fit", *_cli_args(shapes_world, root), "--trainer.max_steps=1", "--trainer.val_check_interval=1",
-          "--trainer.log_every_n_steps=1",
-          "--trainer.limit_val_batches=1"])
+    main(
+        [
+            "fit",
+            *_cli_args(shapes_world, root),
+            "--trainer.max_steps=1",
+            "--trainer.val_check_interval=1",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.limit_val_batches=1",
+        ]
+    )
     ckpt = root / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -123,10 +141,19 @@ def test_cli_predict_on_a_folder_writes_official_results(shapes_world, tmp_path)
     root = tmp_path / "run"
     main(["fit", *_cli_args(shapes_world, root), "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])
     out = tmp_path / "predict.json"
-    main(["predict", *_cli_args(shapes_world, root), f"--ckpt_path={root / 'checkpoints' / 'last.ckpt'}",
-          f"--data.predict_images={shapes_world / 'coco' / 'val2014'}", f"--model.results_path={out}"])
+    main(
+        [
+            "predict",
+            *_cli_args(shapes_world, root),
+            f"--ckpt_path={root / 'checkpoints' / 'last.ckpt'}",
+            f"--data.predict_images={shapes_world / 'coco' / 'val2014'}",
+            f"--model.results_path={out}",
+        ]
+    )
     results = json.loads(out.read_text())
-    val_ids = {img["id"] for img in json.loads((shapes_world / "coco" / "annotations" / "captions_val2014.json")
-                                               .read_text())["images"]}
+    val_ids = {
+        img["id"]
+        for img in json.loads((shapes_world / "coco" / "annotations" / "captions_val2014.json").read_text())["images"]
+    }
     assert {r["image_id"] for r in results} == val_ids
     assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)

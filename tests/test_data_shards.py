@@ -166,14 +166,25 @@ def test_reader_skips_and_counts_corrupt_samples(tmp_path: Path) -> None:
     cut = 512 + ((len(good) + 511) // 512) * 512  # end of the jpg member
     (tmp_path / "bad-000001.tar").write_bytes(raw[:cut] + b"\x13" * 700)
     (tmp_path / "bad-000002.tar").write_bytes(b"not a tar at all" * 10)
+    # a shard cut off in the middle of a member's data (an interrupted copy)
+    buf3 = io.BytesIO()
+    with tarfile.open(fileobj=buf3, mode="w") as tar:
+        for key, ext, data in [("h", "jpg", good), ("h", "txt", b"complete before the cut"), ("i", "jpg", good)]:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw3 = buf3.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw3)) as tar:
+        cut = tar.getmember("i.jpg").offset_data + len(good) // 2
+    (tmp_path / "bad-000003.tar").write_bytes(raw3[:cut])
     ds = _stream({"pair": StreamConfig("pair", [str(tmp_path / "bad-*.tar")], 0.5)}, train=False, batch_size=8)
     loader = StreamLoader(ds, num_workers=0)
     batches = list(loader)
     texts = [t for b in batches for t in _texts(b["pair"])]
-    assert sorted(texts) == ["a red square", "another red square"]
+    assert sorted(texts) == ["a red square", "another red square", "complete before the cut"]
     sk = loader.skipped
     assert sk["decode_error"] == 2 and sk["empty_text"] == 1 and sk["missing_image"] == 1
-    assert sk["corrupt_shard"] == 2 and sk["missing_text"] == 1  # g.jpg alone before the garbage
+    assert sk["corrupt_shard"] == 3 and sk["missing_text"] == 1  # g.jpg alone before the garbage
     assert loader.epoch_skipped == dict(sk)
 
 
@@ -238,3 +249,12 @@ def test_flip_swaps_left_and_right_in_pair_captions(tmp_path: Path) -> None:
         assert sub["image"][0, 0, 8, red_side] > 0.9 and sub["image"][0, 2, 8, red_side] < -0.9
         expected = caption or "red on the left and blue on the right"
         assert _texts(sub)[0] == expected
+
+
+def test_validation_with_fixed_steps_is_equal_on_every_rank(tmp_path: Path) -> None:
+    shards = _text_shards(tmp_path, n_docs=10, per_shard=3)  # 4 shards: ranks get 6 and 4 samples
+    cfg = {"text": StreamConfig("text", [str(shards / "train-*.tar")], 0.15)}
+    counts = [len(list(_stream(cfg, train=False, rank=r, world_size=2, num_batches=3))) for r in (0, 1)]
+    assert counts == [3, 3]
+    once = [len(list(_stream(cfg, train=False, rank=r, world_size=2))) for r in (0, 1)]
+    assert once == [2, 1]  # without a step count each sample is read once (6 -> 4 + 2, 4 -> 4)

@@ -109,6 +109,7 @@ def test_cli_fit_five_steps(world: Path, tmp_path: Path) -> None:
     assert model.config.moe is not None and model.config.moe.num_heads == 4
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_losses(world: Path, tmp_path: Path) -> None:
     """4 steps in one go vs 2 steps + ``--ckpt_path last`` for 2 more (checkpoint at a data-pass boundary)."""
     common = [

@@ -108,10 +108,21 @@ def test_empty_image_and_no_masks(tmp_path: Path) -> None:
     Image.new("RGB", (40, 30), (120, 10, 10)).save(tmp_path / "a.jpg")
     Image.new("RGB", (40, 30), (10, 10, 120)).save(tmp_path / "b.jpg")
     data = {
-        "images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30},
-                   {"id": 2, "file_name": "b.jpg", "width": 40, "height": 30}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [5, 5, 10, 8], "area": 80, "iscrowd": 0,
-                         "segmentation": [[5, 5, 15, 5, 15, 13, 5, 13]]}],
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 40, "height": 30},
+            {"id": 2, "file_name": "b.jpg", "width": 40, "height": 30},
+        ],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 7,
+                "bbox": [5, 5, 10, 8],
+                "area": 80,
+                "iscrowd": 0,
+                "segmentation": [[5, 5, 15, 5, 15, 13, 5, 13]],
+            }
+        ],
         "categories": [{"id": 7, "name": "thing"}, {"id": 3, "name": "other"}],
     }
     (tmp_path / "inst.json").write_text(json.dumps(data))
@@ -129,6 +140,14 @@ def test_empty_image_and_no_masks(tmp_path: Path) -> None:
 def test_class_names_come_from_timm() -> None:
     names = imagenet_class_names(["n01440764", "n02123045", "circle"])
     assert names == ["tench", "tabby", "circle"]
+    real = REPO / "datasets" / "samples" / "imagenet" / "val"
+    if real.is_dir():  # the real sample images in the ImageFolder layout
+        ds = ImageNetFolder(real, transform=imagenet_transform(False, image_size=32))
+        assert len(ds) >= 1 and len(ds.class_names) == len(ds.classes)
+        if "n01774384" in ds.classes:
+            assert ds.class_names[ds.classes.index("n01774384")] == "black widow"
+        image, label = ds[0]
+        assert image.shape == (3, 32, 32) and label == 0
 
 
 def _image_folder(root: Path, classes: list[str], per_class: int = 2) -> None:
@@ -180,10 +199,14 @@ def test_sort_val_with_devkit_meta_mat(tmp_path: Path, capsys: pytest.CaptureFix
     (tmp_path / "gt.txt").write_text("3\n1\n3\n2\n")
     val = _flat_val(tmp_path, 4)
     tool = runpy.run_path(str(REPO / "tools" / "sort_imagenet_val.py"), run_name="sort_imagenet_val")
-    counts = tool["main"](["--val-dir", str(val), "--labels", str(tmp_path / "gt.txt"), "--meta", str(tmp_path / "meta.mat")])
+    counts = tool["main"](
+        ["--val-dir", str(val), "--labels", str(tmp_path / "gt.txt"), "--meta", str(tmp_path / "meta.mat")]
+    )
     assert json.loads(capsys.readouterr().out) == counts == {"sorted": 4, "skipped": 1, "unlabelled": 0}
     assert sorted(p.name for p in (val / "n01440764").iterdir()) == [
-        "ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000003.JPEG"]
+        "ILSVRC2012_val_00000001.JPEG",
+        "ILSVRC2012_val_00000003.JPEG",
+    ]
     assert [p.name for p in (val / "n02100735").iterdir()] == ["ILSVRC2012_val_00000004.JPEG"]
     assert ImageNetFolder(val).classes == ["n01440764", "n02100735", "n02119789"]
 

@@ -44,7 +44,9 @@ def _targets(sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
     for i, (h, w) in enumerate(sizes):
         masks = torch.zeros(1, h, w, dtype=torch.uint8)
         masks[0, 8:30, 10:40] = 1
-        out.append({"boxes": torch.tensor([[10.0, 8.0, 40.0, 30.0]]), "labels": torch.tensor([1 + i % 3]), "masks": masks})
+        out.append(
+            {"boxes": torch.tensor([[10.0, 8.0, 40.0, 30.0]]), "labels": torch.tensor([1 + i % 3]), "masks": masks}
+        )
     return out
 
 
@@ -65,8 +67,10 @@ def test_vitdet_non_square_forward(with_masks: bool) -> None:
     assert fmap.shape == (2, backbone.config.dim, batch.shape[-2] // p, batch.shape[-1] // p)
 
     model.train()
-    losses = model(images, _targets(sizes) if with_masks else [{k: v for k, v in t.items() if k != "masks"}
-                                                                for t in _targets(sizes)])
+    losses = model(
+        images,
+        _targets(sizes) if with_masks else [{k: v for k, v in t.items() if k != "masks"} for t in _targets(sizes)],
+    )
     expected = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_moe_aux"}
     assert expected | ({"loss_mask"} if with_masks else set()) == set(losses)
     total = sum(losses.values())
@@ -99,3 +103,23 @@ def test_state_dict_layout_matches_task_convention() -> None:
     model = ViTDet(create_model("tiny"), num_classes=3, **SMALL_HEADS)
     prefixes = {k.split(".")[0] for k in model.state_dict()}
     assert prefixes == {"backbone", "detector"}  # DetectionTask registers the same two names
+
+
+def test_detection_task_layer_decay_groups() -> None:
+    from mmoe.train.optim import param_groups
+    from mmoe.train.vision import DetectionTask
+
+    task = DetectionTask(
+        backbone="tiny",
+        num_classes=3,
+        **{k: v for k, v in SMALL_HEADS.items() if "rpn" not in k and k != "box_batch_size_per_image"},
+    )
+    groups = param_groups(task, lr=1.0, weight_decay=0.1, layer_decay=0.5)
+    depth = task.backbone.config.depth
+    by_name = {g["group_name"]: g for g in groups}
+    # embeddings (id 0) get decay^(depth + 1), block i gets decay^(depth - i), the ViTDet heads the full lr
+    assert by_name["backbone.layer0_decay"]["lr"] == pytest.approx(0.5 ** (depth + 1))
+    assert by_name[f"backbone.layer{depth}_decay"]["lr"] == pytest.approx(0.5)
+    head_params = {id(p) for g in groups if g["group_name"].startswith("head") for p in g["params"]}
+    assert all(id(p) in head_params for p in task.detector.parameters())
+    assert all(g["lr"] == 1.0 for g in groups if g["group_name"].startswith("head"))

@@ -105,8 +105,12 @@ def test_segm_matches_direct_pycocotools(gt_file: Path) -> None:
         m = gt.annToMask(ann)
         m = np.roll(m, shift=int(rng.integers(-3, 4)), axis=int(rng.integers(0, 2)))  # shifted masks
         results.append(
-            {"image_id": ann["image_id"], "category_id": ann["category_id"], "segmentation": encode_mask(m),
-             "score": float(rng.random())}
+            {
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"],
+                "segmentation": encode_mask(m),
+                "score": float(rng.random()),
+            }
         )
     assert isinstance(results[0]["segmentation"]["counts"], str)
     json.dumps(results)  # the official JSON form
@@ -129,7 +133,9 @@ def test_cli_prints_json(gt_file: Path, fake_bbox_file: Path, tmp_path: Path, ca
     demo = [r for r in json.loads(fake_bbox_file.read_text()) if r["image_id"] in (139, 802)]
     res = tmp_path / "results.json"
     res.write_text(json.dumps(demo))
-    assert main(["--annotations", str(gt_file), "--results", str(res), "--iou", "bbox", "--image-ids", "139", "802"]) == 0
+    assert (
+        main(["--annotations", str(gt_file), "--results", str(res), "--iou", "bbox", "--image-ids", "139", "802"]) == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         assert key in printed

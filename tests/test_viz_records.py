@@ -128,3 +128,16 @@ def test_agrees_with_moe_stats_on_a_real_layer():
     for t in (0.0, 0.01, 0.2):
         assert activation_ratio(rec.counts.numpy(), t) == stats.activation_ratio(rec.counts, t)
     assert (tok.expert_ids[1, 5:] == -1).all()
+
+
+def test_viz_is_a_leaf_without_lightning_or_pyplot():
+    """ARCHITECTURE.md: mmoe.viz never imports Lightning; figures are made without pyplot's global state."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mmoe.viz; "
+        "bad = [m for m in ('lightning', 'matplotlib.pyplot', 'webdataset') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -58,10 +58,11 @@ def test_json_carries_known_patch_assignment(tmp_path):
 
 
 def test_report_files(tmp_path):
-    model = StandInBackbone(heads=2, experts=4, top_k=1, layers=("layer1",))
+    model = StandInBackbone(heads=2, experts=4, top_k=1, layers=("layer1", "layer3"))
     reds = np.linspace(0, 1, GRID * GRID).reshape(GRID, GRID)
     result = collect_routing(model, [VizInput("painted.png", _painted(reds))], label="standin")
-    data = write_report(result, tmp_path)
+    data = write_report(result, tmp_path, layers=["layer1"])  # per-image maps of layer1 only
+    assert set(data["layers"]) == {"layer1", "layer3"}  # the numbers cover every layer
     on_disk = json.loads((tmp_path / "experts.json").read_text())
     assert (
         on_disk["layers"]["layer1"]["images"][0]["first_choice"]
@@ -257,13 +258,16 @@ def test_tool_compare_fresh_models(tmp_path):
 
     if not {"tiny_smoe", "tiny_mhmoe"} <= set(list_models()):
         pytest.skip("tiny_smoe / tiny_mhmoe not registered")
-    img = tmp_path / "noise.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(img)
+    img = pathlib.Path(__file__).resolve().parents[1] / "datasets" / "samples" / "coco" / "val2017"
+    if not img.is_dir():  # real COCO samples when the repo has them, else a noise image
+        img = tmp_path / "noise.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(img)
     tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / "visualize_experts.py"
     spec = importlib.util.spec_from_file_location("visualize_experts", tool)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     args = ["--model", "tiny_smoe", "--compare", "tiny_mhmoe", "--image", str(img), "--out", str(tmp_path / "o")]
+    args += ["--limit", "2"]
     assert mod.main(args + ["--text", "two models"]) == 0
     summary = json.loads((tmp_path / "o" / "compare" / "compare.json").read_text())
     assert summary["models"] == ["tiny_smoe", "tiny_mhmoe"]

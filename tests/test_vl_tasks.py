@@ -181,3 +181,50 @@ def test_shipped_recipes_parse(name: str, capsys: pytest.CaptureFixture[str]) ->
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] == "mmoe.train.tasks.ClassificationTask"
     assert printed["data"]["class_path"].startswith("mmoe.train.task_data.")
+
+
+def test_task_loss_rows_checkpoint_and_init_from(tmp_path: Path) -> None:
+    """ClassificationTask pieces without a Trainer: soft-BCE scale, result rows, checkpoint keys, init_from."""
+    import torch.nn.functional as F
+
+    from mmoe.model import save_model
+    from mmoe.train.tasks import ClassificationTask
+
+    vocab = tmp_path / "answers.json"
+    save_answer_vocab(vocab, ["yes", "no", "2"])
+    kw = {"backbone": "tiny_mhmoe", "backbone_overrides": {"img_size": 32}, "label_vocab": str(vocab)}
+    task = ClassificationTask(**kw, loss="soft_bce", id_key="question_id", predict_format="vqa")
+    torch.manual_seed(0)
+    batch = {
+        "image": torch.randn(2, 3, 32, 32),
+        "text": torch.randint(0, 49408, (2, 6)),
+        "text_padding_mask": torch.zeros(2, 6, dtype=torch.bool),
+        "labels": torch.tensor([[1.0, 0.0, 0.3], [0.0, 0.6, 0.0]]),
+        "question_id": torch.tensor([7, 8]),
+    }
+    logits = task(batch)
+    assert logits.shape == (2, 3)
+    expected = F.binary_cross_entropy_with_logits(logits, batch["labels"]) * 3
+    assert torch.allclose(task._loss(logits, batch["labels"]), expected)
+    rows = task._rows(batch, logits)
+    assert [r["question_id"] for r in rows] == [7, 8] and all(r["answer"] in ("yes", "no", "2") for r in rows)
+
+    ckpt: dict = {}
+    task.on_save_checkpoint(ckpt)
+    assert ckpt["label_names"] == ["yes", "no", "2"] and ckpt["mmoe_config"]["img_size"] == 32
+    with pytest.raises(ValueError, match="label names"):
+        task.on_load_checkpoint({"label_names": ["a", "b"]})
+
+    # init_from: a saved backbone is loaded into the new task's backbone.
+    save_model(task.backbone, tmp_path / "backbone.pt")
+    task2 = ClassificationTask(**kw, init_from=str(tmp_path / "backbone.pt"), loss="soft_bce")
+    for (name, p1), p2 in zip(task.backbone.state_dict().items(), task2.backbone.state_dict().values()):
+        assert torch.equal(p1, p2), name
+
+    pair = ClassificationTask(
+        backbone="tiny_mhmoe", backbone_overrides={"img_size": 32}, num_classes=2, pooling="pair", image2_key="image2"
+    )
+    batch["image2"] = torch.randn(2, 3, 32, 32)
+    assert pair(batch).shape == (2, 2)
+    with pytest.raises(ValueError, match="image2_key"):
+        ClassificationTask(backbone="tiny_mhmoe", num_classes=2, pooling="pair")

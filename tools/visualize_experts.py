@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_THRESHOLD,
         help="activation threshold: an expert is active when its share of a layer's routed sub-tokens is at least this",
     )
+    p.add_argument("--layers", nargs="+", help="draw per-image maps only for these MoE layers (e.g. layer1 layer7)")
     p.add_argument("--seed", type=int, default=0, help="seed for freshly initialized models")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     return p
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             threshold=args.threshold,
             seed=args.seed,
+            layers=args.layers,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"visualize_experts: {exc}", file=sys.stderr)

@@ -87,8 +87,10 @@ def load_karpathy(path: str | Path, image_root: str | Path, splits: Sequence[str
             caps = tuple(str(s["raw"]).strip() for s in img["sentences"])
             out.append(CaptionRecord(int(img["cocoid"]), str(root / img.get("filepath", "") / img["filename"]), caps))
         except KeyError as e:
-            raise ValueError(f"load_karpathy: {path} image entry {i} lacks key {e}; expected split, filepath, "
-                             "filename, cocoid, sentences[].raw") from e
+            raise ValueError(
+                f"load_karpathy: {path} image entry {i} lacks key {e}; expected split, filepath, "
+                "filename, cocoid, sentences[].raw"
+            ) from e
     return out
 
 
@@ -112,8 +114,10 @@ def load_caption_records(path: str | Path, image_root: str | Path, split: str = 
     data = _read_json(path, "load_caption_records")
     if isinstance(data, dict) and "annotations" in data:
         return load_coco_captions(path, image_root)
-    if isinstance(data, dict) and isinstance(data.get("images"), list) and (
-        not data["images"] or "sentences" in data["images"][0]
+    if (
+        isinstance(data, dict)
+        and isinstance(data.get("images"), list)
+        and (not data["images"] or "sentences" in data["images"][0])
     ):
         splits = ("train", "restval") if split == "train" else (split,)
         return load_karpathy(path, image_root, splits)
@@ -132,8 +136,13 @@ def write_coco_references(records: Sequence[CaptionRecord], path: str | Path) ->
         images.append({"id": r.image_id, "file_name": os.path.basename(r.path)})
         for c in r.captions:
             anns.append({"image_id": r.image_id, "id": len(anns) + 1, "caption": c})
-    payload = {"info": {"description": "references written by mmoe.data.captions"}, "licenses": [],
-               "type": "captions", "images": images, "annotations": anns}
+    payload = {
+        "info": {"description": "references written by mmoe.data.captions"},
+        "licenses": [],
+        "type": "captions",
+        "images": images,
+        "annotations": anns,
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -219,8 +228,11 @@ class ImageListDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        return {"image": self.transform(_load_image(self.files[idx])), "image_id": self.image_ids[idx],
-                "file_name": os.path.basename(self.files[idx])}
+        return {
+            "image": self.transform(_load_image(self.files[idx])),
+            "image_id": self.image_ids[idx],
+            "file_name": os.path.basename(self.files[idx]),
+        }
 
 
 def mask_caption_tokens(

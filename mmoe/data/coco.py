@@ -20,6 +20,8 @@ to that canvas. Normalization is *not* done here: the detector normalizes with t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -142,7 +144,8 @@ class CocoInstances(Dataset):
             raise FileNotFoundError(f"CocoInstances: annotation file {annotation_file} does not exist")
         if not image_dir.is_dir():
             raise FileNotFoundError(f"CocoInstances: image folder {image_dir} does not exist")
-        base = CocoDetection(str(image_dir), str(annotation_file))
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its loading progress
+            base = CocoDetection(str(image_dir), str(annotation_file))
         keys = {"image_id", "boxes", "labels", "iscrowd"} | ({"masks"} if with_masks else set())
         self.base = wrap_dataset_for_transforms_v2(base, target_keys=keys)
         self.coco = base.coco

@@ -630,7 +630,8 @@ class ShardStream(IterableDataset):
         image_transform: PIL -> (3, H, W) tensor.
         tokenizer: an ``mmoe.data.tokenizer.Tokenizer``.
         mask_generator: block-wise patch masks (``BlockMaskGenerator``).
-        train: resample shards forever and shuffle (True) or read each shard once in order (False).
+        train: resample shards forever and shuffle (True) or read shards in order (False): once, or
+            cyclically when ``num_batches`` is set so that every rank yields the same number of batches.
         num_batches: batches per pass over all workers of this rank (required when ``train``).
         rank, world_size: the trainer's data-parallel position.
         seed: base seed; a pass uses ``(seed, iteration, rank, worker)``.
@@ -736,10 +737,17 @@ class ShardStream(IterableDataset):
                     yield {"__key__": key.encode(), "__url__": url.encode(), **sample}  # type: ignore[dict-item]
 
         if not self.train:
-            for url in urls:
-                index = 0  # residues are per shard so every consumer agrees on them
-                yield from read(url)
-            return
+            # With a fixed number of validation batches the shards are cycled in order, so every rank
+            # yields exactly that many batches (unequal counts would hang DDP collectives).
+            while True:
+                got = 0
+                for url in urls:
+                    index = 0  # residues are per shard so every consumer agrees on them
+                    for sample in read(url):
+                        got += 1
+                        yield sample
+                if self.num_batches is None or not got:
+                    return
         buffer: list[dict[str, bytes]] = []
         empty_reads = 0
         while True:

@@ -238,7 +238,9 @@ def load_results(path: str | Path) -> dict[int, str]:
     """Read the official results format ``[{"image_id": int, "caption": str}, ...]`` (one caption per image)."""
     data = json.loads(Path(path).read_text())
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of {{'image_id', 'caption'}} objects, got {type(data).__name__}")
+        raise ValueError(
+            f"{path}: expected a JSON list of {{'image_id', 'caption'}} objects, got {type(data).__name__}"
+        )
     out: dict[int, str] = {}
     for i, item in enumerate(data):
         if not isinstance(item, dict) or "image_id" not in item or "caption" not in item:

@@ -75,7 +75,9 @@ def load_coco(annotations: str | Path | COCO | Mapping[str, Any]) -> COCO:
             dataset = json.load(f)
     for key in ("images", "annotations", "categories"):
         if key not in dataset:
-            raise ValueError(f"COCO annotations {annotations!s:.200}: missing key {key!r} (need images/annotations/categories)")
+            raise ValueError(
+                f"COCO annotations {annotations!s:.200}: missing key {key!r} (need images/annotations/categories)"
+            )
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
@@ -196,7 +198,9 @@ def evaluate_coco(
         with path.open() as f:
             results = json.load(f)
         if not isinstance(results, list):
-            raise ValueError(f"COCO results file {path}: expected a JSON list of detections, got {type(results).__name__}")
+            raise ValueError(
+                f"COCO results file {path}: expected a JSON list of detections, got {type(results).__name__}"
+            )
     entries = _prepare_results(results, iou_type, drop_bbox_for_segm)
     known = set(gt.getImgIds())
     unknown = sorted({e["image_id"] for e in entries} - known)

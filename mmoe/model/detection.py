@@ -27,13 +27,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
 __all__ = ["LayerNorm2d", "SimpleFeaturePyramid", "ViTDetHeads", "ViTDet", "backbone_feature_map"]
 
@@ -58,7 +57,9 @@ def _scale_path(in_dim: int, in_stride: int, out_stride: int) -> tuple[nn.Module
     if out_stride > in_stride:
         factor = out_stride // in_stride
         if factor * in_stride != out_stride:
-            raise ValueError(f"SimpleFeaturePyramid: stride {out_stride} is not a multiple of the backbone stride {in_stride}")
+            raise ValueError(
+                f"SimpleFeaturePyramid: stride {out_stride} is not a multiple of the backbone stride {in_stride}"
+            )
         return nn.MaxPool2d(kernel_size=factor, stride=factor), in_dim
     factor = in_stride // out_stride
     steps = int(round(math.log2(factor))) if factor > 0 else -1
@@ -198,9 +199,12 @@ class ViTDetHeads(nn.Module):
         self.pyramid = SimpleFeaturePyramid(in_dim, backbone_stride, out_channels=out_channels)
         levels = len(self.pyramid.names)
         if len(anchor_sizes) != levels:
-            raise ValueError(f"ViTDetHeads: anchor_sizes needs one size per pyramid level ({levels}), got {list(anchor_sizes)}")
+            raise ValueError(
+                f"ViTDetHeads: anchor_sizes needs one size per pyramid level ({levels}), got {list(anchor_sizes)}"
+            )
         anchors = AnchorGenerator(
-            sizes=tuple((int(s),) for s in anchor_sizes), aspect_ratios=(tuple(float(a) for a in aspect_ratios),) * levels
+            sizes=tuple((int(s),) for s in anchor_sizes),
+            aspect_ratios=(tuple(float(a) for a in aspect_ratios),) * levels,
         )
         resolution = 7  # torchvision's box RoIAlign output size
         kwargs: dict[str, Any] = dict(
@@ -292,4 +296,3 @@ class ViTDet(nn.Module):
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         losses, detections = self.detector(self.backbone, images, targets)
         return losses if self.training else detections
-

@@ -57,7 +57,9 @@ class GenerationConfig:
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
             raise ValueError(f"GenerationConfig.num_beams: expected an int >= 1, got {self.num_beams!r}")
         if not isinstance(self.max_length, int) or self.max_length < 2:
-            raise ValueError(f"GenerationConfig.max_length: expected an int >= 2 (BOS + one token), got {self.max_length!r}")
+            raise ValueError(
+                f"GenerationConfig.max_length: expected an int >= 2 (BOS + one token), got {self.max_length!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -335,7 +337,9 @@ def beam_search(
         if not done[i]:  # ran out of length: running beams count as finished (no EOS)
             for j in range(k):
                 if beam_scores[i, j] > float("-inf"):
-                    hyps.append((penalized(float(beam_scores[i, j]), max(len(beam_tokens[i][j]), 1)), beam_tokens[i][j]))
+                    hyps.append(
+                        (penalized(float(beam_scores[i, j]), max(len(beam_tokens[i][j]), 1)), beam_tokens[i][j])
+                    )
         best_score, best_tokens = max(hyps, key=lambda h: h[0]) if hyps else (float("-inf"), [])
         out_tokens.append(list(best_tokens))
         out_scores.append(float(best_score))

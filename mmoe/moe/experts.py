@@ -252,22 +252,24 @@ class GroupedExperts(nn.Module):
     def expert_ffn(self, e: int, x_TC: Tensor) -> Tensor:
         """Expert ``e`` applied to rows ``x_TC`` (the plain two/three-matrix FFN)."""
         dtype = x_TC.dtype
-        h1 = x_TC @ self.w1[e].to(dtype)
+
+        def p(t: Tensor) -> Tensor:
+            return self._param(t[e], dtype)
+
+        h1 = x_TC @ p(self.w1)
         if self.b1 is not None:
-            h1 = h1 + self.b1[e].to(dtype)
+            h1 = h1 + p(self.b1)
         h3 = None
         if self.w3 is not None:
-            h3 = x_TC @ self.w3[e].to(dtype)
+            h3 = x_TC @ p(self.w3)
             if self.b3 is not None:
-                h3 = h3 + self.b3[e].to(dtype)
+                h3 = h3 + p(self.b3)
         h = self._act(h1, h3)
         if self.norm_weight is not None:
-            h = F.layer_norm(
-                h, (self.hidden,), self.norm_weight[e].to(dtype), self.norm_bias[e].to(dtype), self.norm_eps
-            )
-        y = h @ self.w2[e].to(dtype)
+            h = F.layer_norm(h, (self.hidden,), p(self.norm_weight), p(self.norm_bias), self.norm_eps)
+        y = h @ p(self.w2)
         if self.b2 is not None:
-            y = y + self.b2[e].to(dtype)
+            y = y + p(self.b2)
         return y
 
     def _forward_segments(self, x_AC: Tensor, plan: DispatchPlan) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from mmoe.moe.dispatch import DispatchPlan, combine, gather_tokens, plan_dispatch
 from mmoe.moe.experts import GroupedExperts
-from mmoe.moe.router import build_router, load_balance_loss, route_top_k, router_z_loss
+from mmoe.moe.router import build_router, losses_from_statistics, route_top_k, routing_statistics
 
 __all__ = ["MHMoE", "MoEOutput", "RoutingRecord"]
 
@@ -303,8 +303,8 @@ class MHMoE(nn.Module):
 
         logits_SE = self.router(x_SC)
         routed = route_top_k(logits_SE, K, selection_bias_E=self.routing_bias)
-        balance = load_balance_loss(routed.probs_SE, routed.expert_ids_SK[:, 0], valid_S)
-        z = router_z_loss(logits_SE, valid_S)
+        stats = routing_statistics(routed.probs_SE, routed.expert_ids_SK[:, 0], logits_SE, valid_S)
+        balance, z = losses_from_statistics(self._reduce_statistics(stats), E)
 
         S = x_SC.shape[0]
         num_valid = valid_S.sum() if valid_S is not None else torch.tensor(S, device=x.device)
@@ -314,11 +314,7 @@ class MHMoE(nn.Module):
             # Over the kept choices: torchscale top2gating renormalizes after capacity dropping.
             gates_SK = gates_SK / gates_SK.sum(-1, keepdim=True).clamp(min=torch.finfo(gates_SK.dtype).eps)
 
-        if self.expert_impl == "per_expert":
-            y_SC = self.experts.forward_per_expert(x_SC, routed.expert_ids_SK, gates_SK, plan.kept_SK)
-        else:
-            y_AC = self.experts(gather_tokens(x_SC, plan), plan)
-            y_SC = combine(y_AC, gates_SK, plan)
+        y_SC = self._expert_forward(x_SC, routed.expert_ids_SK, gates_SK, plan)
 
         out_ND = self.merge(y_SC.reshape(N, D))
         if valid_N is not None:
@@ -331,6 +327,17 @@ class MHMoE(nn.Module):
         return MoEOutput(
             output=out_ND.reshape(B, L, D), aux_loss=aux, losses={"balance": balance, "z": z}, routing=record
         )
+
+    def _reduce_statistics(self, stats: Tensor) -> Tensor:
+        """Hook for the routing-loss sums: identity here, an all-reduce under expert parallelism."""
+        return stats
+
+    def _expert_forward(self, x_SC: Tensor, ids_SK: Tensor, gates_SK: Tensor, plan: DispatchPlan) -> Tensor:
+        """Gated sum of the chosen experts' outputs per sub-token, (S, C)."""
+        if self.expert_impl == "per_expert":
+            return self.experts.forward_per_expert(x_SC, ids_SK, gates_SK, plan.kept_SK)
+        y_AC = self.experts(gather_tokens(x_SC, plan), plan)
+        return combine(y_AC, gates_SK, plan)
 
     def _record(
         self, ids_SK: Tensor, gates_SK: Tensor, plan: DispatchPlan, valid_S: Tensor | None, shape: tuple[int, int]

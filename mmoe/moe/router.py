@@ -28,6 +28,8 @@ __all__ = [
     "route_top_k",
     "load_balance_loss",
     "router_z_loss",
+    "routing_statistics",
+    "losses_from_statistics",
 ]
 
 
@@ -177,23 +179,39 @@ def route_top_k(
     return RouteResult(probs_SE=probs_SE, expert_ids_SK=ids_SK, gates_SK=gates_SK)
 
 
+def routing_statistics(
+    probs_SE: Tensor, first_ids_S: Tensor, logits_SE: Tensor, valid_S: Tensor | None = None
+) -> Tensor:
+    """Sums behind the aux losses, as one vector ``[sum_s p_se (E), first-choice counts (E), n, sum_s z_s]``.
+
+    Kept as sums so that expert parallelism can all-reduce them (one differentiable collective) and
+    get exactly the single-process losses over all ranks' sub-tokens. Padding rows weigh 0; no
+    boolean indexing, so shapes stay static for torch.compile.
+    """
+    num_experts = probs_SE.shape[-1]
+    w_S = torch.ones_like(probs_SE[:, 0]) if valid_S is None else valid_S.to(probs_SE.dtype)
+    sum_prob_E = (probs_SE * w_S[:, None]).sum(0)
+    count_E = torch.zeros(num_experts, dtype=probs_SE.dtype, device=probs_SE.device).scatter_add(0, first_ids_S, w_S)
+    z_S = torch.logsumexp(logits_SE.to(probs_SE.dtype), dim=-1).square()
+    return torch.cat([sum_prob_E, count_E, w_S.sum()[None], (z_S * w_S).sum()[None]])
+
+
+def losses_from_statistics(stats: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """(balance, z) from :func:`routing_statistics` (possibly summed over ranks)."""
+    E = num_experts
+    n = stats[2 * E].clamp(min=1.0)
+    balance = E * ((stats[:E] / n) * (stats[E : 2 * E] / n)).sum()
+    return balance, stats[2 * E + 1] / n
+
+
 def load_balance_loss(probs_SE: Tensor, first_ids_S: Tensor, valid_S: Tensor | None = None) -> Tensor:
     """GShard/Switch balance loss ``E * sum_e mean_prob_e * frac_first_e``; 1.0 at perfect balance.
 
     Averages run over valid (non-padding) sub-tokens only (SPEC.md 2; torchscale averages over
     padding too, a known flaw). Counts use FIRST choices only, as torchscale's ``ce`` from ``mask1``.
-    No boolean indexing, so shapes stay static for torch.compile.
     """
-    num_experts = probs_SE.shape[-1]
-    if valid_S is None:
-        weight_S = torch.ones_like(probs_SE[:, 0])
-    else:
-        weight_S = valid_S.to(probs_SE.dtype)
-    n = weight_S.sum().clamp(min=1.0)
-    mean_prob_E = (probs_SE * weight_S[:, None]).sum(0) / n
-    frac_E = torch.zeros(num_experts, dtype=probs_SE.dtype, device=probs_SE.device)
-    frac_E = frac_E.scatter_add(0, first_ids_S, weight_S) / n
-    return num_experts * (mean_prob_E * frac_E).sum()
+    stats = routing_statistics(probs_SE, first_ids_S, torch.zeros_like(probs_SE), valid_S)
+    return losses_from_statistics(stats, probs_SE.shape[-1])[0]
 
 
 def router_z_loss(logits_SE: Tensor, valid_S: Tensor | None = None) -> Tensor:

@@ -12,18 +12,20 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["PlainProgress", "StepTimer", "AtomicCheckpointIO", "batch_size_of"]
+__all__ = ["PlainProgress", "StepTimer", "AtomicCheckpointIO", "RNGState", "batch_size_of"]
 
 
 def batch_size_of(batch: Any) -> int:
@@ -131,6 +133,54 @@ class StepTimer(Callback):
             pl_module.log(
                 "train/samples_per_sec", n / dt, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True
             )
+
+
+class RNGState(Callback):
+    """Saves the Python, NumPy and torch (CPU, and CUDA when used) RNG states in checkpoints and restores them.
+
+    Lightning restores the model, optimizer, schedule, loops and the data module's ``state_dict`` but not the global
+    random generators, which data augmentation, masking and DataLoader worker seeds draw from. Without them a
+    resumed run sees different crops/masks than the uninterrupted one; with them ``--ckpt_path last`` reproduces
+    its losses (tests/test_train_cli.py). States are stored as tensors and ints, so checkpoints still load with
+    ``torch.load(weights_only=True)``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        state: dict[str, Any] = {
+            "python": _to_plain(random.getstate()),
+            "numpy": {
+                "kind": str(np_state[0]),
+                "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+                "pos": int(np_state[2]),
+                "has_gauss": int(np_state[3]),
+                "cached_gaussian": float(np_state[4]),
+            },
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = state_dict["numpy"]
+        np.random.set_state(
+            (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+def _to_plain(obj: Any) -> Any:
+    """Tuples of ints/floats/None as nested lists/tuples that ``weights_only`` unpickling accepts."""
+    if isinstance(obj, tuple):
+        return tuple(_to_plain(x) for x in obj)
+    return obj
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

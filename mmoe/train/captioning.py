@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +120,9 @@ class CaptioningTask(pl.LightningModule):
         label_smoothing: float = 0.1,
         drop_worst_ratio: float = 0.2,
         drop_worst_after: int | None = None,
-        generation: GenerationConfig | None = None,
+        generation: GenerationConfig | dict[str, Any] | None = None,
         val_generate: bool = True,
-        optim: OptimConfig | None = None,
+        optim: OptimConfig | dict[str, Any] | None = None,
         results_path: str | None = None,
     ) -> None:
         super().__init__()
@@ -132,22 +132,20 @@ class CaptioningTask(pl.LightningModule):
             raise ValueError(f"CaptioningTask: drop_worst_ratio must be in [0, 1), got {drop_worst_ratio}")
         if drop_worst_after is not None and drop_worst_after < 0:
             raise ValueError(f"CaptioningTask: drop_worst_after must be >= 0 or null, got {drop_worst_after}")
+        if isinstance(generation, dict):  # from a checkpoint's hyper_parameters or a plain dict
+            generation = GenerationConfig(**generation)
+        if isinstance(optim, dict):
+            optim = OptimConfig(**optim)
         self.generation = generation or GenerationConfig()
         self.optim = optim or OptimConfig(lr=4e-5, weight_decay=0.05)
-        self.save_hyperparameters(
-            {
-                "backbone": backbone,
-                "backbone_overrides": backbone_overrides,
-                "init_from": init_from,
-                "label_smoothing": label_smoothing,
-                "drop_worst_ratio": drop_worst_ratio,
-                "drop_worst_after": drop_worst_after,
-                "generation": asdict(self.generation),
-                "val_generate": val_generate,
-                "optim": asdict(self.optim),
-                "results_path": results_path,
-            }
-        )
+        # Under LightningCLI the parsed config (with "_class_path") is stored, so `--ckpt_path` re-parses it.
+        # Decoding settings and the results path are left out: `mmoe predict/test --ckpt_path` would otherwise
+        # replace their command-line values with the training run's. Dataclasses are stored as dicts so that
+        # checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["generation", "val_generate", "results_path"])
+        value = self.hparams.get("optim")
+        if is_dataclass(value) and not isinstance(value, type):
+            self.hparams["optim"] = asdict(value)
         self.backbone = create_model(backbone, **(backbone_overrides or {}))
         cfg = self.backbone.config
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)

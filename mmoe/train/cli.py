@@ -13,8 +13,8 @@ Run folder (``trainer.default_root_dir``, default ``runs/mmoe``)::
 ``--ckpt_path last`` resumes from ``<root>/checkpoints/last.ckpt``; the resumed run logs into a new
 ``version_N``. Defaults added here: TensorBoard + CSV loggers (when ``trainer.logger`` is left unset),
 a ModelCheckpoint configurable as ``checkpoint.*`` (every ``checkpoint.every_n_train_steps`` steps, plus
-``last.ckpt``), LearningRateMonitor, StepTimer (step time, samples/s), and a rich progress bar on a TTY or a
-plain one-line-per-N-steps log otherwise.
+``last.ckpt``), LearningRateMonitor, StepTimer (step time, samples/s), RNGState (exact resume), and a rich
+progress bar on a TTY or a plain one-line-per-N-steps log otherwise.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from mmoe.train.callbacks import AtomicCheckpointIO, PlainProgress, StepTimer
+from mmoe.train.callbacks import AtomicCheckpointIO, PlainProgress, RNGState, StepTimer
 
 __all__ = ["MMoECLI", "build_cli", "main", "next_version"]
 
@@ -86,7 +86,7 @@ class MMoECLI(LightningCLI):
         for cb in callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = os.path.realpath(os.path.join(root, "checkpoints"))
-        extra: list[Callback] = [StepTimer()]
+        extra: list[Callback] = [StepTimer(), RNGState()]
         if config.get("logger") not in (False, None, []):
             extra.append(LearningRateMonitor(logging_interval="step"))
         if config.get("enable_progress_bar", True) is not False and not any(

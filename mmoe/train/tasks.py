@@ -222,7 +222,9 @@ class ClassificationTask(LightningModule):
         return F.cross_entropy(logits.float(), labels.long(), label_smoothing=self.hparams.label_smoothing)
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if not batch:  # every image of the batch was unreadable (reported by the dataset): skip the step
+            return None
         hp = self.hparams
         labels = batch[hp.label_key]
         if self.mixup_fn is not None:
@@ -266,13 +268,17 @@ class ClassificationTask(LightningModule):
         return logits
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        if batch:
+            self._eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self._eval_step(batch, "test")
-        self._pred_rows.extend(self._rows(batch, logits))
+        if batch:
+            logits = self._eval_step(batch, "test")
+            self._pred_rows.extend(self._rows(batch, logits))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[Any]:
+        if not batch:
+            return []
         rows = self._rows(batch, self(batch))
         self._pred_rows.extend(rows)
         return rows

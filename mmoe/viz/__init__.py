@@ -29,12 +29,18 @@ from mmoe.viz.records import (
     record_to_tokens,
     split_routing,
 )
+from mmoe.viz.run import collect_routing, load_inputs, visualize, write_comparison, write_report
 
 __all__ = [
     "LayerView",
     "RoutingAccumulator",
     "TokenRouting",
     "activation_ratio",
+    "collect_routing",
+    "load_inputs",
+    "visualize",
+    "write_comparison",
+    "write_report",
     "diversity",
     "draw_activation_bars",
     "draw_activation_summary",

@@ -3,7 +3,8 @@
 The pictures echo [MH1] (arXiv 2404.15045): Fig. 1a (activation per expert, SMoE vs MH-MoE), Fig. 5
 (activation heat maps per layer) and Fig. 1b / Fig. 8 (per-patch maps of the experts a patch's
 sub-tokens reach). Inputs are plain numpy arrays from `mmoe.viz.records`; every function returns a
-`Figure` (Agg backend, no display needed) so that callers can save it (`save_figure`) or turn it into
+`matplotlib.figure.Figure` made without pyplot (no global state, no window, any backend; PNGs are
+rendered by Agg) so that callers can save it (`save_figure`) or turn it into
 an image array for TensorBoard (`figure_to_array`).
 
 The patch maps are drawn as exact RGB arrays (`overlay_grid`) shown with nearest-neighbour
@@ -22,17 +23,25 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")  # headless; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+from PIL import Image
 
 PAD_COLOR = np.array([0.85, 0.85, 0.85])
 DEFAULT_ALPHA = 0.6
 _MAX_COLS = 6
+
+
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A constrained-layout figure on its own Agg canvas: no pyplot, so no global figure registry to leak
+    into and no interactive backend to switch (safe inside notebooks, training loops and threads)."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _tab(name: str, order: Sequence[int]) -> list[np.ndarray]:
@@ -115,7 +124,7 @@ def expert_colorbar(fig: Figure, axes: object, num_experts: int, label: str = "e
     cb.set_label(label)
 
 
-def _image_axis(ax: plt.Axes, array: np.ndarray, title: str) -> None:
+def _image_axis(ax: Axes, array: np.ndarray, title: str) -> None:
     ax.imshow(array, interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
@@ -148,7 +157,7 @@ def draw_assignment(
         panels[f"head{j}"] = overlay_grid(image, color_experts(first[..., j], num_experts), alpha)
     panels["majority"] = overlay_grid(image, color_experts(majority, num_experts), alpha)
     rows, cols = _grid_shape(len(panels))
-    fig = plt.figure(figsize=(2.3 * cols + 1.2, 2.4 * rows + 0.5), layout="constrained")
+    fig = new_figure((2.3 * cols + 1.2, 2.4 * rows + 0.5))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (name, arr) in zip(axes.flat, panels.items()):
         label = {"input": "input", "majority": "majority expert"}.get(name, name.replace("head", "head "))
@@ -167,7 +176,7 @@ def draw_diversity(
     """(b) Distinct experts among each patch's h sub-tokens, overlaid on the image ([MH1] Fig. 8)."""
     rgb, cmap = diversity_colors(div, num_heads)
     panels = {"input": image[..., :3], "diversity": overlay_grid(image, rgb, alpha)}
-    fig = plt.figure(figsize=(5.8, 2.9), layout="constrained")
+    fig = new_figure((5.8, 2.9))
     axes = fig.subplots(1, 2, squeeze=False)
     _image_axis(axes[0, 0], panels["input"], "input")
     _image_axis(axes[0, 1], panels["diversity"], f"distinct experts (mean {float(np.mean(div)):.2f} of {num_heads})")
@@ -200,7 +209,7 @@ def draw_load_heatmaps(models: Mapping[str, Mapping[str, np.ndarray]], *, title:
     n = len(mats)
     num_e = max((m.shape[0] for m in mats.values()), default=1)
     width = sum(max(2.0, 0.55 * m.shape[1] + 1.2) for m in mats.values()) + 1.5
-    fig = plt.figure(figsize=(width, max(3.0, 0.22 * num_e + 1.6)), layout="constrained")
+    fig = new_figure((width, max(3.0, 0.22 * num_e + 1.6)))
     axes = fig.subplots(1, n, squeeze=False)
     im = None
     for ax, (label, mat) in zip(axes.flat, mats.items()):
@@ -236,7 +245,7 @@ def draw_activation_bars(
     keys: list[str] = []
     for loads in models.values():
         keys += [k for k in loads if k not in keys]
-    fig = plt.figure(figsize=(4.2 * len(labels) + 0.6, 1.7 * len(keys) + 0.9), layout="constrained")
+    fig = new_figure((4.2 * len(labels) + 0.6, 1.7 * len(keys) + 0.9))
     axes = fig.subplots(max(len(keys), 1), len(labels), squeeze=False, sharey=True)
     ratios: dict[str, dict[str, float]] = {label: {} for label in labels}
     for c, label in enumerate(labels):
@@ -275,7 +284,7 @@ def draw_activation_summary(ratios: Mapping[str, Mapping[str, float]], *, thresh
     keys: list[str] = []
     for r in ratios.values():
         keys += [k for k in r if k not in keys]
-    fig = plt.figure(figsize=(max(4.0, 0.8 * len(keys) * max(1, len(labels)) + 1.5), 3.2), layout="constrained")
+    fig = new_figure((max(4.0, 0.8 * len(keys) * max(1, len(labels)) + 1.5), 3.2))
     ax = fig.subplots()
     width = 0.8 / max(1, len(labels))
     palette = matplotlib.colormaps["Set2"].colors
@@ -288,7 +297,7 @@ def draw_activation_summary(ratios: Mapping[str, Mapping[str, float]], *, thresh
     ax.set_ylim(0, 110)
     ax.set_ylabel("activated experts (%)")
     ax.set_xlabel("MoE layer")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a bar
     ax.set_title(f"activation ratio (expert share >= {threshold:g})", fontsize=10)
     return fig
 
@@ -312,7 +321,7 @@ def draw_map_grid(
     if kind not in ("expert", "diversity"):
         raise ValueError(f"draw_map_grid: kind must be 'expert' or 'diversity', got {kind!r}")
     rows, cols = len(maps), 1 + max((len(r) for r in maps), default=0)
-    fig = plt.figure(figsize=(2.0 * cols + 1.0, 2.0 * rows + 0.6), layout="constrained")
+    fig = new_figure((2.0 * cols + 1.0, 2.0 * rows + 0.6))
     axes = fig.subplots(rows, cols, squeeze=False)
     drawn: list[list[np.ndarray]] = []
     for r, (img, row) in enumerate(zip(images, maps)):
@@ -340,18 +349,18 @@ def draw_map_grid(
     return fig, drawn
 
 
-def axes_pixel_box(fig: Figure, ax: plt.Axes) -> tuple[float, float, float, float]:
+def axes_pixel_box(fig: Figure, ax: Axes) -> tuple[float, float, float, float]:
     """(left, top, right, bottom) of an axes in the saved PNG's pixel coordinates (origin top-left).
 
     Valid for `save_figure` output, which saves at the figure's dpi without tight cropping.
     """
-    fig.canvas.draw()
+    fig.canvas.draw()  # runs the constrained layout so the axes are where the PNG will have them
     bbox = ax.get_window_extent()
     height = fig.get_size_inches()[1] * fig.dpi
     return bbox.x0, height - bbox.y1, bbox.x1, height - bbox.y0
 
 
-def save_figure(fig: Figure, path: str | Path, *, close: bool = True) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write `fig` as a PNG atomically (temp name in the same folder, then os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -363,17 +372,12 @@ def save_figure(fig: Figure, path: str | Path, *, close: bool = True) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    finally:
-        if close:
-            plt.close(fig)
     return path
 
 
-def figure_to_array(fig: Figure, *, close: bool = True) -> np.ndarray:
+def figure_to_array(fig: Figure) -> np.ndarray:
     """Render a figure to an (H, W, 3) uint8 array (for TensorBoard `add_image(..., dataformats="HWC")`)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=fig.dpi)
-    if close:
-        plt.close(fig)
     buf.seek(0)
-    return plt.imread(buf, format="png")[..., :3].__mul__(255).round().astype(np.uint8)
+    return np.asarray(Image.open(buf).convert("RGB"))

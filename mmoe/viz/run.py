@@ -159,7 +159,10 @@ def resolve_model(spec: str, *, seed: int = 0) -> tuple[torch.nn.Module, str]:
     p = Path(spec)
     if p.is_file() and p.suffix not in (".yaml", ".yml"):
         model = load_model(str(p))
-        label = p.stem
+        # Lightning keeps run/checkpoints/last.ckpt: name it after the run, "last" alone says little
+        label = (
+            f"{p.parent.parent.name}_{p.stem}" if p.parent.name == "checkpoints" and p.parent.parent.name else p.stem
+        )
     elif spec in list_models() or (p.is_file() and p.suffix in (".yaml", ".yml")):
         torch.manual_seed(seed)
         model = create_model(spec)
@@ -379,8 +382,23 @@ def report_json(result: ModelRouting, threshold: float) -> dict[str, Any]:
     }
 
 
-def write_report(result: ModelRouting, out: str | Path, *, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
-    """Write the PNGs (a)-(d), the text table and picture, and experts.json for one model; returns the JSON."""
+def _wanted(key: str, layers: Sequence[str] | None) -> bool:
+    """A routing key is drawn per image when no filter is given or its key or layer name is in it."""
+    return layers is None or key in layers or key.split(".")[0] in layers
+
+
+def write_report(
+    result: ModelRouting,
+    out: str | Path,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    layers: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Write the PNGs (a)-(d), the text table and picture, and experts.json for one model; returns the JSON.
+
+    `layers` ("layer3" or "layer3.vision") limits the per-image pictures (a) and (b) to those layers;
+    the load heat map, activation charts and the JSON always cover every MoE layer.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = report_json(result, threshold)
@@ -388,7 +406,7 @@ def write_report(result: ModelRouting, out: str | Path, *, threshold: float = DE
     for i in sorted(result.images):
         folder = out / "images" / f"{i:03d}_{_safe_name(result.inputs[i].source)}"
         for key in result.first:
-            if i not in result.first[key]:
+            if i not in result.first[key] or not _wanted(key, layers):
                 continue
             e, h = result.num_experts[key], result.num_heads[key]
             title = f"{result.label} {key}: expert per patch (first choice), E={e}, h={h}"
@@ -424,7 +442,11 @@ def write_report(result: ModelRouting, out: str | Path, *, threshold: float = DE
 
 
 def write_comparison(
-    results: Sequence[ModelRouting], out: str | Path, *, threshold: float = DEFAULT_THRESHOLD
+    results: Sequence[ModelRouting],
+    out: str | Path,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    layers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Draw several models side by side on the same inputs (e.g. SMoE vs MH-MoE, [MH1] Fig. 1).
 
@@ -459,7 +481,7 @@ def write_comparison(
         for kind in ("expert", "diversity"):
             maps, row_labels, keys_used = [], [], []
             for r in results:
-                keys = [k for k in r.first if i in r.first[k]]
+                keys = [k for k in r.first if i in r.first[k] and _wanted(k, layers)]
                 keys_used = keys if len(keys) > len(keys_used) else keys_used
                 maps.append([r.majority(k, i) if kind == "expert" else r.diversity(k, i) for k in keys])
                 row_labels.append(r.label)
@@ -498,6 +520,7 @@ def visualize(
     batch_size: int = 8,
     threshold: float = DEFAULT_THRESHOLD,
     seed: int = 0,
+    layers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The whole job of `tools/visualize_experts.py` as one call (also used by the demo).
 
@@ -522,7 +545,7 @@ def visualize(
         result = collect_routing(model, inputs, label=label, source=spec, batch_size=batch_size)
         if not result.accumulator.layers:
             raise ValueError(f"visualize: {spec}: the model has no MoE layers (a dense model); nothing to draw")
-        reports.append(write_report(result, out / label if compare else out, threshold=threshold))
+        reports.append(write_report(result, out / label if compare else out, threshold=threshold, layers=layers))
         results.append(result)
-    summary = write_comparison(results, out / "compare", threshold=threshold) if compare else None
+    summary = write_comparison(results, out / "compare", threshold=threshold, layers=layers) if compare else None
     return {"reports": reports, "compare": summary}

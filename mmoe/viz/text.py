@@ -13,15 +13,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from mmoe.viz.experts import color_experts, expert_colorbar  # noqa: E402
-from mmoe.viz.records import TokenRouting, diversity, majority_expert  # noqa: E402
+from mmoe.viz.experts import color_experts, expert_colorbar, new_figure
+from mmoe.viz.records import TokenRouting, diversity, majority_expert
 
 
 @dataclass(frozen=True)
@@ -140,9 +136,7 @@ def draw_text_routing(
     n = len(layers)
     num_t = len(pieces.pieces)
     h = max((a.shape[1] for a in layers.values()), default=1)
-    fig = plt.figure(
-        figsize=(max(4.0, 0.5 * num_t + 2.0), (0.32 * (h + 1) + 0.9) * max(n, 1) + 0.6), layout="constrained"
-    )
+    fig = new_figure((max(4.0, 0.5 * num_t + 2.0), (0.32 * (h + 1) + 0.9) * max(n, 1) + 0.6))
     axes = fig.subplots(max(n, 1), 1, squeeze=False)[:, 0]
     for ax, (key, first) in zip(axes, layers.items()):
         maj = majority_expert(first, None if gates is None else gates.get(key))
