@@ -41,6 +41,8 @@ def test_captioning_mask_in_the_real_backbone():
     b = model(image=image, text=text2, attn_mask=mask).features
     torch.testing.assert_close(a[:, : nv + 4], b[:, : nv + 4])  # image + earlier text unchanged
     assert not torch.allclose(a[:, nv + 4 :], b[:, nv + 4 :])
+    c = model(image=torch.randn(1, 3, 64, 64), text=text, attn_mask=mask).features
+    assert not torch.allclose(a[:, nv:], c[:, nv:])  # text sees the image
 
 
 def _batch(task: CaptioningTask, b: int = 2) -> dict:

@@ -18,7 +18,7 @@ from mmoe.data.synthetic import COLORS, SHAPES, caption_scene, make_world, rende
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world")
-    make_world(out, num_train=12, num_val=4, image_size=48, seed=3)
+    make_world(out, num_train=12, num_val=4, image_size=48, seed=3, shards=True, shard_maxcount=5)
     return out
 
 
@@ -28,9 +28,10 @@ def _all_files(root: Path) -> list[str]:
 
 def test_deterministic_bytes(world: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
-    make_world(again, num_train=12, num_val=4, image_size=48, seed=3)
+    make_world(again, num_train=12, num_val=4, image_size=48, seed=3, shards=True, shard_maxcount=5)
     files = _all_files(world)
     assert files == _all_files(again) and len(files) > 50
+    assert "shards/pair/train-000002.tar" in files and "shards/text/val-000000.tar" in files
     match, mismatch, errors = filecmp.cmpfiles(world, again, files, shallow=False)
     assert not mismatch and not errors
     other = tmp_path / "other"

@@ -53,7 +53,12 @@ class _Wrapper(nn.Module):
 
 def _worker(rank: int, port: int, tmp: str, dtype_name: str) -> None:
     try:
-        from mmoe.moe.parallel import ExpertParallelMHMoE, expert_parallel_param_names, ignore_expert_params_in_ddp
+        from mmoe.moe.parallel import (
+            ExpertParallelMHMoE,
+            expert_parallel_param_names,
+            ignore_expert_params_in_ddp,
+            to_expert_parallel,
+        )
 
         dtype = getattr(torch, dtype_name)
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
@@ -65,15 +70,18 @@ def _worker(rank: int, port: int, tmp: str, dtype_name: str) -> None:
         out_ref = ref(xr, pad)
         (((out_ref.output * w).sum()) / WORLD + out_ref.aux_loss).backward()
 
-        ep = ExpertParallelMHMoE(D, **CFG).to(dtype)
-        assert ep.experts.w1.shape[0] == CFG["num_experts"] // WORLD
-        ep.load_state_dict(ref.state_dict())  # full tensors in, this rank's slice kept
+        # Convert a built model: every rank holds the full reference weights, keeps its shard.
+        full = MHMoE(D, **CFG).to(dtype)
+        full.load_state_dict(ref.state_dict())
+        model = _Wrapper(full)
+        assert to_expert_parallel(model) == ["moe"]
+        ep = model.moe
+        assert isinstance(ep, ExpertParallelMHMoE) and ep.experts.w1.shape[0] == CFG["num_experts"] // WORLD
         lo, hi = ep.local_expert_range
         assert torch.equal(ep.experts.w1.detach(), ref.experts.w1.detach()[lo:hi])
-
-        model = _Wrapper(ep)
-        names = ignore_expert_params_in_ddp(model)
+        names = ignore_expert_params_in_ddp(model)  # idempotent; to_expert_parallel already did it
         assert names == expert_parallel_param_names(model) and "moe.experts.w1" in names
+        assert model._ddp_params_and_buffers_to_ignore.count("moe.experts.w1") == 1
         ddp = nn.parallel.DistributedDataParallel(model)
         sl = slice(rank * 2, rank * 2 + 2)
         x_local = x[sl].clone().requires_grad_(True)

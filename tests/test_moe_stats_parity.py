@@ -103,3 +103,16 @@ def test_parity_cli_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None
     assert "MH-MoE h=2" in out and "MH-MoE h=3" in out and "9,437,184" in out
     rows = {line.split()[1]: line.split()[3:6] for line in out.splitlines() if line.startswith("MH-MoE h=")}
     assert rows == {"h=2": ["768", "2", "40"], "h=3": ["512", "3", "96"]}
+
+
+def test_training_memory_estimates_scale_with_experts_and_ep() -> None:
+    from mmoe.moe.parity import training_memory
+
+    a = training_memory(768, 12, 32, ep_size=1)
+    b = training_memory(768, 12, 32, ep_size=8)
+    # 6 MoE layers x 32 experts x 2 matrices x (768/4) x 1536.
+    assert a.params_experts == 6 * 32 * 2 * 192 * 1536
+    assert a.state_gb_per_rank - b.state_gb_per_rank == pytest.approx(a.params_experts * 7 / 8 * 16 / 1024**3)
+    assert a.act_gb_ckpt < a.act_gb_per_rank
+    with pytest.raises(ValueError, match="ep_size"):
+        training_memory(768, 12, 32, ep_size=3)

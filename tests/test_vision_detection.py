@@ -116,10 +116,12 @@ def test_detection_task_layer_decay_groups() -> None:
     )
     groups = param_groups(task, lr=1.0, weight_decay=0.1, layer_decay=0.5)
     depth = task.backbone.config.depth
-    by_name = {g["group_name"]: g for g in groups}
-    # embeddings (id 0) get decay^(depth + 1), block i gets decay^(depth - i), the ViTDet heads the full lr
-    assert by_name["backbone.layer0_decay"]["lr"] == pytest.approx(0.5 ** (depth + 1))
-    assert by_name[f"backbone.layer{depth}_decay"]["lr"] == pytest.approx(0.5)
-    head_params = {id(p) for g in groups if g["group_name"].startswith("head") for p in g["params"]}
+    by_name = {g["name"]: g for g in groups}
+    # layer-wise decay through the backbone's group_matcher: each block trains at 0.5x the lr of the next one,
+    # the embeddings below block 0, and the ViTDet pyramid and R-CNN heads at the full lr
+    lrs = [by_name[f"backbone.layer{i}_decay"]["lr"] for i in range(depth + 1)]
+    assert all(lrs[i + 1] == pytest.approx(2 * lrs[i]) for i in range(depth))
+    assert max(g["lr"] for g in groups if g["name"].startswith("backbone")) < 1.0
+    head_params = {id(p) for g in groups if g["name"].startswith("head") for p in g["params"]}
     assert all(id(p) in head_params for p in task.detector.parameters())
-    assert all(g["lr"] == 1.0 for g in groups if g["group_name"].startswith("head"))
+    assert all(g["lr"] == 1.0 for g in groups if g["name"].startswith("head"))

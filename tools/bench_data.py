@@ -120,6 +120,83 @@ def bench_model(
     return {"model": model, "batch_size": batch_size, "step_s": step, "samples_per_s": batch_size / step}
 
 
+def probe_vqa(world: Path, epochs: int, seed: int = 0) -> dict[str, Any]:
+    """Learnability check of the shapes world: a tiny CNN x bag-of-words VQA classifier from scratch.
+
+    Not the project's model (no MoE, no pretraining): evidence that answers follow from the pixels,
+    i.e. that the synthetic recipes can get well above the majority-answer baseline in minutes.
+    """
+    import re
+
+    import numpy as np
+    from PIL import Image
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    def load(split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], list[str]]:
+        qs = json.loads((world / f"vqa/v2_OpenEnded_mscoco_{split}2014_questions.json").read_text())["questions"]
+        anns = json.loads((world / f"vqa/v2_mscoco_{split}2014_annotations.json").read_text())["annotations"]
+        by_id = {a["question_id"]: a for a in anns}
+        ids = sorted({q["image_id"] for q in qs})
+        pos = {k: i for i, k in enumerate(ids)}
+        imgs = [Image.open(world / f"coco/{split}2014/COCO_{split}2014_{k:012d}.jpg").convert("RGB") for k in ids]
+        x = torch.tensor(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in imgs])).permute(0, 3, 1, 2)
+        words = [re.findall(r"[a-z]+", q["question"].lower())[:12] for q in qs]
+        answers = [by_id[q["question_id"]]["multiple_choice_answer"] for q in qs]
+        types = [by_id[q["question_id"]]["answer_type"] for q in qs]
+        return x, torch.tensor([pos[q["image_id"]] for q in qs]), words, answers, types  # type: ignore[return-value]
+
+    tx, ti, tw, ta, _ = load("train")
+    vx, vi, vw, va, vt = load("val")
+    vocab = {w: i + 1 for i, w in enumerate(sorted({w for ws in tw + vw for w in ws}))}
+    labels = {a: i for i, a in enumerate(sorted(set(ta)))}
+
+    def encode(words: list[list[str]], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.zeros(len(words), 12, dtype=torch.long)
+        for i, ws in enumerate(words):
+            q[i, : len(ws)] = torch.tensor([vocab[w] for w in ws])
+        return q, torch.tensor([labels.get(a, -1) for a in answers])
+
+    tq, ty = encode(tw, ta)
+    vq, vy = encode(vw, va)
+    side = tx.shape[-1] // 8
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 32, 3, 2, 1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, 2, 1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, 2, 1),
+        nn.ReLU(),
+    )
+    img_fc, emb = nn.Linear(64 * side * side, 256), nn.EmbeddingBag(len(vocab) + 1, 256, mode="mean", padding_idx=0)
+    head = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, len(labels)))
+    params = [*cnn.parameters(), *img_fc.parameters(), *emb.parameters(), *head.parameters()]
+    opt = torch.optim.Adam(params, lr=2e-3)
+
+    def forward(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return head(torch.relu(img_fc(cnn(x).flatten(1))) * emb(q))
+
+    t0 = time.perf_counter()
+    history = []
+    for epoch in range(epochs):
+        for b in torch.randperm(len(tq)).split(128):
+            loss = nn.functional.cross_entropy(forward(tx[ti[b]], tq[b]), ty[b], ignore_index=-1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            right = forward(vx[vi], vq).argmax(1) == vy
+        acc = {"all": right.float().mean().item()}
+        for t in ("yes/no", "number", "other"):
+            sel = torch.tensor([x == t for x in vt])
+            acc[t] = right[sel].float().mean().item()
+        history.append({"epoch": epoch + 1, "seconds": time.perf_counter() - t0, **acc})
+        print(f"probe epoch {epoch + 1}: val acc {acc['all']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    majority = max(va.count(a) for a in set(va)) / len(va)
+    return {"train_questions": len(tq), "val_questions": len(vq), "majority_baseline": majority, "history": history}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="+", default=["tiny", "base"], choices=sorted(SETTINGS))
@@ -129,6 +206,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batches", type=int, default=20, help="timed batches per measurement (after 3 warm-up)")
     p.add_argument("--model", default=None, help="also time this backbone's pretraining step at the tiny setting")
     p.add_argument("--model-steps", type=int, default=5)
+    p.add_argument(
+        "--probe-vqa",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="also train a tiny CNN x bag-of-words VQA probe on a 2000-scene shapes world",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
@@ -164,6 +248,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     print(
                         f"model {args.model}: {m['step_s']:.3f} s/step = {m['samples_per_s']:.1f} samples/s", flush=True
                     )
+        if args.probe_vqa:
+            world = Path(tmp) / "probe-world"
+            make_world(world, num_train=2000, num_val=200, image_size=64, seed=0)
+            out["probe_vqa"] = probe_vqa(world, args.probe_vqa)
     print("\n| setting | source | image | workers | samples/s | per worker |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -175,6 +263,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         best = max(r["samples_per_s"] for r in rows if r["setting"] == "tiny" and r["source"] == "synthetic")
         out["loader_over_model"] = best / out["model"]["samples_per_s"]
         print(f"\nloader (tiny, synthetic, best) / model step throughput = {out['loader_over_model']:.1f}x")
+    if "probe_vqa" in out:
+        pr = out["probe_vqa"]
+        last = pr["history"][-1]
+        print(
+            f"VQA probe after {last['epoch']} epochs ({last['seconds']:.0f} s): val acc {last['all']:.3f} "
+            f"(yes/no {last['yes/no']:.3f}, number {last['number']:.3f}, other {last['other']:.3f}); "
+            f"majority answer {pr['majority_baseline']:.3f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return out

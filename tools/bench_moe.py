@@ -5,6 +5,8 @@ Times forward+backward (issue 2, "Benchmark") side by side for:
 - ``mhmoe``: :class:`mmoe.moe.MHMoE`, dropless sorted dispatch with grouped expert compute;
 - ``dense``: the dense block with the same FLOPs: Linear(d, d), FFN d -> k*F -> d (GELU),
   Linear(d, d) (the two Linears only when h > 1, matching the head/merge layers);
+- ``mhmoe_ckpt`` (opt-in): the layer with ``expert_checkpoint_rows=16384`` (experts recomputed in
+  backward, in chunks), trading one more expert forward for memory;
 - ``per_expert``: the same layer with the masked per-expert Python loop (HF Mixtral style);
 - ``einsum``: a GShard/torchscale-style capacity dispatch (one-hot ``(S, E, C)`` combine tensor,
   ``einsum`` dispatch/combine, capacity factor 1, top-k with first choices first), over groups of
@@ -46,7 +48,8 @@ if str(ROOT) not in sys.path:
 
 from mmoe.moe import MHMoE  # noqa: E402
 
-METHODS = ("mhmoe", "dense", "per_expert", "einsum")
+METHODS = ("mhmoe", "dense", "per_expert", "einsum", "mhmoe_ckpt")
+DEFAULT_METHODS = ("mhmoe", "dense", "per_expert", "einsum")
 
 
 # ---------------------------------------------------------------------------------------------- baselines
@@ -134,6 +137,7 @@ def build(method: str, cfg: dict[str, Any], dtype: torch.dtype, device: torch.de
         head_layers=1 if h > 1 else 0,
         merge_layers=1 if h > 1 else 0,
         expert_impl="per_expert" if method == "per_expert" else "auto",
+        expert_checkpoint_rows=16384 if method == "mhmoe_ckpt" else 0,
     )
     with torch.no_grad():  # a spread-out router, so every expert gets work (as after some training)
         for p in layer.router.parameters():
@@ -218,7 +222,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         by_cfg.setdefault((c["tokens"], c["heads"], c["experts"], c["top_k"]), {})[r["method"]] = r
     head = (
         "| tokens | h | E | k | F | MH-MoE tok/s | dense tok/s | per-expert tok/s | einsum tok/s | MoE/dense "
-        "| MoE/einsum | MoE/per-expert | peak MB MoE | peak MB dense | mem MoE/dense |"
+        "| MoE/einsum | MoE/per-expert | peak MB MoE | peak MB dense | mem MoE/dense | ckpt tok/s | ckpt MB |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
@@ -233,14 +237,15 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         return f"{(b[key] / a[key]) if inv else (a[key] / b[key]):.2f}x"
 
     for (n, h, E, k), m in sorted(by_cfg.items()):
-        moe, dense, pe, ein = (m.get(x) for x in METHODS)
+        moe, dense, pe, ein, ck = (m.get(x) for x in METHODS)
         lines.append(
             f"| {n} | {h} | {E} | {k} | {4 * 768 // k if not moe else 4 * moe['cfg']['dim'] // k} | {tps(moe)} "
             f"| {tps(dense)} | {tps(pe)} | {tps(ein)} | {ratio(moe, dense, 'tokens_per_s')} "
             f"| {ratio(moe, ein, 'tokens_per_s')} | {ratio(moe, pe, 'tokens_per_s')} "
             f"| {moe['peak_mb'] if moe and 'error' not in moe else float('nan'):.0f} "
             f"| {dense['peak_mb'] if dense and 'error' not in dense else float('nan'):.0f} "
-            f"| {ratio(moe, dense, 'peak_mb')} |"
+            f"| {ratio(moe, dense, 'peak_mb')} | {tps(ck)} "
+            f"| {ck['peak_mb'] if ck and 'error' not in ck else float('nan'):.0f} |"
         )
     return "\n".join(lines)
 
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32])
     p.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up (median reported)")
     p.add_argument("--einsum-group", type=int, default=2048, help="sub-tokens per GShard group (einsum baseline)")
     p.add_argument("--device", default="cpu")

@@ -219,6 +219,9 @@ class Demo:
             self.note("expert picture skipped: no pretraining checkpoint")
             return None
         out = self.out / "experts"
+        if (out / "experts.json").exists() and (out / "experts.json").stat().st_mtime >= ckpt.stat().st_mtime:
+            self.note("expert picture reused")
+            return out
         images = SAMPLES / "coco" / "val2017"
         if not images.is_dir():
             images = self.out / "world" / "coco" / "val2014"
@@ -280,8 +283,9 @@ class Demo:
             lines.append("Not run (see notes).")
         lines += ["", "## Expert assignment picture", ""]
         if pic:
-            pngs = sorted(pic.rglob("*.png"))
-            for png in pngs[:3]:
+            pngs = sorted(pic.glob("images/*/*_experts.png"))[-1:] + sorted(pic.glob("images/*/*_diversity.png"))[-1:]
+            pngs += [p for p in (pic / "load_heatmap.png", pic / "activation.png") if p.exists()]
+            for png in pngs:
                 lines.append(f"![{png.name}]({png.relative_to(self.out)})")
             if not pngs:
                 lines.append(f"(no PNG written under {pic})")

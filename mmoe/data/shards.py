@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -98,8 +99,8 @@ class SkipReport:
         return sum(len(v) for v in self.items.values())
 
     def reasons(self) -> Counter[str]:
-        """Skip counts by reason class (text before the first ':')."""
-        return Counter(x["reason"].split(":")[0] for v in self.items.values() for x in v)
+        """Skip counts by reason class (the reason without its parenthesised detail)."""
+        return Counter(x["reason"].split(" (")[0] for v in self.items.values() for x in v)
 
     def summary(self) -> str:
         lines = [f"written {self.written} samples, skipped {self.num_skipped}"]
@@ -803,8 +804,27 @@ class ShardStream(IterableDataset):
                 out["text"] = swap_left_right(text) if flipped else text
             yield out
 
+    def _tokenize(self, texts: list[str], rng: random.Random | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize; with ``rng`` a document longer than ``max_len`` yields a random window of it (text-only
+        training), so long documents are not always cut to their first sentence."""
+        tok = self.tokenizer
+        if rng is None:
+            return tok(texts)
+        room = tok.max_len - 2
+        rows = []
+        for text in texts:
+            body = tok.encode_one(text)
+            start = rng.randrange(len(body) - room + 1) if len(body) > room else 0
+            rows.append([tok.bos_id, *body[start : start + room], tok.eos_id])
+        return tok.pad(rows)
+
     def _collate(
-        self, name: str, items: list[dict[str, Any]], np_rng: np.random.Generator, gen: torch.Generator
+        self,
+        name: str,
+        items: list[dict[str, Any]],
+        rng: random.Random,
+        np_rng: np.random.Generator,
+        gen: torch.Generator,
     ) -> dict[str, torch.Tensor]:
         kind = self.streams[name].kind
         batch: dict[str, torch.Tensor] = {}
@@ -813,7 +833,7 @@ class ShardStream(IterableDataset):
             masks = np.stack([self.mask_generator(np_rng).reshape(-1) for _ in items])
             batch["image_mask"] = torch.from_numpy(masks)
         if kind in ("text", "pair"):
-            ids, pad = self.tokenizer([x["text"] for x in items])
+            ids, pad = self._tokenize([x["text"] for x in items], rng if kind == "text" and self.train else None)
             masked, labels = mask_tokens(
                 ids,
                 pad,
@@ -830,7 +850,8 @@ class ShardStream(IterableDataset):
     def _pass_seed(self, worker: int) -> int:
         # train passes differ by iteration (resume => fresh stream); validation is the same every time
         it = self.iteration if self.train else 0
-        return int.from_bytes(f"{self.seed}/{it}/{self.rank}/{worker}".encode(), "little") % (2**63)
+        digest = hashlib.sha256(f"mmoe-shards/{self.seed}/{it}/{self.rank}/{worker}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1
 
     def batches_for_worker(self, worker: int, num_workers: int) -> int | None:
         """Train: this worker's share of ``num_batches`` (the DataLoader interleaves workers)."""
@@ -875,7 +896,7 @@ class ShardStream(IterableDataset):
             for name in chosen:
                 items = list(itertools.islice(its[name], self.sub_batch[name]))
                 if items:
-                    batch[name] = self._collate(name, items, np_rng, gen)
+                    batch[name] = self._collate(name, items, rng, np_rng, gen)
                 exhausted |= len(items) < self.sub_batch[name]  # only validation streams end
             if batch:
                 produced += 1

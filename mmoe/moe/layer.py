@@ -147,7 +147,10 @@ class MHMoE(nn.Module):
         expert_impl: ExpertImplName = "auto",
         expert_checkpoint_rows: int = 0,
     ) -> None:
+        # The constructor arguments, so a layer can be rebuilt in another form (mmoe.moe.parallel).
+        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__", "dim", "num_experts")}
         super().__init__()
+        self.init_kwargs: dict[str, Any] = init_kwargs
         if dim < 1 or num_heads < 1 or dim % num_heads:
             raise ValueError(f"MHMoE: dim={dim} must be a positive multiple of num_heads={num_heads}")
         if num_experts < 1:

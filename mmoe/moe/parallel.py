@@ -51,6 +51,7 @@ from mmoe.moe.layer import MHMoE
 
 __all__ = [
     "ExpertParallelMHMoE",
+    "to_expert_parallel",
     "expert_parallel_param_names",
     "ignore_expert_params_in_ddp",
     "allreduce_expert_grads",
@@ -226,6 +227,33 @@ def _gather_expert_state(module: ExpertParallelMHMoE, state_dict: dict[str, Any]
     for key, p in module._expert_keys(prefix).items():
         if key in state_dict:
             state_dict[key] = module._gather(p.detach())
+
+
+def to_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None) -> list[str]:
+    """Swap every :class:`MHMoE` inside ``module`` for an :class:`ExpertParallelMHMoE` holding its shard.
+
+    Build the model as usual (every rank the same full weights, e.g. same seed or a loaded
+    checkpoint), then convert once the process group exists (Lightning: in ``setup``/``configure_model``,
+    before DDP wraps the module). Device and dtype are kept; the experts' DDP-ignore list is set on
+    ``module``. Returns the names of the converted layers.
+    """
+    converted = []
+    for name, child in list(module.named_modules()):
+        if not isinstance(child, MHMoE) or isinstance(child, ExpertParallelMHMoE):
+            continue
+        ref = next(child.parameters())
+        kwargs = {k: v for k, v in child.init_kwargs.items() if k != "expert_impl" or v != "per_expert"}
+        ep = ExpertParallelMHMoE(child.dim, child.num_experts, group=group, **kwargs).to(ref.device, ref.dtype)
+        ep.load_state_dict(child.state_dict())
+        ep.train(child.training)
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        if not name:
+            raise ValueError("to_expert_parallel: pass a module that contains the MHMoE layer, not the layer itself")
+        setattr(parent, attr, ep)
+        converted.append(name)
+    ignore_expert_params_in_ddp(module)
+    return converted
 
 
 def expert_parallel_param_names(module: nn.Module) -> list[str]:

@@ -25,7 +25,18 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-__all__ = ["MoECost", "ParityResult", "moe_cost", "match_mhmoe", "mh2_table", "format_table", "main"]
+__all__ = [
+    "MoECost",
+    "ParityResult",
+    "MemoryEstimate",
+    "moe_cost",
+    "match_mhmoe",
+    "mh2_table",
+    "format_table",
+    "training_memory",
+    "format_memory_table",
+    "main",
+]
 
 Activation = Literal["gelu", "swiglu"]
 
@@ -194,6 +205,91 @@ def format_table(results: list[ParityResult]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Training memory per rank of a Multiway MH-MoE backbone (estimates, docs/scaling.md)."""
+
+    name: str
+    num_experts: int
+    ep_size: int
+    params_dense: int  # replicated: embeddings, attention, dense FFNs, head/merge, routers
+    params_experts: int  # all experts of all MoE layers
+    state_gb_per_rank: float  # params + grads + AdamW moments, fp32 (16 bytes/param)
+    act_gb_per_rank: float  # saved activations for backward, bf16, for ``tokens`` tokens per rank
+    act_gb_ckpt: float  # the same with the experts recomputed in backward (expert_checkpoint_rows)
+
+
+def training_memory(
+    dim: int,
+    depth: int,
+    num_experts: int,
+    *,
+    name: str = "",
+    num_heads: int = 4,
+    top_k: int = 2,
+    expert_hidden: int | None = None,
+    moe_every: int = 2,
+    vocab: int = 64010,
+    ep_size: int = 1,
+    tokens: int = 8192,
+    bytes_per_param_state: int = 16,
+    act_bytes: int = 2,
+) -> MemoryEstimate:
+    """Leading-term memory of training a BEiT-3-style Multiway MH-MoE on one rank (GELU experts).
+
+    Parameters: per layer decoupled multiway attention ``2 * 4 d^2``; dense layers two FFNs
+    ``2 * 2 * d * 4d``; MoE layers head + merge ``2 d^2`` and ``E * 2 * (d/h) * F`` expert weights
+    (one shared pool); text embedding ``vocab * d``. State is fp32 params + grads + AdamW m, v.
+    Activations saved for backward, per token and layer, in ``act_bytes``: attention block ~``12 d``
+    (+ scores are recomputed by fused attention), dense FFN ``2 * 4d + d``, MoE layer
+    ``2 * h * k * F + 3 d`` (the hidden activations of all h*k expert assignments, pre- and post-GELU);
+    with expert checkpointing the MoE layer keeps ``h * k * d/h + 3 d``. Experts are divided by
+    ``ep_size``; everything else is replicated.
+    """
+    F = expert_hidden if expert_hidden is not None else 4 * dim // top_k
+    n_moe = depth // moe_every
+    n_dense = depth - n_moe
+    sub = dim // num_heads
+    attn = depth * 8 * dim * dim
+    dense_ffn = n_dense * 2 * 2 * dim * 4 * dim
+    head_merge = n_moe * 2 * dim * dim
+    router = n_moe * sub * num_experts
+    experts = n_moe * num_experts * 2 * sub * F
+    replicated = attn + dense_ffn + head_merge + router + vocab * dim
+    if num_experts % ep_size:
+        raise ValueError(f"training_memory: num_experts={num_experts} is not divisible by ep_size={ep_size}")
+    per_rank = replicated + experts // ep_size
+    act_tok = depth * 12 * dim + n_dense * (2 * 4 * dim + dim) + n_moe * (2 * num_heads * top_k * F + 3 * dim)
+    act_tok_ckpt = depth * 12 * dim + n_dense * (2 * 4 * dim + dim) + n_moe * (top_k * dim + 3 * dim)
+    gb = 1024**3
+    return MemoryEstimate(
+        name=name or f"d={dim} L={depth}",
+        num_experts=num_experts,
+        ep_size=ep_size,
+        params_dense=replicated,
+        params_experts=experts,
+        state_gb_per_rank=per_rank * bytes_per_param_state / gb,
+        act_gb_per_rank=act_tok * tokens * act_bytes / gb,
+        act_gb_ckpt=act_tok_ckpt * tokens * act_bytes / gb,
+    )
+
+
+def format_memory_table(rows: list[MemoryEstimate], tokens: int) -> str:
+    """Markdown table of :func:`training_memory` estimates."""
+    lines = [
+        f"| model | E | EP size | replicated params | expert params | state GB/rank | act GB/rank ({tokens} tok) "
+        "| act GB/rank, expert ckpt |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.num_experts} | {r.ep_size} | {r.params_dense / 1e6:,.0f} M "
+            f"| {r.params_experts / 1e6:,.0f} M | {r.state_gb_per_rank:.1f} | {r.act_gb_per_rank:.1f} "
+            f"| {r.act_gb_ckpt:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mmoe.moe.parity [--dim 768 --base-hidden 2048 --base-experts 8 --heads 2 3 ...]``."""
     p = argparse.ArgumentParser(prog="python -m mmoe.moe.parity", description=__doc__.split("\n\n")[0])
@@ -209,7 +305,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expert-multiple", type=int, default=8, help="round E to a multiple of this")
     p.add_argument("--tokens", type=int, default=0, help="also print total MACs for this many tokens")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--memory", action="store_true", help="print training-memory estimates for base/large, 8/32/256 experts"
+    )
     a = p.parse_args(argv)
+    if a.memory:
+        tokens = a.tokens or 8192
+        rows = [
+            training_memory(d, L, E, name=n, ep_size=ep, tokens=tokens)
+            for n, d, L in (("base", 768, 12), ("large", 1024, 24))
+            for E, ep in ((8, 1), (32, 1), (32, 8), (256, 8), (256, 32))
+        ]
+        print(format_memory_table(rows, tokens))
+        return 0
     results = [
         match_mhmoe(
             a.dim,

@@ -176,6 +176,25 @@ class CaptioningTask(pl.LightningModule):
         if head:
             self.lm_head.load_state_dict(head)
 
+    def setup(self, stage: str) -> None:
+        """Refuse a data module whose tokenizer disagrees with the backbone's (silent garbage otherwise)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        tok = getattr(dm, "tokenizer", None)
+        if tok is None:
+            return
+        keys = ("vocab_size", "pad_id", "mask_id", "bos_id", "eos_id")
+        mine, theirs = [getattr(self.tokenizer, k) for k in keys], [getattr(tok, k) for k in keys]
+        if mine != theirs:
+            raise ValueError(
+                f"CaptioningTask: data.tokenizer ids {dict(zip(keys, theirs))} differ from the backbone's "
+                f"{dict(zip(keys, mine))}; set data.tokenizer/tokenizer_path to the model's tokenizer"
+            )
+        if tok.max_len > self.backbone.config.max_text_len:
+            raise ValueError(
+                f"CaptioningTask: data.max_text_len={tok.max_len} exceeds the backbone's max_text_len="
+                f"{self.backbone.config.max_text_len}"
+            )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmoe_config"] = self.backbone.config.to_dict()
 

@@ -279,11 +279,10 @@ def collect_routing(
     special = {}
     if tok is not None:
         special = {tok.bos_id: "<bos>", tok.eos_id: "<eos>", tok.mask_id: "<mask>"}
-    order = list(range(len(inputs)))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     groups: list[list[int]] = []
-    for i in order:
-        sig = (inputs[i].image is not None, bool(inputs[i].text))
-        if groups and len(groups[-1]) < batch_size and _sig(inputs[groups[-1][0]]) == sig:
+    for i, item in enumerate(inputs):
+        if groups and len(groups[-1]) < batch_size and _sig(inputs[groups[-1][0]]) == _sig(item):
             groups[-1].append(i)
         else:
             groups.append([i])
@@ -294,7 +293,12 @@ def collect_routing(
             image = torch.stack([transform(x.image) for x in batch])
         if batch[0].text:
             text, pad = tok([x.text for x in batch])
-        routed = forward_routing(model, image=image, text=text, text_padding_mask=pad)
+        routed = forward_routing(
+            model,
+            image=None if image is None else image.to(device),
+            text=None if text is None else text.to(device),
+            text_padding_mask=None if pad is None else pad.to(device),
+        )
         result.accumulator.add(routed.views, routed.grid_size)
         if image is not None:
             result.grid_size = routed.grid_size

@@ -1,0 +1,98 @@
+"""tools/build_visual_codebook.py (k-means codebook), tools/run_demo.py and tools/compare_pretraining.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tool(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kmeans_recovers_separated_clusters() -> None:
+    kmeans = _tool("build_visual_codebook").kmeans
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 6, generator=g) * 10
+    x = torch.cat([c + 0.1 * torch.randn(50, 6, generator=g) for c in centers])
+    found, inertia = kmeans(x, 4, iters=10, seed=0)
+    # every true center has a centroid within noise distance, and the mean squared distance is the noise level
+    assert torch.cdist(centers, found).min(dim=1).values.max() < 0.5
+    assert inertia < 6 * 0.1**2 * 2
+    with pytest.raises(SystemExit, match="fewer than"):
+        kmeans(x[:3], 4)
+
+
+def test_compare_summary_and_table(tmp_path: Path) -> None:
+    cmp = _tool("compare_pretraining")
+    run = tmp_path / "tiny_mhmoe" / "version_0"
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text(
+        "step,train/loss,train/step_time,val/loss,val/loss_mlm_text,val/ppl_mlm_text,val/ppl_mim_image,"
+        "val/moe/layer1/activation_ratio,val/moe/layer3/activation_ratio,val/moe/layer1/diversity,"
+        "val/moe/layer3/diversity\n"
+        "0,9.0,0.5,,,,,,,,\n"
+        "1,8.0,0.7,,,,,,,,\n"
+        "1,,,7.5,3.0,20.1,5.5,1.0,0.5,3.0,2.0\n"
+    )
+    r = cmp.summarize_run(tmp_path / "tiny_mhmoe")
+    assert r["step"] == 2 and r["ppl_mlm_text"] == pytest.approx(20.1)
+    assert r["activation_ratio"] == pytest.approx(0.75) and r["diversity"] == pytest.approx(2.5)
+    assert r["step_time"] == pytest.approx(0.6) and math.isnan(r["ppl_mlm_pair"])
+    table = tmp_path / "t.md"
+    meta = {
+        "command": "python tools/compare_pretraining.py",
+        "seed": 0,
+        "steps": 2,
+        "batch_size": 6,
+        "val_steps": 1,
+        "codebook_codes": 16,
+        "world": "w",
+        "date": "d",
+        "machine": "m",
+        "observations": cmp.observations({"tiny_mhmoe": r}),
+    }
+    cmp.write_table(table, {"tiny_mhmoe": r}, meta)
+    text = table.read_text()
+    assert "| tiny_mhmoe | 3.000 | 20.1 | n/a |" in text and "python tools/compare_pretraining.py" in text
+
+
+@pytest.mark.slow
+def test_build_codebook_from_shards(tmp_path: Path) -> None:
+    from mmoe.data.synthetic import make_world
+    from mmoe.train.pretrain import load_codebook
+
+    make_world(tmp_path / "w", num_train=16, num_val=4, image_size=64, seed=0, shards=True, shard_maxcount=8)
+    out = tmp_path / "cb.pt"
+    summary = _tool("build_visual_codebook").main(
+        ["--shards", str(tmp_path / "w/shards/image/train-*.tar"), "--codes", "8", "--max-images", "16",
+         "--iters", "3", "--out", str(out)]
+    )  # fmt: skip
+    assert summary["num_patches"] == 16 * 64
+    assert load_codebook(out, patch_size=8).shape == (8, 8 * 8 * 3)
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_every_step_and_is_idempotent(tmp_path: Path) -> None:
+    demo = _tool("run_demo")
+    report = demo.main(["--out", str(tmp_path / "demo"), "--quick"])
+    text = report.read_text()
+    assert "train/loss_mlm_text" in text and "activation ratio" in text
+    first_ckpt = tmp_path / "demo" / "pretrain" / "checkpoints" / "last.ckpt"
+    mtime = first_ckpt.stat().st_mtime
+    demo.main(["--out", str(tmp_path / "demo"), "--quick"])  # second run reuses every output
+    assert first_ckpt.stat().st_mtime == mtime
+    assert "pretraining reused" in report.read_text()
