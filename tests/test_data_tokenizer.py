@@ -33,6 +33,16 @@ def test_pad_to_longest_and_spec_roundtrip() -> None:
     assert again.mask_id == tok.mask_id and again.max_len == 16
     with pytest.raises(ValueError, match="mask_id"):
         tokenizer_from_spec({**tok.spec(), "mask_id": 5})
+    # the form a backbone's tokenizer_spec takes (docs/interfaces.md section 2)
+    model_spec = {
+        "name": "openclip",
+        "path": None,
+        "vocab_size": 49410,
+        "pad_id": 49408,
+        "mask_id": 49409,
+        "max_len": 20,
+    }
+    assert tokenizer_from_spec(model_spec).max_len == 20
     with pytest.raises(ValueError, match="unknown tokenizer"):
         build_tokenizer("bert")  # type: ignore[arg-type]
 

@@ -243,23 +243,26 @@ def test_load_from_lightning_checkpoint(tmp_path):
 
 
 def test_timm_contract_layer_decay():
+    from timm.models import group_parameters
     from timm.optim import param_groups_layer_decay
 
     model = create_model("tiny", **SMALL)
     nwd = model.no_weight_decay()
     names = dict(model.named_parameters())
     assert nwd <= set(names)
+    depth = model.config.depth
+    # layer ids (SPEC.md 7): embeddings 0, block i -> i + 1; the final norm joins the last block (timm's rule)
+    ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    assert ids["vision_embed.patch_embed.proj.weight"] == ids["text_embed.token_embed.weight"] == 0
+    assert ids["vision_embed.pos_embed"] == 0 and ids["blocks.0.attn.q_proj.vision.weight"] == 1
+    assert ids[f"blocks.{depth - 1}.ffn.text.fc2.bias"] == depth and ids["norm.text.weight"] == depth
     groups = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=nwd, layer_decay=0.5)
     scale_of = {}
     for group in groups:
         for p in group["params"]:
             scale_of[id(p)] = (group["lr_scale"], group["weight_decay"])
-    depth = model.config.depth
-    # lr * decay^(L + 1 - id): embeddings id 0, block i -> i + 1, final norm -> L + 1 (SPEC.md 7)
-    assert scale_of[id(names["vision_embed.patch_embed.proj.weight"])][0] == pytest.approx(0.5 ** (depth + 1))
-    assert scale_of[id(names["text_embed.token_embed.weight"])][0] == pytest.approx(0.5 ** (depth + 1))
-    assert scale_of[id(names["blocks.0.attn.q_proj.vision.weight"])][0] == pytest.approx(0.5**depth)
-    assert scale_of[id(names[f"blocks.{depth - 1}.norm1.text.weight"])][0] == pytest.approx(0.5)
+    assert scale_of[id(names["vision_embed.patch_embed.proj.weight"])][0] == pytest.approx(0.5**depth)
+    assert scale_of[id(names["blocks.0.attn.q_proj.vision.weight"])][0] == pytest.approx(0.5 ** (depth - 1))
     assert scale_of[id(names["norm.vision.weight"])][0] == pytest.approx(1.0)
     assert scale_of[id(names["vision_embed.pos_embed"])][1] == 0.0
     assert scale_of[id(names["blocks.0.attn.q_proj.vision.weight"])][1] == 0.05

@@ -29,6 +29,7 @@ SETS = {
     # (models, batch, image size, text length): the base set uses a short sequence (5x5 patches + 16 text tokens)
     "tiny": (["tiny_dense", "tiny_smoe", "tiny_xmoe", "tiny_mhmoe"], 8, 64, 32),
     "base": (["base_dense", "base_smoe", "base_mhmoe"], 4, 80, 16),
+    "base_pair": (["base_dense", "base_mhmoe"], 4, 80, 16),
 }
 
 
@@ -56,27 +57,37 @@ def worker(name: str, batch: int, img: int, text_len: int, steps: int, warmup: i
     pad[: batch // 2, text_len * 3 // 4 :] = True
     pad = pad.to(dev)
 
-    def step() -> None:
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step() -> tuple[float, float]:
+        t0 = time.perf_counter()
         out = model(image=image, text=text, text_padding_mask=pad)
         loss = out.features.float().square().mean() + out.aux_loss
         loss.backward()
+        sync()
+        t1 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
+        return t1 - t0, time.perf_counter() - t1
 
     for _ in range(warmup):
         step()
     if dev.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    fwd_bwd, opt_times, times = [], [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    median = times[len(times) // 2]
+        a, b = step()
+        fwd_bwd.append(a)
+        opt_times.append(b)
+        times.append(a + b)
+
+    def med(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    median = med(times)
     seq = 1 + (img // model.config.patch_size) ** 2 + text_len
     cfg = model.config
     return {
@@ -87,7 +98,9 @@ def worker(name: str, batch: int, img: int, text_len: int, steps: int, warmup: i
         "batch": batch,
         "seq_len": seq,
         "step_s_median": median,
-        "step_s_min": times[0],
+        "step_s_min": min(times),
+        "fwd_bwd_s_median": med(fwd_bwd),
+        "optimizer_s_median": med(opt_times),
         "tokens_per_s": batch * seq / median,
         "peak_mem_mib": (torch.cuda.max_memory_allocated() / 2**20) if dev.type == "cuda" else _rss_mib() - rss0,
         "peak_mem_kind": "cuda max allocated" if dev.type == "cuda" else "max RSS growth",
@@ -108,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch default)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads per worker (0 = torch default; 1 is steadier when busy)"
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -135,19 +150,23 @@ def main(argv: list[str] | None = None) -> int:
             res = json.loads(line[-1][len("RESULT ") :])
             dense = next((r for r in results if r["model"].endswith("_dense") and r["seq_len"] == res["seq_len"]), None)
             res["throughput_vs_dense"] = res["tokens_per_s"] / dense["tokens_per_s"] if dense else None
+            res["fwd_bwd_vs_dense"] = dense["fwd_bwd_s_median"] / res["fwd_bwd_s_median"] if dense else None
             results.append(res)
             print(f"done {name}", file=sys.stderr, flush=True)
 
-    header = (
-        "| model | MoE | params (M) | batch x seq | step (s, median) | tokens/s | vs dense | peak mem (MiB) |\n"
-        "|---|---|---|---|---|---|---|---|"
+    print(
+        "| model | MoE | params (M) | batch x seq | step (s) | fwd+bwd (s) | AdamW (s) | tokens/s | "
+        "throughput vs dense (step / fwd+bwd) | peak mem (MiB) |"
     )
-    print(header)
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        ratio = "-" if r["throughput_vs_dense"] is None else f"{r['throughput_vs_dense']:.2f}x"
+        ratio = "-"
+        if r["throughput_vs_dense"] is not None:
+            ratio = f"{r['throughput_vs_dense']:.2f}x / {r['fwd_bwd_vs_dense']:.2f}x"
         print(
             f"| {r['model']} | {r['moe'] or 'dense'} | {r['params_m']:.1f} | {r['batch']} x {r['seq_len']} | "
-            f"{r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_mem_mib']:.0f} |"
+            f"{r['step_s_median']:.3f} | {r['fwd_bwd_s_median']:.3f} | {r['optimizer_s_median']:.3f} | "
+            f"{r['tokens_per_s']:.0f} | {ratio} | {r['peak_mem_mib']:.0f} |"
         )
     print(f"device {results[0]['device']}, threads {results[0]['threads']}, peak mem = {results[0]['peak_mem_kind']}")
     if args.json:

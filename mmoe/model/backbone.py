@@ -243,14 +243,15 @@ class MultiwayTransformer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Layer groups for timm's `param_groups_layer_decay`: embeddings 0, block i -> i + 1, final norm L + 1.
+        """Layer groups for layer-wise lr decay (timm's `group_matcher` contract): embeddings id 0, block i -> i + 1.
 
-        BEiT's layer decay (SPEC.md 7) scales lr by decay^(L + 1 - id), so the final norm is its own group with
-        scale 1 (timm's `(99999,)` would merge it into the last block; 100000 keeps it apart).
+        The final norm carries timm's `(99999,)` tag, i.e. it joins the last block. Heads outside the backbone sit
+        one level above (scale 1), so `mmoe.train.optim.param_groups` gives BEiT's lr * decay^(L + 1 - id)
+        (SPEC.md 7); timm's own `param_groups_layer_decay` (no heads) gives the last block scale 1 instead.
         """
         return dict(
             stem=r"^(?:vision_embed|text_embed)",
-            blocks=r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (100000,))],
+            blocks=r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         )
 
     @torch.jit.ignore

@@ -22,6 +22,11 @@ from torch import Tensor
 __all__ = ["DispatchPlan", "plan_dispatch", "gather_tokens", "combine"]
 
 
+def _histogram(key_A: Tensor, size: int) -> Tensor:
+    """Counts of each value in ``[0, size)``; unlike ``bincount`` its shape is static (torch.compile)."""
+    return torch.zeros(size, dtype=torch.int64, device=key_A.device).scatter_add_(0, key_A, torch.ones_like(key_A))
+
+
 @dataclass
 class DispatchPlan:
     """Where every assignment goes. Sorted order = expert-major, kept rows first, sentinel tail."""
@@ -63,7 +68,7 @@ def plan_dispatch(
     order_A = torch.argsort(key_A, stable=True)
     dropped = torch.zeros((), dtype=torch.int64, device=device)
     if capacity is not None:
-        counts_all = torch.bincount(key_A, minlength=num_experts + 1)
+        counts_all = _histogram(key_A, num_experts + 1)
         starts = torch.cumsum(counts_all, 0) - counts_all
         key_sorted = key_A[order_A]
         rank_sorted = arange_A - starts[key_sorted]
@@ -73,7 +78,7 @@ def plan_dispatch(
         keep_A = torch.zeros_like(keep_sorted).scatter(0, order_A, keep_sorted)
         key_A = torch.where(keep_A, key_A, torch.full_like(key_A, num_experts))
         order_A = torch.argsort(key_A, stable=True)
-    counts_E = torch.bincount(key_A, minlength=num_experts + 1)[:num_experts]
+    counts_E = _histogram(key_A, num_experts + 1)[:num_experts]
     inverse_A = torch.empty_like(order_A).scatter_(0, order_A, arange_A)
     return DispatchPlan(
         token_index_A=order_A % S,
