@@ -78,7 +78,7 @@ def test_cli_fit_five_steps(world: Path, tmp_path: Path) -> None:
         f"--trainer.default_root_dir={root}",
         "--model.init_args.log_routing_every=1",
         "--checkpoint.every_n_train_steps=5",
-        *_data_args(world),
+        *_data_args(world, batch=3),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)

@@ -253,3 +253,32 @@ def test_nlvr2_cli_on_real_dev(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = evaluate_nlvr2(examples, read_predictions_csv(csv_path))
     assert out["accuracy"] == pytest.approx(100.0 * 7 / 8)
     assert out["consistency"] < 100.0
+
+
+def test_prior_baselines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mmoe.metrics.vqa import prior_baseline
+
+    qs, anns, _ = _toy_set()
+    train = anns["annotations"]
+    # Normalized answer counts over all 40 human answers: blue 17, yes 10, "2" 10 ("two" -> "2"), red 3
+    # -> majority "blue"; per answer type, the type's own majority.
+    assert {r["answer"] for r in prior_baseline(train, train)} == {"blue"}
+    by_type = {r["question_id"]: r["answer"] for r in prior_baseline(train, train, by="answer_type")}
+    assert by_type == {1: "yes", 2: "2", 3: "blue", 4: "blue"}
+    (tmp_path / "a.json").write_text(json.dumps(anns))
+    (tmp_path / "q.json").write_text(json.dumps(qs))
+    vqa_main(
+        ["--questions", str(tmp_path / "q.json"), "--annotations", str(tmp_path / "a.json")]
+        + [
+            "--baseline-from",
+            str(tmp_path / "a.json"),
+            "--baseline-by",
+            "answer_type",
+        ]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["perAnswerType"]["yes/no"] == 100.0
+    lines = [json.dumps({"identifier": f"train-0-{i}-0", "label": "True" if i < 3 else "False"}) for i in range(4)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines))
+    nlvr2_main(["--annotations", str(tmp_path / "train.jsonl"), "--baseline-from", str(tmp_path / "train.jsonl")])
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 75.0

@@ -2,8 +2,7 @@
 """Convert foreign checkpoints into mmoe model files, or upcycle a dense mmoe model into an MoE one.
 
     # released BEiT-3 (torchscale BEiT3 state dict, bare or under "model", optionally "beit3."-prefixed)
-    python tools/convert_checkpoint.py --from beit3 beit3_base_patch16_224.pth out/beit3_base.pt \
-        --tokenizer beit3.spm [--model base]
+    python tools/convert_checkpoint.py --from beit3 beit3_base_patch16_224.pth out/beit3.pt --tokenizer beit3.spm
     # timm ViT into the vision side of a dense config (use subln: false, layernorm_eps: 1e-6 for exactness)
     python tools/convert_checkpoint.py --from timm vit.pth out/vit.pt --model my_vit.yaml [--copy-to-text]
     # sparse upcycling: experts start from the dense FFNs; CONFIG's `moe:` block is used

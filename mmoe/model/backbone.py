@@ -155,45 +155,15 @@ class MultiwayTransformer(nn.Module):
         past = 0 if cache is None else cache.length
         if past and image is not None:
             raise ValueError("MultiwayTransformer.forward: an image can only be given in the first call with a cache")
-        parts: list[torch.Tensor] = []
-        num_vision, grid = 0, None
-        if image is not None:
-            x_BGD, grid = self.vision_embed(image, image_mask)
-            num_vision = x_BGD.shape[1]
-            parts.append(x_BGD)
-        elif image_mask is not None:
-            raise ValueError("MultiwayTransformer.forward: `image_mask` given without `image`")
-        padding_BN: torch.Tensor | None = None
-        if text is not None:
-            x_BLD = self.text_embed(text, start=text_start)
-            if text_padding_mask is not None:
-                if text_padding_mask.shape != text.shape or text_padding_mask.dtype != torch.bool:
-                    raise ValueError(
-                        f"text_padding_mask: expected a bool tensor of shape {tuple(text.shape)} (True = pad), got "
-                        f"{text_padding_mask.dtype} {tuple(text_padding_mask.shape)}"
-                    )
-                # Pad embeddings are zeroed as in torchscale's Encoder, so pad ids never matter.
-                x_BLD = x_BLD.masked_fill(text_padding_mask.unsqueeze(-1), 0.0)
-                padding_BN = text_padding_mask
-                if num_vision:
-                    vision_pad = text_padding_mask.new_zeros(text.shape[0], num_vision)
-                    padding_BN = torch.cat([vision_pad, text_padding_mask], dim=1)
-            parts.append(x_BLD)
-        elif text_padding_mask is not None:
-            raise ValueError("MultiwayTransformer.forward: `text_padding_mask` given without `text`")
-        elif past:
+        if past and text is None:
             raise ValueError("MultiwayTransformer.forward: a call on a non-empty cache needs `text`")
-        x_BND = self.embed_drop(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+        x_BND, num_vision, grid, padding_BN = self._embed(image, image_mask, text, text_padding_mask, text_start)
         batch, num_new = x_BND.shape[:2]
-
         key_padding_BM = padding_BN
         if past:
             if cache.batch_size != batch:  # type: ignore[union-attr]
                 raise ValueError(f"cache: holds batch {cache.batch_size}, got inputs of batch {batch}")  # type: ignore[union-attr]
-            if cache.padding is not None or padding_BN is not None:  # type: ignore[union-attr]
-                old = cache.padding if cache.padding is not None else x_BND.new_zeros(batch, past, dtype=torch.bool)  # type: ignore[union-attr]
-                new = padding_BN if padding_BN is not None else x_BND.new_zeros(batch, num_new, dtype=torch.bool)
-                key_padding_BM = torch.cat([old.to(x_BND.device), new], dim=1)
+            key_padding_BM = _concat_padding(cache.padding, padding_BN, batch, past, num_new, x_BND.device)  # type: ignore[union-attr]
             if attn_mask is None:
                 attn_mask = causal_mask(num_new, past, x_BND.device)
         mask_B1NM = build_attention_mask(
@@ -221,16 +191,49 @@ class MultiwayTransformer(nn.Module):
                 routing[f"layer{i}{suffix}"] = record
         if self.norm is not None:
             x_BND = self.norm(x_BND, num_vision)
-        if cache is not None and update_cache:
-            if key_padding_BM is not None or cache.padding is not None:
-                cache.padding = (
-                    key_padding_BM
-                    if key_padding_BM is not None
-                    else torch.zeros(batch, past + num_new, dtype=torch.bool, device=x_BND.device)
-                )
+        if cache is not None and update_cache and key_padding_BM is not None:
+            cache.padding = key_padding_BM  # covers every cached key (old padding + the new tokens')
         return BackboneOutput(
             features=x_BND, num_vision_tokens=num_vision, grid_size=grid, routing=routing, aux_loss=aux_loss
         )
+
+    def _embed(
+        self,
+        image: torch.Tensor | None,
+        image_mask: torch.Tensor | None,
+        text: torch.Tensor | None,
+        text_padding_mask: torch.Tensor | None,
+        text_start: int,
+    ) -> tuple[torch.Tensor, int, tuple[int, int] | None, torch.Tensor | None]:
+        """Embed and concatenate [vision, text]; returns (x, num_vision, grid, padding over the sequence or None)."""
+        parts: list[torch.Tensor] = []
+        num_vision, grid = 0, None
+        if image is not None:
+            x_BGD, grid = self.vision_embed(image, image_mask)
+            num_vision = x_BGD.shape[1]
+            parts.append(x_BGD)
+        elif image_mask is not None:
+            raise ValueError("MultiwayTransformer.forward: `image_mask` given without `image`")
+        padding_BN: torch.Tensor | None = None
+        if text is not None:
+            x_BLD = self.text_embed(text, start=text_start)
+            if text_padding_mask is not None:
+                if text_padding_mask.shape != text.shape or text_padding_mask.dtype != torch.bool:
+                    raise ValueError(
+                        f"text_padding_mask: expected a bool tensor of shape {tuple(text.shape)} (True = pad), got "
+                        f"{text_padding_mask.dtype} {tuple(text_padding_mask.shape)}"
+                    )
+                # Pad embeddings are zeroed as in torchscale's Encoder, so pad ids never matter.
+                x_BLD = x_BLD.masked_fill(text_padding_mask.unsqueeze(-1), 0.0)
+                padding_BN = text_padding_mask
+                if num_vision:
+                    vision_pad = text_padding_mask.new_zeros(text.shape[0], num_vision)
+                    padding_BN = torch.cat([vision_pad, text_padding_mask], dim=1)
+            parts.append(x_BLD)
+        elif text_padding_mask is not None:
+            raise ValueError("MultiwayTransformer.forward: `text_padding_mask` given without `text`")
+        x_BND = self.embed_drop(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+        return x_BND, num_vision, grid, padding_BN
 
     # ------------------------------------------------------------------ timm backbone contract
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,3 +268,19 @@ def _branches(module: nn.Module) -> list[nn.Linear]:
     if isinstance(module, Shared):
         return [module.shared]  # type: ignore[list-item]
     return [module]  # type: ignore[list-item]
+
+
+def _concat_padding(
+    cached_BM: torch.Tensor | None,
+    new_BN: torch.Tensor | None,
+    batch: int,
+    past: int,
+    num_new: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Key padding over [cached, new] keys (True = pad), or None when nothing is padded."""
+    if cached_BM is None and new_BN is None:
+        return None
+    old = cached_BM.to(device) if cached_BM is not None else torch.zeros(batch, past, dtype=torch.bool, device=device)
+    new = new_BN if new_BN is not None else torch.zeros(batch, num_new, dtype=torch.bool, device=device)
+    return torch.cat([old, new], dim=1)

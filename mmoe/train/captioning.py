@@ -102,7 +102,8 @@ class CaptioningTask(pl.LightningModule):
         backbone: registered model name or YAML path (docs/interfaces.md section 7).
         backbone_overrides: config overrides, e.g. ``{"img_size": 384, "drop_path": 0.1}``.
         init_from: an mmoe model file or one of our Lightning checkpoints (pretraining or captioning) whose
-            backbone weights initialize this one; a captioning checkpoint also restores the LM head.
+            backbone weights initialize this one; the LM head comes from a captioning checkpoint's ``lm_head`` or a
+            pretraining checkpoint's ``mlm_head`` when present.
         label_smoothing: on the masked-token cross-entropy ([B3]: 0.1).
         drop_worst_ratio, drop_worst_after: drop this share of the worst token losses from step
             ``drop_worst_after`` on (``None`` = never; BEiT-3: 0.2 after 12000 steps).
@@ -172,9 +173,14 @@ class CaptioningTask(pl.LightningModule):
         _, state = read_checkpoint(path)
         load_backbone_weights(self.backbone, state, strict=True)
         full = torch.load(path, map_location="cpu", weights_only=True)
-        head = {k[len("lm_head.") :]: v for k, v in full.get("state_dict", {}).items() if k.startswith("lm_head.")}
-        if head:
-            self.lm_head.load_state_dict(head)
+        sd = full.get("state_dict", {}) if isinstance(full, dict) else {}
+        # A captioning checkpoint has `lm_head.`; a MaskedPretraining one has `mlm_head.`, the same masked-token
+        # predictor over the same vocabulary, so it is a better start than a random head.
+        for prefix in ("lm_head.", "mlm_head."):
+            head = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+            if head and all(head[k].shape == v.shape for k, v in self.lm_head.state_dict().items() if k in head):
+                self.lm_head.load_state_dict(head)
+                break
 
     def setup(self, stage: str) -> None:
         """Refuse a data module whose tokenizer disagrees with the backbone's (silent garbage otherwise)."""

@@ -13,8 +13,8 @@ same recipe shape, AdamW with
 - a larger learning rate for the task heads (``head_lr_mult``, e.g. x20 for the VQAv2 head, SPEC.md 7),
 - linear warm-up then cosine decay, stepped per optimizer step (``cosine_with_warmup``).
 
-Every parameter group carries its absolute ``lr`` (already scaled) plus ``lr_scale`` and ``name`` (LearningRateMonitor labels) for
-logging; a ``LambdaLR`` multiplies each group's initial lr by the same schedule factor.
+Every parameter group carries its absolute ``lr`` (already scaled) plus ``lr_scale`` and ``name`` (the
+LearningRateMonitor label); a ``LambdaLR`` multiplies each group's initial lr by the same schedule factor.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def param_groups(
     (layer-wise lr decay ``decay^(top - id)``; ``layer_decay=1`` disables it). Everything else in
     ``module`` (heads, MIM/MLM predictors) is a head: lr ``lr * head_lr_mult``, decay on >= 2-D weights only.
     Parameters shared between the backbone and a head (tied embeddings) are optimized once, as backbone
-    parameters. Returns a list of dicts with ``params``, ``lr``, ``weight_decay``, ``lr_scale`` and ``name`` (LearningRateMonitor labels).
+    parameters. Returns a list of dicts with ``params``, ``lr``, ``weight_decay``, ``lr_scale``
+    and ``name`` (the LearningRateMonitor label).
     """
     _check_positive("lr", lr)
     _check_positive("weight_decay", weight_decay)

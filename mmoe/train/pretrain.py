@@ -117,12 +117,15 @@ def assign_codes(patches_MC: torch.Tensor, centroids_KC: torch.Tensor) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------------------- routing
-def routing_metrics(records_by_layer: Mapping[str, list[Any]], *, threshold: float | None = None) -> dict[str, float]:
+def routing_metrics(
+    records_by_layer: Mapping[str, list[Any]], *, threshold: float | None = None, per_expert: bool = False
+) -> dict[str, float]:
     """Per-layer routing statistics over one or more forward passes ([MH1] sec. 4.4 / Fig. 1, SPEC.md 4).
 
     ``records_by_layer`` maps a layer key (``layer3``, ``layer3.vision``) to the RoutingRecords of that layer from
     several streams; counts are summed, diversity averaged over the non-padding tokens of all of them. Returns
-    ``{"{layer}/activation_ratio", "{layer}/diversity", "{layer}/dropped_share", "{layer}/load_max"}``.
+    ``{"{layer}/activation_ratio", "{layer}/diversity", "{layer}/dropped_share", "{layer}/load_max"}``, plus the
+    load share of every expert (``"{layer}/load/e{i}"``) when ``per_expert``.
     """
     from mmoe.moe import stats as moe_stats  # imported here so this module loads before the stats land
 
@@ -133,7 +136,10 @@ def routing_metrics(records_by_layer: Mapping[str, list[Any]], *, threshold: flo
         counts = sum(r.counts.detach().cpu().long() for r in records)
         kwargs = {} if threshold is None else {"threshold": threshold}
         out[f"{layer}/activation_ratio"] = float(moe_stats.activation_ratio(counts, **kwargs))
-        out[f"{layer}/load_max"] = float(moe_stats.expert_load(counts).max())
+        load = moe_stats.expert_load(counts)
+        out[f"{layer}/load_max"] = float(load.max())
+        if per_expert:
+            out.update({f"{layer}/load/e{e}": float(v) for e, v in enumerate(load.tolist())})
         div_sum, div_n, dropped, assigned = 0.0, 0, 0.0, 0.0
         for r in records:
             div_BL = moe_stats.token_diversity(r).float()
@@ -392,6 +398,7 @@ class MaskedPretraining(LightningModule):
                 mean = float(sums[0] / sums[1].clamp(min=1))
                 self.log(f"val/ppl_{name}", math.exp(min(mean, 30.0)), sync_dist=False)
         if self._val_records:
-            for key, value in routing_metrics(self._val_records, threshold=self.activation_threshold).items():
+            val_stats = routing_metrics(self._val_records, threshold=self.activation_threshold, per_expert=True)
+            for key, value in val_stats.items():
                 self.log(f"val/moe/{key}", value, sync_dist=False)
         self._val_records, self._val_sums = {}, {}

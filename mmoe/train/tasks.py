@@ -16,8 +16,9 @@ ImageNet   mean_patch    ``ce`` + label smoothing, optional   image, labels (B,)
 =========  ============  ===================================  ==========================================
 
 Validation logs ``val/loss`` and, per loss, ``val/vqa_score`` (the soft score of the arg-max answer, in
-percent: the training-time proxy of the official metric), ``val/acc`` / ``val/acc_top5`` and for NLVR2
-``val/consistency``. ``predict`` (and ``test``) write the official submission files into ``results_dir``
+percent like the official evaluator: the training-time proxy of the official metric), ``val/acc`` /
+``val/acc_top5`` and for NLVR2 ``val/consistency`` (fractions in [0, 1], as torchmetrics and the official
+NLVR2 script report them). ``predict`` (and ``test``) write the official submission files into ``results_dir``
 (default ``<default_root_dir>/results``): VQA ``vqa_results.json`` (``[{"question_id", "answer"}]``) with the
 answer vocabulary copied beside it as ``answer_vocab.json``; NLVR2 ``nlvr2_predictions.csv``
 (``identifier,prediction``); otherwise ``predictions.json``. The answer vocabulary (``label_names``) is
@@ -292,7 +293,8 @@ class ClassificationTask(LightningModule):
         for ident, correct in rows:
             key = sentence_key(ident)
             ok[key] = ok.get(key, True) and bool(correct)
-        self.log(f"{stage}/consistency", 100.0 * sum(ok.values()) / len(ok), rank_zero_only=True)
+        # A fraction like the torchmetrics accuracies logged beside it (the official script's scale).
+        self.log(f"{stage}/consistency", sum(ok.values()) / len(ok), rank_zero_only=True)
 
     def on_validation_epoch_start(self) -> None:
         self._eval_rows = []

@@ -281,7 +281,7 @@ class DetectionTask(LightningModule):
     def __init__(
         self,
         *,
-        backbone: str = "tiny",
+        backbone: str = "tiny_mhmoe",
         backbone_overrides: dict[str, Any] | None = None,
         init_from: str | None = None,
         num_classes: int = 81,
@@ -299,7 +299,11 @@ class DetectionTask(LightningModule):
         results_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        if isinstance(optim, dict):
+            optim = OptimConfig(**optim)
+        self.optim = optim or OptimConfig(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, layer_decay=0.7)
+        self.save_hyperparameters(ignore=["optim"])
+        self.hparams["optim"] = dataclasses.asdict(self.optim)  # plain dict: checkpoints load with weights_only=True
         self.backbone = build_backbone(backbone, backbone_overrides, init_from)
         config = self.backbone.config
         self.detector = ViTDetHeads(
@@ -321,9 +325,6 @@ class DetectionTask(LightningModule):
         )
         self.num_classes = num_classes
         self.with_masks = with_masks
-        if isinstance(optim, dict):
-            optim = OptimConfig(**optim)
-        self.optim = optim or OptimConfig(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, layer_decay=0.7)
         self.results_dir = results_dir
         self._results: list[dict[str, Any]] = []
         self._seen_ids: list[int] = []
