@@ -93,18 +93,25 @@ def test_detection_one_step_and_eval(world: Path, tmp_path: Path) -> None:
 
 def test_imagenet_one_step(world: Path, tmp_path: Path) -> None:
     pytest.importorskip("mmoe.train.tasks")
+    # the full recipe's augmentation path (imagenet.yaml): Mixup/CutMix in the task, RandAugment + erasing in the data
     override = _override(
         tmp_path,
-        {"backbone_overrides": {"img_size": 32, "drop_path": 0.0}},
+        {
+            "backbone_overrides": {"img_size": 32, "drop_path": 0.0},
+            "mixup": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0},
+        },
         {
             "train_dir": str(world / "imagenet" / "train"),
             "val_dir": str(world / "imagenet" / "val"),
+            "auto_augment": "rand-m9-mstd0.5-inc1",
+            "re_prob": 0.25,
             "image_size": 32,
             "batch_size": 4,
             "eval_batch_size": 3,
         },
     )
     cli = _cli(["fit", "--config", str(FINETUNE / "imagenet_synthetic.yaml"), "--config", str(override)])
+    assert cli.model.mixup_fn is not None and "RandAugment" in repr(cli.datamodule.train_transform)
     metrics = cli.trainer.callback_metrics
     assert "val/acc" in metrics and 0.0 <= float(metrics["val/acc"]) <= 1.0
     assert torch.isfinite(metrics["train/loss"])
