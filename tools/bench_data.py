@@ -213,9 +213,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="EPOCHS",
         help="also train a tiny CNN x bag-of-words VQA probe on a 2000-scene shapes world",
     )
+    p.add_argument("--threads", type=int, default=0, help="torch threads in the main process (0: torch default)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    if args.threads:
+        torch.set_num_threads(args.threads)  # main-process torch threads (DataLoader workers use 1 each)
     rows = []
     out: dict[str, Any] = {
         "host": {

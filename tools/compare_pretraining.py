@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -115,6 +116,8 @@ def write_table(path: Path, results: dict[str, dict[str, Any]], meta: dict[str, 
                 f"- {name}: activation {json.dumps(r['activation_ratio_per_layer'])}, "
                 f"diversity {json.dumps(r['diversity_per_layer'])}, max load {json.dumps(r['load_max_per_layer'])}"
             )
+    if meta.get("budget_note"):
+        lines += ["", meta["budget_note"]]
     if meta.get("observations"):
         lines += ["", "## What this shows", ""] + [f"- {o}" for o in meta["observations"]]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,18 +137,23 @@ def observations(results: dict[str, dict[str, Any]]) -> list[str]:
             f" {_fmt(sm['load_max'])} (uniform = {1 / 8:.3f} for 8 experts)."
         )
         for key, label in (("ppl_mlm_text", "text"), ("ppl_mim_image", "image")):
-            others = {n: r[key] for n, r in results.items() if n != "tiny_mhmoe" and not math.isnan(r[key])}
-            if not math.isnan(mh[key]) and others:
-                best = min(others, key=others.get)  # type: ignore[arg-type]
-                rel = "at or below" if mh[key] <= min(others.values()) else "above"
+            moe = {n: r[key] for n, r in results.items() if n in ("tiny_smoe", "tiny_xmoe") and not math.isnan(r[key])}
+            if not math.isnan(mh[key]) and moe:
+                rel = "at or below" if mh[key] <= min(moe.values()) else "above"
                 obs.append(
-                    f"{label.capitalize()} perplexity: MH-MoE {_fmt(mh[key], 2)} is {rel} the best other model "
-                    f"({best} {_fmt(others[best], 2)})."
+                    f"{label.capitalize()} perplexity: MH-MoE {_fmt(mh[key], 2)} is {rel} SMoE/X-MoE ("
+                    + ", ".join(f"{n} {_fmt(v, 2)}" for n, v in moe.items())
+                    + ")"
+                    + (
+                        f"; dense {_fmt(results['tiny_dense'][key], 2)}."
+                        if "tiny_dense" in results and not math.isnan(results["tiny_dense"][key])
+                        else "."
+                    )
                 )
     if xm and sm:
         obs.append(f"X-MoE vs SMoE text perplexity: {_fmt(xm['ppl_mlm_text'], 2)} vs {_fmt(sm['ppl_mlm_text'], 2)}.")
     obs.append(
-        "One seed and a few hundred CPU steps on synthetic data: differences of a few percent are within what a"
+        "One seed and a short CPU run on synthetic data: differences of a few percent are within what a"
         " different seed could change; this table checks the pipeline and the direction, not the paper's numbers."
     )
     return obs
@@ -164,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num-train", type=int, default=1000, help="world size when the world is generated")
     p.add_argument("--table", default="docs/results/tiny_pretraining.md")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (OMP_NUM_THREADS)")
+    p.add_argument("--note", default="", help="a sentence added under the table (e.g. why the budget is small)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +225,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             (root / "DONE").write_text(f"{time.perf_counter() - t0:.1f} s\n")
         results[name] = summarize_run(root)
         print(f"[compare] {name}: {json.dumps({k: v for k, v in results[name].items() if 'per_layer' not in k})}")
-    command = "python tools/compare_pretraining.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in given:  # the note does not change any number; keep the command copy-pasteable
+        i = given.index("--note")
+        del given[i : i + 2]
+    command = shlex.join(["python", "tools/compare_pretraining.py", *given])
     meta = {
         "command": command.strip(),
         "seed": args.seed,
@@ -228,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "machine": f"CPU, {os.cpu_count()} cores (shared)",
         "observations": observations(results),
+        "budget_note": args.note,
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     write_table(Path(args.table), results, meta)
