@@ -231,6 +231,9 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             return "-"
         return "err" if "error" in r else f"{r['tokens_per_s']:,.0f}"
 
+    def mb(r: dict[str, Any] | None) -> str:
+        return "-" if r is None or "error" in r else f"{r['peak_mb']:.0f}"
+
     def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str, inv: bool = False) -> str:
         if not a or not b or "error" in a or "error" in b or not b[key]:
             return "-"
@@ -242,10 +245,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             f"| {n} | {h} | {E} | {k} | {4 * 768 // k if not moe else 4 * moe['cfg']['dim'] // k} | {tps(moe)} "
             f"| {tps(dense)} | {tps(pe)} | {tps(ein)} | {ratio(moe, dense, 'tokens_per_s')} "
             f"| {ratio(moe, ein, 'tokens_per_s')} | {ratio(moe, pe, 'tokens_per_s')} "
-            f"| {moe['peak_mb'] if moe and 'error' not in moe else float('nan'):.0f} "
-            f"| {dense['peak_mb'] if dense and 'error' not in dense else float('nan'):.0f} "
-            f"| {ratio(moe, dense, 'peak_mb')} | {tps(ck)} "
-            f"| {ck['peak_mb'] if ck and 'error' not in ck else float('nan'):.0f} |"
+            f"| {mb(moe)} | {mb(dense)} | {ratio(moe, dense, 'peak_mb')} | {tps(ck)} | {mb(ck)} |"
         )
     return "\n".join(lines)
 
