@@ -78,3 +78,22 @@ def test_hidden_mult_override() -> None:
     assert _linears(head) == [(D, D), (D, 3)]
     head = ClassificationHead(D, 3, pooling="mean_patch", hidden_mult=1)
     assert _linears(head) == [(D, D), (D, 3)]
+
+
+def test_image_text_cls_pooling_concats_both_cls_tokens() -> None:
+    """VQA variant pooling: image CLS (token 0) and text CLS (first text token), 2D wide; errors without text."""
+    torch.manual_seed(0)
+    feats = torch.randn(3, NV + NT, D)
+    pooled = pool_features(feats, NV, "image_text_cls")
+    assert pooled.shape == (3, 2 * D)
+    assert torch.equal(pooled[:, :D], feats[:, 0]) and torch.equal(pooled[:, D:], feats[:, NV])
+    head = ClassificationHead(D, 7, pooling="image_text_cls")
+    assert head(feats, NV).shape == (3, 7)
+    # changing the text CLS changes the logits (the head reads it); other text tokens do not
+    feats2 = feats.clone()
+    feats2[:, NV + 1 :] += 1.0
+    assert torch.equal(head(feats2, NV), head(feats, NV))
+    feats2[:, NV] += 1.0
+    assert not torch.allclose(head(feats2, NV), head(feats, NV))
+    with pytest.raises(ValueError, match="image_text_cls"):
+        pool_features(torch.randn(2, NV, D), NV, "image_text_cls")

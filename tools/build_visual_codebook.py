@@ -30,6 +30,7 @@ def collect_patches(
     patterns: list[str], *, image_size: int, patch_size: int, max_images: int, batch_size: int, seed: int
 ) -> torch.Tensor:
     """Normalized patch vectors (N, patch_size^2 * 3) of up to ``max_images`` images read from ``patterns``."""
+    batch_size = min(batch_size, max_images)  # never read (and cycle through) more images than asked for
     steps = max(1, math.ceil(max_images / batch_size))
     dm = PretrainDataModule(
         image_shards=patterns,
@@ -45,7 +46,7 @@ def collect_patches(
     chunks: list[torch.Tensor] = []
     seen = 0
     for batch in dm.val_dataloader():
-        images = batch["image"]["image"]
+        images = batch["image"]["image"][: max_images - seen]
         chunks.append(normalize_patches(patchify(images, patch_size)).flatten(0, 1))
         seen += images.shape[0]
         if seen >= max_images:

@@ -10,6 +10,9 @@ One ``ClassificationHead`` serves every classification fine-tuning task; only th
 * ``"pair"`` (NLVR2): the backbone runs on both images with the same sentence, stacked on the batch
   axis (first half = ``img0``, second half = ``img1``). Per image, concat(image CLS, text CLS) -> 2D;
   both images -> 4D; LN -> Linear(4D, 2D) -> LN -> GELU -> Linear(2D, C=2).
+* ``"image_text_cls"`` (VQA variant, not in BEiT-3): concat(image CLS, text CLS) of the fused input -> 2D;
+  LN -> Linear(2D, 2D) -> LN -> GELU -> Linear(2D, C). For small, briefly pretrained backbones whose image
+  CLS has not yet learned to read the question (the synthetic-world recipes), the text CLS carries it.
 * ``"mean_patch"`` (ImageNet): mean of the patch tokens (CLS excluded) -> LN -> Linear(D, C). BEiT-3
   scales the last layer's initial weights by ``init_scale = 0.001``.
 
@@ -26,11 +29,11 @@ from torch import nn
 
 __all__ = ["Pooler", "ClassificationHead", "Pooling", "pool_features"]
 
-Pooling = Literal["image_cls", "pair", "mean_patch"]
+Pooling = Literal["image_cls", "image_text_cls", "pair", "mean_patch"]
 
 # The SPEC.md 7 MLP shapes: hidden width multiplier (None = a single Linear) and whether an input LN leads.
-_DEFAULT_HIDDEN_MULT: dict[str, int | None] = {"image_cls": 2, "pair": 2, "mean_patch": None}
-_IN_MULT: dict[str, int] = {"image_cls": 1, "pair": 4, "mean_patch": 1}
+_DEFAULT_HIDDEN_MULT: dict[str, int | None] = {"image_cls": 2, "image_text_cls": 2, "pair": 2, "mean_patch": None}
+_IN_MULT: dict[str, int] = {"image_cls": 1, "image_text_cls": 2, "pair": 4, "mean_patch": 1}
 
 
 def _init_linear_ln(module: nn.Module, std: float = 0.02) -> None:
@@ -72,6 +75,12 @@ def pool_features(features_BND: torch.Tensor, num_vision_tokens: int, pooling: P
         if num_vision_tokens < 2:
             raise ValueError("pool_features('mean_patch'): no patch tokens (num_vision_tokens must be > 1)")
         return features_BND[:, 1:num_vision_tokens].mean(dim=1)
+    if pooling == "image_text_cls":
+        if features_BND.shape[1] <= num_vision_tokens:
+            raise ValueError(
+                "pool_features('image_text_cls'): no text tokens after the image tokens (need image + text input)"
+            )
+        return torch.cat([features_BND[:, 0], features_BND[:, num_vision_tokens]], dim=-1)
     if pooling == "pair":
         if features_BND.shape[1] <= num_vision_tokens:
             raise ValueError("pool_features('pair'): no text tokens after the image tokens (need image + text input)")
@@ -82,7 +91,9 @@ def pool_features(features_BND: torch.Tensor, num_vision_tokens: int, pooling: P
         cls_2BD = torch.cat([features_BND[:, 0], features_BND[:, num_vision_tokens]], dim=-1)
         img0_BD, img1_BD = cls_2BD.chunk(2, dim=0)
         return torch.cat([img0_BD, img1_BD], dim=-1)
-    raise ValueError(f"pool_features: unknown pooling {pooling!r}; expected 'image_cls', 'pair' or 'mean_patch'")
+    raise ValueError(
+        f"pool_features: unknown pooling {pooling!r}; expected 'image_cls', 'image_text_cls', 'pair' or 'mean_patch'"
+    )
 
 
 class ClassificationHead(nn.Module):
@@ -91,9 +102,9 @@ class ClassificationHead(nn.Module):
     Args:
         dim: backbone width D.
         num_classes: C (3129 answers for VQAv2, 2 for NLVR2, 1000 for ImageNet).
-        pooling: ``"image_cls"``, ``"pair"`` or ``"mean_patch"``.
+        pooling: ``"image_cls"``, ``"image_text_cls"``, ``"pair"`` or ``"mean_patch"``.
         hidden_mult: MLP hidden width as a multiple of D; ``None`` = a single Linear; ``"auto"`` = the
-            SPEC.md 7 shape for the pooling (2 for image_cls/pair, None for mean_patch).
+            SPEC.md 7 shape for the pooling (2 for image_cls/image_text_cls/pair, None for mean_patch).
         norm_eps: LayerNorm epsilon (BEiT-3 uses 1e-5 for VQA/NLVR2, 1e-6 for ImageNet).
         init_scale: factor on the last Linear's initial weight and bias (BEiT-3 ImageNet: 0.001).
         dropout: dropout before the last Linear (0 in BEiT-3).

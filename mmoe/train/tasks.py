@@ -126,8 +126,10 @@ class ClassificationTask(LightningModule):
             raise ValueError(f"ClassificationTask: loss={loss!r}; expected 'soft_bce' or 'ce'")
         if pooling == "pair" and not image2_key:
             raise ValueError("ClassificationTask: pooling='pair' (NLVR2) needs image2_key (e.g. 'image2')")
-        if pooling == "pair" and not text_key:
-            raise ValueError("ClassificationTask: pooling='pair' needs text_key (image CLS and text CLS are pooled)")
+        if pooling in ("pair", "image_text_cls") and not text_key:
+            raise ValueError(
+                f"ClassificationTask: pooling={pooling!r} needs text_key (image CLS and text CLS are pooled)"
+            )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"ClassificationTask: label_smoothing={label_smoothing} must be in [0, 1)")
         if mixup and loss != "ce":
