@@ -23,7 +23,7 @@ from mmoe.data.imagenet import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+from samples import SHARED  # noqa: E402  (one definition of where shared data lives)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pycocotools.cocoeval import COCOeval
 from mmoe.metrics.detection import STAT_NAMES, encode_mask, evaluate_coco, main, to_coco_results
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+from samples import SHARED  # noqa: E402  (one definition of where shared data lives)
 
 
 def _find(*candidates: Path) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from samples import find_sample
 
 from mmoe.data.nlvr2 import NLVR2Dataset, pair_prefix
 from mmoe.data.tokenizer import build_tokenizer
@@ -24,17 +25,7 @@ from mmoe.data.vqa import (
 from mmoe.train.task_data import NLVR2Collate, VQACollate, VQADataModule
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/shared/data")
 TOOLS = REPO / "tools"
-
-
-def find_sample(name: str) -> Path | None:
-    for root in (REPO / "datasets" / "samples", SHARED):
-        if root.is_dir():
-            hits = sorted(root.rglob(name))
-            if hits:
-                return hits[0]
-    return None
 
 
 @pytest.fixture(scope="module")

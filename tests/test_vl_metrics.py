@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from samples import find_sample
 
 from mmoe.metrics.nlvr2 import evaluate_nlvr2, read_jsonl, read_predictions_csv, sentence_key, write_predictions_csv
 from mmoe.metrics.nlvr2 import main as nlvr2_main
@@ -20,17 +21,6 @@ from mmoe.metrics.vqa import (
 from mmoe.metrics.vqa import main as vqa_main
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/shared/data")
-
-
-def find_sample(name: str) -> Path | None:
-    """A real sample file by name: the repo's datasets/samples first, then the shared data folder."""
-    for root in (REPO / "datasets" / "samples", SHARED):
-        if root.is_dir():
-            hits = sorted(root.rglob(name))
-            if hits:
-                return hits[0]
-    return None
 
 
 # ---------------------------------------------------------------- normalization rules
@@ -178,7 +168,7 @@ def test_real_vqa_sample_perfect_results_score_100(tmp_path: Path, capsys: pytes
     qpath = find_sample("vqa_v2_train2014_img458752_questions.json")
     apath = find_sample("vqa_v2_train2014_img458752_annotations.json")
     if qpath is None or apath is None:
-        pytest.skip("real VQA sample files not found (datasets/samples or /work/shared/data)")
+        pytest.skip("real VQA sample files not found (datasets/samples or the shared data folder)")
     anns = json.loads(apath.read_text())["annotations"]
     res = [{"question_id": a["question_id"], "answer": a["multiple_choice_answer"]} for a in anns]
     (tmp_path / "r.json").write_text(json.dumps(res))
