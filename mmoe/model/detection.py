@@ -34,7 +34,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-__all__ = ["LayerNorm2d", "SimpleFeaturePyramid", "ViTDetHeads", "ViTDet", "backbone_feature_map"]
+__all__ = ["LayerNorm2d", "SimpleFeaturePyramid", "ViTDetHeads", "ViTDet", "heads_for_backbone", "backbone_feature_map"]
 
 PYRAMID_STRIDES: tuple[int, ...] = (4, 8, 16, 32)
 
@@ -269,6 +269,22 @@ class ViTDetHeads(nn.Module):
         return self.transform(list(images))[0]
 
 
+def heads_for_backbone(
+    backbone: nn.Module, *, num_classes: int, with_masks: bool = True, **head_kwargs: Any
+) -> ViTDetHeads:
+    """:class:`ViTDetHeads` sized for ``backbone``: its width, its real patch stride and its own normalization."""
+    config = backbone.config
+    return ViTDetHeads(
+        in_dim=config.dim,
+        backbone_stride=config.patch_size,
+        num_classes=num_classes,
+        image_mean=config.image_mean,
+        image_std=config.image_std,
+        with_masks=with_masks,
+        **head_kwargs,
+    )
+
+
 class ViTDet(nn.Module):
     """Backbone + :class:`ViTDetHeads` as one module (outside Lightning): ``ViTDet(backbone, num_classes=81)``.
 
@@ -279,17 +295,8 @@ class ViTDet(nn.Module):
 
     def __init__(self, backbone: nn.Module, *, num_classes: int, with_masks: bool = True, **head_kwargs: Any) -> None:
         super().__init__()
-        config = backbone.config
         self.backbone = backbone
-        self.detector = ViTDetHeads(
-            in_dim=config.dim,
-            backbone_stride=config.patch_size,
-            num_classes=num_classes,
-            image_mean=config.image_mean,
-            image_std=config.image_std,
-            with_masks=with_masks,
-            **head_kwargs,
-        )
+        self.detector = heads_for_backbone(backbone, num_classes=num_classes, with_masks=with_masks, **head_kwargs)
 
     def forward(
         self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None

@@ -34,7 +34,7 @@ from mmoe.data.imagenet import RANDAUGMENT, ImageNetFolder, classification_colla
 from mmoe.data.transforms import BEIT3_MEAN, BEIT3_STD
 from mmoe.metrics.detection import evaluate_coco, to_coco_results
 from mmoe.model import create_model
-from mmoe.model.detection import ViTDetHeads
+from mmoe.model.detection import heads_for_backbone
 from mmoe.model.io import load_backbone_weights, read_checkpoint
 from mmoe.train.optim import OptimConfig, configure_optimizers
 
@@ -305,13 +305,9 @@ class DetectionTask(LightningModule):
         self.save_hyperparameters(ignore=["optim"])
         self.hparams["optim"] = dataclasses.asdict(self.optim)  # plain dict: checkpoints load with weights_only=True
         self.backbone = build_backbone(backbone, backbone_overrides, init_from)
-        config = self.backbone.config
-        self.detector = ViTDetHeads(
-            in_dim=config.dim,
-            backbone_stride=config.patch_size,
+        self.detector = heads_for_backbone(
+            self.backbone,
             num_classes=num_classes,
-            image_mean=config.image_mean,
-            image_std=config.image_std,
             with_masks=with_masks,
             out_channels=out_channels,
             min_size=min_size,
