@@ -118,3 +118,28 @@ def test_checkpoint_carries_backbone_config() -> None:
     assert ckpt["mmoe_config"]["depth"] == 2 and ckpt["mmoe_config"]["moe"]["num_experts"] == 8
     with pytest.raises(ValueError, match="on_nonfinite"):
         MaskedPretraining(backbone="tiny_dense", on_nonfinite="ignore")  # type: ignore[arg-type]
+
+
+def test_mismatched_pair_mlm_measures_image_use() -> None:
+    """The grounding diagnostic scores the same masked captions against the next example's image."""
+    torch.manual_seed(0)
+    m = MaskedPretraining(backbone="tiny_mhmoe", optim={"lr": 1e-3, "total_steps": 10}).eval()
+    batch = _batch(3)
+    with torch.no_grad():
+        matched, _, _ = m.stream_losses(batch)
+        loss, n = m._mismatched_pair_mlm(batch)
+    assert n == int((batch["pair"]["text_labels"] != -100).sum())
+    assert not torch.allclose(loss, matched["mlm_pair"])  # a different image changes the text predictions
+    # identical images in the batch: rolling them changes nothing, so mismatched == matched
+    same = dict(batch)
+    same["pair"] = dict(batch["pair"])
+    same["pair"]["image"] = batch["pair"]["image"][:1].expand_as(batch["pair"]["image"]).clone()
+    same["pair"]["image_mask"] = batch["pair"]["image_mask"][:1].expand_as(batch["pair"]["image_mask"]).clone()
+    with torch.no_grad():
+        matched_same, _, _ = m.stream_losses(same)
+        loss_same, _ = m._mismatched_pair_mlm(same)
+    torch.testing.assert_close(loss_same, matched_same["mlm_pair"])
+    # a single pair has no other image to borrow, and the diagnostic can be switched off
+    one = {"pair": {k: v[:1] for k, v in batch["pair"].items()}}
+    assert m._mismatched_pair_mlm(one) is None
+    assert MaskedPretraining(backbone="tiny_mhmoe", eval_grounding=False).eval_grounding is False

@@ -174,6 +174,8 @@ class MaskedPretraining(LightningModule):
         activation_threshold: load share above which an expert counts as activated (``None`` = mmoe.moe.stats's
             default); used for the ``moe/*/activation_ratio`` metrics.
         log_routing_every: compute training routing statistics every this many steps (0 = never).
+        eval_grounding: at validation, also score pair-text MLM against mismatched images and log
+            ``val/ppl_mlm_pair_mismatched`` and ``val/grounding_gain`` (how much the right image helps the text).
     """
 
     def __init__(
@@ -190,6 +192,7 @@ class MaskedPretraining(LightningModule):
         on_nonfinite: Literal["raise", "skip"] = "raise",
         activation_threshold: float | None = None,
         log_routing_every: int = 1,
+        eval_grounding: bool = True,
     ) -> None:
         super().__init__()
         optim = optim if optim is not None else OptimConfig()
@@ -215,6 +218,7 @@ class MaskedPretraining(LightningModule):
         self.on_nonfinite = on_nonfinite
         self.activation_threshold = activation_threshold
         self.log_routing_every = log_routing_every
+        self.eval_grounding = eval_grounding
 
         self.backbone = create_model(backbone, **(backbone_overrides or {}))
         if init_from:
@@ -382,7 +386,35 @@ class MaskedPretraining(LightningModule):
             acc[1] += self._last_counts[name]
         for key, records in routing.items():
             self._val_records.setdefault(key, []).extend(records)
+        if self.eval_grounding:
+            mismatched = self._mismatched_pair_mlm(batch)
+            if mismatched is not None:
+                acc = self._val_sums.setdefault("mlm_pair_mismatched", [0.0, 0.0])
+                acc[0] += float(mismatched[0]) * mismatched[1]
+                acc[1] += mismatched[1]
         return total
+
+    @torch.no_grad()
+    def _mismatched_pair_mlm(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, int] | None:
+        """Pair-text MLM with every caption shown the *next* example's image (same masks and targets).
+
+        Why: a pair's masked caption words ("red", "two", "circle") can only be predicted beyond the text prior by
+        looking at the image. ``ppl_mlm_pair_mismatched / ppl_mlm_pair`` (logged as ``val/grounding_gain``) is how
+        much the matched image helps; ~1 means text and image are still separate, which is what made the
+        300-step checkpoint a poor start for VQA/NLVR2 (docs/results/vl_synthetic.md).
+        """
+        sub = batch.get("pair") if isinstance(batch, Mapping) else None
+        if not sub or sub.get("text_labels") is None or sub.get("image") is None or sub["image"].shape[0] < 2:
+            return None
+        image_mask = sub.get("image_mask")
+        out = self.backbone(
+            image=sub["image"].roll(1, dims=0),
+            text=sub["text"],
+            text_padding_mask=sub.get("text_padding_mask"),
+            image_mask=image_mask.roll(1, dims=0) if image_mask is not None else None,
+        )
+        loss, n = self._mlm(out.features[:, out.num_vision_tokens :], sub["text_labels"])
+        return (loss, n) if n else None
 
     def on_validation_epoch_start(self) -> None:
         self._val_records = {}
@@ -391,12 +423,20 @@ class MaskedPretraining(LightningModule):
     def on_validation_epoch_end(self) -> None:
         # Perplexities are exp of the target-weighted mean CE over the whole set (summed over ranks); routing is
         # summarized over the whole evaluation set, the way [MH1] Fig. 1 measures the expert activation ratio.
+        means: dict[str, float] = {}
         for name, (total, count) in sorted(self._val_sums.items()):
             if name.startswith("mlm") or self.centroids is not None:
                 sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
                 sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
                 mean = float(sums[0] / sums[1].clamp(min=1))
                 self.log(f"val/ppl_{name}", math.exp(min(mean, 30.0)), sync_dist=False)
+                means[name] = mean
+        if "mlm_pair" in means and "mlm_pair_mismatched" in means:
+            self.log(
+                "val/grounding_gain",
+                math.exp(min(means["mlm_pair_mismatched"] - means["mlm_pair"], 30.0)),
+                sync_dist=False,
+            )
         if self._val_records:
             val_stats = routing_metrics(self._val_records, threshold=self.activation_threshold, per_expert=True)
             for key, value in val_stats.items():
