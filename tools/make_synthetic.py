@@ -3,7 +3,7 @@
 
 Example::
 
-    python tools/make_synthetic.py --out data/shapes --num-train 2000 --num-val 200 --shards
+    python tools/make_synthetic.py --out data/shapes --num-train 8000 --num-val 200 --shards
 
 The same ``--seed`` gives byte-identical files. See ``mmoe.data.synthetic`` for what is written.
 """
@@ -20,7 +20,7 @@ from mmoe.data.synthetic import make_world
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument("--num-train", type=int, default=2000, help="train scenes (COCO/VQA), ImageFolder images, text docs")
+    p.add_argument("--num-train", type=int, default=8000, help="train scenes (COCO/VQA), ImageFolder images, text docs")
     p.add_argument("--num-val", type=int, default=200, help="val scenes, images and docs")
     p.add_argument(
         "--nlvr2-sets",
