@@ -157,3 +157,32 @@ def test_full_java_pipeline_with_meteor(tmp_path):
     assert 0.0 < out_java["METEOR"] <= 1.0 and out_java["unavailable"] == [] and out_java["tokenizer"] == "java"
     for key in ("Bleu_4", "ROUGE_L", "CIDEr"):
         assert out_py[key] == pytest.approx(out_java[key], rel=0.01)
+
+
+def test_constant_caption_baseline_picks_frequent_captions(tmp_path, capsys):
+    """The constant-caption baseline scores the most frequent train caption; top-K picks the best on the refs."""
+
+    def coco(path: Path, caps: dict[int, list[str]]) -> Path:
+        anns = [{"id": i * 10 + j, "image_id": i, "caption": c} for i, cs in caps.items() for j, c in enumerate(cs)]
+        path.write_text(json.dumps({"images": [{"id": i} for i in caps], "annotations": anns}))
+        return path
+
+    train = coco(
+        tmp_path / "train.json",
+        {1: ["A red circle.", "a red circle"], 2: ["A red circle!", "Two blue squares."], 3: ["Two blue squares."]},
+    )
+    val = coco(
+        tmp_path / "val.json",
+        {7: ["Two blue squares.", "two blue squares"], 8: ["Two blue squares here."], 9: ["A green star."]},
+    )
+    one = mc.constant_caption_baseline(train, val, top=1)
+    assert one["baseline"] == {"caption": "a red circle", "candidates": 1, "train_frequency": 3}
+    assert one["num_images"] == 3 and one["CIDEr"] >= 0.0
+    two = mc.constant_caption_baseline(train, val, top=2)
+    assert two["baseline"]["caption"] == "two blue squares" and two["CIDEr"] > one["CIDEr"]
+    # the CLI prints the same numbers
+    assert main(["--annotations", str(val), "--baseline-from", str(train), "--baseline-top", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["CIDEr"] == pytest.approx(two["CIDEr"]) and printed["baseline"] == two["baseline"]
+    with pytest.raises(ValueError, match="top must be >= 1"):
+        mc.constant_caption_baseline(train, val, top=0)

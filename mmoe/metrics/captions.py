@@ -37,6 +37,7 @@ __all__ = [
     "load_references",
     "load_results",
     "evaluate_files",
+    "constant_caption_baseline",
     "main",
 ]
 
@@ -272,15 +273,72 @@ def evaluate_files(
     return out
 
 
+def constant_caption_baseline(
+    train_annotations: str | Path,
+    annotations: str | Path,
+    *,
+    top: int = 1,
+    tokenizer: str = "python",
+) -> dict:
+    """Score the same caption for every image: what a model that ignores the image can reach.
+
+    Why: captioning metrics reward the dataset's frequent phrasings, so a model is only reading the image when it
+    beats a constant caption. The candidates are the ``top`` most frequent training captions (after
+    :func:`ptb_tokenize`, ties broken alphabetically); the best of them on ``annotations`` by CIDEr-D is reported.
+    With ``top > 1`` that choice looks at the evaluation references, so it is an optimistic baseline.
+
+    Returns the :func:`score_captions` dict plus ``"baseline": {"caption", "candidates", "train_frequency"}``.
+    """
+    if top < 1:
+        raise ValueError(f"constant_caption_baseline: top must be >= 1, got {top}")
+    counts: dict[str, int] = {}
+    for caps in load_references(train_annotations).values():
+        for cap in caps:
+            key = ptb_tokenize(cap)
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        raise ValueError(f"constant_caption_baseline: {train_annotations} holds no captions")
+    refs = {k: v for k, v in load_references(annotations).items() if v}
+    candidates = sorted(counts, key=lambda c: (-counts[c], c))[:top]
+    best: dict | None = None
+    for cap in candidates:
+        scores = score_captions(refs, dict.fromkeys(refs, cap), tokenizer=tokenizer, meteor=False)
+        if best is None or scores["CIDEr"] > best["CIDEr"]:
+            meta = {"caption": cap, "candidates": len(candidates), "train_frequency": counts[cap]}
+            best = {**scores, "baseline": meta}
+    assert best is not None
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mmoe.metrics.captions --annotations A --results R``: print the scores as JSON."""
     p = argparse.ArgumentParser(description="COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D)")
     p.add_argument("--annotations", required=True, help="COCO captions_*.json or Karpathy dataset_coco.json")
-    p.add_argument("--results", required=True, help='results JSON: [{"image_id": int, "caption": str}, ...]')
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--results", help='results JSON: [{"image_id": int, "caption": str}, ...]')
+    what.add_argument(
+        "--baseline-from",
+        metavar="TRAIN_ANNOTATIONS",
+        help="score a constant caption instead: the most frequent caption of this training file (see --baseline-top)",
+    )
+    p.add_argument(
+        "--baseline-top",
+        type=int,
+        default=1,
+        help="with --baseline-from: best of the K most frequent training captions, picked on --annotations (K>1 is "
+        "optimistic: it looks at the evaluation references)",
+    )
     p.add_argument("--tokenizer", choices=["python", "java", "auto"], default="python")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR even when Java is available")
     p.add_argument("--ignore-missing", action="store_true", help="drop results whose image has no references")
     args = p.parse_args(argv)
+    if args.baseline_from:
+        out = constant_caption_baseline(
+            args.baseline_from, args.annotations, top=args.baseline_top, tokenizer=args.tokenizer
+        )
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
     out = evaluate_files(
         args.annotations,
         args.results,
