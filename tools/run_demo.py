@@ -52,6 +52,12 @@ class Demo:
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ helpers
+
+    def _timed(self, name: str, t0: float) -> None:
+        """Record a step's seconds and persist them, so a later invocation that reuses the output reports them."""
+        self.timings[name] = time.perf_counter() - t0
+        self.timings_file.write_text(json.dumps(self.timings))
+
     def note(self, text: str) -> None:
         print(f"[demo] {text}", flush=True)
         self.notes.append(text)
@@ -63,8 +69,7 @@ class Demo:
         t0 = time.perf_counter()
         with open(log, "w") as f:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
-        self.timings[name] = time.perf_counter() - t0
-        self.timings_file.write_text(json.dumps(self.timings))
+        self._timed(name, t0)
         if proc.returncode != 0:
             tail = log.read_text().strip().splitlines()[-3:]
             self.note(f"step `{name}` failed (exit {proc.returncode}; see {log}): {' | '.join(tail)}")
@@ -85,8 +90,7 @@ class Demo:
         summary = make_world(
             world, num_train=n_train, num_val=n_val, image_size=64, seed=self.seed, shards=True, shard_maxcount=250
         )
-        self.timings["world"] = time.perf_counter() - t0
-        self.timings_file.write_text(json.dumps(self.timings))
+        self._timed("world", t0)
         done.write_text(json.dumps({"num_train": n_train, "num_val": n_val, "splits": summary.get("splits")}))
         return world
 

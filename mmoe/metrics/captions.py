@@ -25,6 +25,7 @@ import json
 import re
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -291,11 +292,7 @@ def constant_caption_baseline(
     """
     if top < 1:
         raise ValueError(f"constant_caption_baseline: top must be >= 1, got {top}")
-    counts: dict[str, int] = {}
-    for caps in load_references(train_annotations).values():
-        for cap in caps:
-            key = ptb_tokenize(cap)
-            counts[key] = counts.get(key, 0) + 1
+    counts = Counter(ptb_tokenize(cap) for caps in load_references(train_annotations).values() for cap in caps)
     if not counts:
         raise ValueError(f"constant_caption_baseline: {train_annotations} holds no captions")
     refs = {k: v for k, v in load_references(annotations).items() if v}
@@ -336,16 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         out = constant_caption_baseline(
             args.baseline_from, args.annotations, top=args.baseline_top, tokenizer=args.tokenizer
         )
-        json.dump(out, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
-    out = evaluate_files(
-        args.annotations,
-        args.results,
-        tokenizer=args.tokenizer,
-        meteor=False if args.no_meteor else None,
-        ignore_missing=args.ignore_missing,
-    )
+    else:
+        out = evaluate_files(
+            args.annotations,
+            args.results,
+            tokenizer=args.tokenizer,
+            meteor=False if args.no_meteor else None,
+            ignore_missing=args.ignore_missing,
+        )
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

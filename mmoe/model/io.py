@@ -50,7 +50,11 @@ def read_checkpoint(path: str | Path) -> tuple[MultiwayConfig, dict[str, torch.T
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_model: {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return parse_checkpoint(torch.load(path, map_location="cpu", weights_only=True), path)
+
+
+def parse_checkpoint(ckpt: Any, path: str | Path) -> tuple[MultiwayConfig, dict[str, torch.Tensor]]:
+    """:func:`read_checkpoint` on an already loaded object (for callers that also need its other weights)."""
     if not isinstance(ckpt, dict):
         raise ValueError(f"load_model: {path} holds a {type(ckpt).__name__}, expected a dict")
     if ckpt.get("format") == FORMAT:

@@ -237,6 +237,8 @@ def to_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None
     before DDP wraps the module). Device and dtype are kept; the experts' DDP-ignore list is set on
     ``module``. Returns the names of the converted layers.
     """
+    if isinstance(module, MHMoE) and not isinstance(module, ExpertParallelMHMoE):
+        raise ValueError("to_expert_parallel: pass a module that contains the MHMoE layer, not the layer itself")
     converted = []
     for name, child in list(module.named_modules()):
         if not isinstance(child, MHMoE) or isinstance(child, ExpertParallelMHMoE):
@@ -248,8 +250,6 @@ def to_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None
         ep.train(child.training)
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        if not name:
-            raise ValueError("to_expert_parallel: pass a module that contains the MHMoE layer, not the layer itself")
         setattr(parent, attr, ep)
         converted.append(name)
     ignore_expert_params_in_ddp(module)

@@ -259,8 +259,9 @@ def training_memory(
     if num_experts % ep_size:
         raise ValueError(f"training_memory: num_experts={num_experts} is not divisible by ep_size={ep_size}")
     per_rank = replicated + experts // ep_size
-    act_tok = depth * 12 * dim + n_dense * (2 * 4 * dim + dim) + n_moe * (2 * num_heads * top_k * F + 3 * dim)
-    act_tok_ckpt = depth * 12 * dim + n_dense * (2 * 4 * dim + dim) + n_moe * (top_k * dim + 3 * dim)
+    act_attn_dense = depth * 12 * dim + n_dense * (2 * 4 * dim + dim)  # the same with or without expert ckpt
+    act_tok = act_attn_dense + n_moe * (2 * num_heads * top_k * F + 3 * dim)
+    act_tok_ckpt = act_attn_dense + n_moe * (top_k * dim + 3 * dim)
     gb = 1024**3
     return MemoryEstimate(
         name=name or f"d={dim} L={depth}",

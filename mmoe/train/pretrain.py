@@ -380,18 +380,15 @@ class MaskedPretraining(LightningModule):
         self.log("val/loss", total, batch_size=bs, sync_dist=True)
         for name, value in losses.items():
             self.log(f"val/loss_{name}", value, batch_size=bs, sync_dist=True)
-        for name, value in losses.items():
-            acc = self._val_sums.setdefault(name, [0.0, 0.0])
-            acc[0] += float(value) * self._last_counts[name]
-            acc[1] += self._last_counts[name]
+        sums = {name: (float(value), self._last_counts[name]) for name, value in losses.items()}
         for key, records in routing.items():
             self._val_records.setdefault(key, []).extend(records)
-        if self.eval_grounding:
-            mismatched = self._mismatched_pair_mlm(batch)
-            if mismatched is not None:
-                acc = self._val_sums.setdefault("mlm_pair_mismatched", [0.0, 0.0])
-                acc[0] += float(mismatched[0]) * mismatched[1]
-                acc[1] += mismatched[1]
+        if self.eval_grounding and (mismatched := self._mismatched_pair_mlm(batch)) is not None:
+            sums["mlm_pair_mismatched"] = (float(mismatched[0]), mismatched[1])
+        for name, (value, count) in sums.items():
+            acc = self._val_sums.setdefault(name, [0.0, 0.0])
+            acc[0] += value * count
+            acc[1] += count
         return total
 
     @torch.no_grad()
@@ -403,7 +400,7 @@ class MaskedPretraining(LightningModule):
         much the matched image helps; ~1 means text and image are still separate, which is what made the
         300-step checkpoint a poor start for VQA/NLVR2 (docs/results/vl_synthetic.md).
         """
-        sub = batch.get("pair") if isinstance(batch, Mapping) else None
+        sub = batch.get("pair")
         if not sub or sub.get("text_labels") is None or sub.get("image") is None or sub["image"].shape[0] < 2:
             return None
         image_mask = sub.get("image_mask")
