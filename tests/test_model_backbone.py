@@ -329,3 +329,28 @@ def test_init_follows_beit3_recipe():
     head = moe_model.blocks[1].moe.head[0].weight  # MH-MoE keeps its own Xavier init (SPEC.md 1)
     bound = (6 / (128 + 128)) ** 0.5 / 2**0.5
     assert head.abs().max() <= bound + 1e-6 and head.abs().max() > 0.8 * bound
+
+
+def test_conv_stem_shapes_receptive_field_and_errors():
+    """The conv stem (Xiao et al. 2021) gives one token per 8-px patch that sees a 15-px window, not the image."""
+    torch.manual_seed(0)
+    model = create_model("tiny", patch_embed="conv", **SMALL).eval()
+    stem = model.vision_embed.patch_embed
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in stem.modules()) == 4  # log2(8) 3x3 convs + the 1x1
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        base = stem(image)
+        assert base.shape == (2, 64, 128)
+        near, far = image.clone(), image.clone()
+        near[:, :, 0:8, 33:40] = 5.0  # patch (0, 4); token (0, 5) sees columns 33-47 (its patch and 7 px left)
+        far[:, :, 0:8, 56:64] = 5.0  # patch (0, 7): only token (0, 7) sees it
+        d_near = (stem(near) - base).abs().amax(dim=(0, 2))
+        d_far = (stem(far) - base).abs().amax(dim=(0, 2))
+    assert d_near[4] > 1e-3 and d_near[5] > 1e-3 and d_near[6] == 0
+    assert d_far[5] == 0 and d_far[6] == 0 and d_far[7] > 1e-3
+    out = model(image=torch.randn(1, 3, 48, 96), text=torch.randint(0, 100, (1, 4)))
+    assert out.grid_size == (6, 12) and out.features.shape == (1, 73 + 4, 128)
+    with pytest.raises(ValueError, match="patch_size"):
+        create_model("tiny", patch_embed="conv", patch_size=16, img_size=48, depth=1).config.replace(patch_size=12)
+    with pytest.raises(ValueError, match="patch_embed"):
+        create_model("tiny", patch_embed="resnet", depth=1)

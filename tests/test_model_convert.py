@@ -300,3 +300,13 @@ def test_upcycle_split_and_cli(tmp_path):
         upcycle(dense, dict(num_experts=4, expert_hidden=192, top_k=2, num_heads=4))
     with pytest.raises(ValueError, match="already has MoE"):
         upcycle(model, dict(num_experts=4, expert_hidden=512))
+
+
+def test_patchify_weights_refuse_a_conv_stem_target():
+    """BEiT-3 and timm ViTs have a linear patchify: a conv-stem config must not silently lose the patch weights."""
+    from mmoe.model.registry import get_config
+
+    conv = get_config("tiny_mhmoe")
+    assert conv.patch_embed == "conv"
+    with pytest.raises(ValueError, match="patch_embed"):
+        convert_timm_vit_state_dict({"patch_embed.proj.weight": torch.zeros(128, 3, 8, 8)}, conv)

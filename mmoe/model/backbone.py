@@ -46,7 +46,11 @@ class MultiwayTransformer(nn.Module):
         self.embed_dim = self.num_features = config.dim
         self.grad_checkpointing = config.grad_checkpointing
         self.vision_embed = VisionEmbed(
-            img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans, dim=config.dim
+            img_size=config.img_size,
+            patch_size=config.patch_size,
+            in_chans=config.in_chans,
+            dim=config.dim,
+            kind=config.patch_embed,
         )
         self.text_embed = TextEmbed(vocab_size=config.vocab_size, max_len=config.max_text_len, dim=config.dim)
         self.embed_drop = nn.Dropout(config.dropout)

@@ -18,6 +18,7 @@ import yaml
 
 AttentionKind = Literal["decoupled", "shared"]
 AttnImpl = Literal["sdpa", "manual"]
+PatchEmbedKind = Literal["linear", "conv"]
 RouterKind = Literal["linear", "xmoe"]
 ExpertActivation = Literal["gelu", "swiglu"]
 PoolKind = Literal["shared", "per_modality"]
@@ -96,7 +97,8 @@ class MoEConfig:
 class MultiwayConfig:
     """Architecture of the Multiway Transformer backbone (SPEC.md 5, [B3] sec. 2.1).
 
-    Sizes: `dim`, `depth`, `num_heads` (attention heads), `ffn_dim`. Vision: `img_size`, `patch_size`;
+    Sizes: `dim`, `depth`, `num_heads` (attention heads), `ffn_dim`. Vision: `img_size`, `patch_size`,
+    `patch_embed` ("linear": BEiT-3's patchify; "conv": the convolutional stem of Xiao et al. 2021, mmoe.model.embed);
     text: `vocab_size`, `max_text_len` (usable text positions; BEiT-3's fairseq tables have two more
     unused rows, dropped on import). `attention="decoupled"` gives per-modality q/k/v/out and norms as in
     the released BEiT-3; `"shared"` shares the attention sublayer as in the paper. `subln` is Magneto's
@@ -106,6 +108,7 @@ class MultiwayConfig:
 
     img_size: int = 224
     patch_size: int = 16
+    patch_embed: PatchEmbedKind = "linear"
     in_chans: int = 3
     dim: int = 768
     depth: int = 12
@@ -148,6 +151,11 @@ class MultiwayConfig:
             )
         _check_literal("MultiwayConfig", "attention", self.attention, AttentionKind)
         _check_literal("MultiwayConfig", "attn_impl", self.attn_impl, AttnImpl)
+        _check_literal("MultiwayConfig", "patch_embed", self.patch_embed, PatchEmbedKind)
+        if self.patch_embed == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(
+                f"MultiwayConfig.patch_size: patch_embed='conv' needs a power of 2 >= 2, got {self.patch_size}"
+            )
         _check_literal("MultiwayConfig", "tokenizer", self.tokenizer, TokenizerKind)
         _check_fraction("MultiwayConfig", "drop_path", self.drop_path)
         _check_fraction("MultiwayConfig", "dropout", self.dropout)

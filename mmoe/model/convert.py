@@ -150,6 +150,7 @@ def beit3_config_from_state_dict(
         attention="decoupled",
         subln="encoder.layers.0.self_attn.inner_attn_ln.A.weight" in state,
         final_norm="encoder.layer_norm.A.weight" in state,
+        patch_embed="linear",  # BEiT-3's patchify; a conv-stem target cannot take its weights
         moe=None,
     )
     if fields["subln"] != ("encoder.layers.0.ffn.A.ffn_layernorm.weight" in state):
@@ -198,6 +199,11 @@ def convert_timm_vit_state_dict(
     Returns a partial state dict: load it with `load_backbone_weights(..., strict=False)`.
     """
     state = unwrap_state_dict(state)
+    if config.patch_embed != "linear":
+        raise ValueError(
+            f"timm checkpoint: the target config has patch_embed={config.patch_embed!r}; a ViT's patch "
+            "projection only fits patch_embed='linear'"
+        )
     dim = config.dim
     out: dict[str, torch.Tensor] = {}
     branches = ("vision", "text") if copy_to_text else ("vision",)
