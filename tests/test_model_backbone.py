@@ -7,6 +7,7 @@ import torch
 
 from mmoe.model import BackboneOutput, create_model, load_backbone_weights, load_model, save_model
 from mmoe.model.attention import manual_attention
+from mmoe.model.registry import get_config
 
 SMALL = dict(depth=2)  # two blocks: one dense, one MoE (every 2nd) keep tests at seconds
 
@@ -351,6 +352,6 @@ def test_conv_stem_shapes_receptive_field_and_errors():
     out = model(image=torch.randn(1, 3, 48, 96), text=torch.randint(0, 100, (1, 4)))
     assert out.grid_size == (6, 12) and out.features.shape == (1, 73 + 4, 128)
     with pytest.raises(ValueError, match="patch_size"):
-        create_model("tiny", patch_embed="conv", patch_size=16, img_size=48, depth=1).config.replace(patch_size=12)
+        get_config("tiny", patch_embed="conv", img_size=48, patch_size=12)
     with pytest.raises(ValueError, match="patch_embed"):
-        create_model("tiny", patch_embed="resnet", depth=1)
+        get_config("tiny", patch_embed="resnet")

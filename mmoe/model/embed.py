@@ -15,8 +15,6 @@ classification after 1000 steps (timm's ViT as well), while the conv stem reache
 
 from __future__ import annotations
 
-import math
-
 import torch
 from timm.layers import PatchEmbed, resample_abs_pos_embed
 from torch import nn
@@ -35,8 +33,8 @@ class ConvStem(nn.Module):
 
     def __init__(self, *, patch_size: int, in_chans: int, dim: int) -> None:
         super().__init__()
-        n = int(round(math.log2(patch_size)))
-        if patch_size < 2 or 2**n != patch_size:
+        n = patch_size.bit_length() - 1
+        if patch_size < 2 or 1 << n != patch_size:
             raise ValueError(f"MultiwayConfig.patch_size: the conv stem needs a power of 2 >= 2, got {patch_size}")
         widths = [max(dim >> (n - 1 - i), 1) for i in range(n)]
         layers: list[nn.Module] = []

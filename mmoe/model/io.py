@@ -45,12 +45,17 @@ def save_model(model: MultiwayTransformer, path: str | Path, *, extra: dict[str,
     atomic_torch_save(payload, path)
 
 
-def read_checkpoint(path: str | Path) -> tuple[MultiwayConfig, dict[str, torch.Tensor]]:
-    """Config and backbone state dict from an mmoe model file or one of our Lightning checkpoints."""
+def load_checkpoint_file(path: str | Path) -> Any:
+    """The raw object of a checkpoint file, read on CPU with ``weights_only=True``; a missing file is named."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_model: {path} does not exist")
-    return parse_checkpoint(torch.load(path, map_location="cpu", weights_only=True), path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(path: str | Path) -> tuple[MultiwayConfig, dict[str, torch.Tensor]]:
+    """Config and backbone state dict from an mmoe model file or one of our Lightning checkpoints."""
+    return parse_checkpoint(load_checkpoint_file(path), path)
 
 
 def parse_checkpoint(ckpt: Any, path: str | Path) -> tuple[MultiwayConfig, dict[str, torch.Tensor]]:

@@ -43,7 +43,7 @@ from mmoe.data.transforms import BEIT3_MEAN, BEIT3_STD, build_transform
 from mmoe.metrics.captions import score_captions
 from mmoe.model import create_model
 from mmoe.model.generation import GenerationConfig, SpecialIds, caption_attention_mask, generate, num_vision_tokens
-from mmoe.model.io import load_backbone_weights, parse_checkpoint
+from mmoe.model.io import load_backbone_weights, load_checkpoint_file, parse_checkpoint
 from mmoe.train.optim import OptimConfig, configure_optimizers
 
 __all__ = ["CaptioningTask", "CaptioningDataModule", "masked_caption_loss", "write_results"]
@@ -170,9 +170,7 @@ class CaptioningTask(pl.LightningModule):
 
     # ------------------------------------------------------------------ weights
     def _init_from(self, path: str) -> None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"CaptioningTask: init_from={path} does not exist")
-        full = torch.load(path, map_location="cpu", weights_only=True)  # read once: backbone and LM head
+        full = load_checkpoint_file(path)  # read once: backbone and LM head
         _, state = parse_checkpoint(full, path)
         load_backbone_weights(self.backbone, state, strict=True)
         sd = full.get("state_dict", {})
