@@ -196,6 +196,10 @@ def test_record_layout_and_shapes() -> None:
     # Sub-token j of token i is row i*h + j: the router sees the head output's contiguous slice.
     sub = layer.head(x.reshape(6, D)).reshape(6, 4, D // 4)
     logits = layer.router(sub[1, 2][None])
+    # One sub-token alone is a different matmul than the batch, so the logits may differ in the last bits: the
+    # comparison of indices is decisive only because the top-3 logits are far apart (no float near-tie).
+    top3 = logits[0].sort(descending=True).values[:3]
+    assert float((top3[:-1] - top3[1:]).min()) > 1e-3
     assert torch.equal(logits.topk(2).indices[0], rec.expert_ids[1 * 4 + 2])
     # First choices first: gate of choice 0 >= gate of choice 1 (raw probabilities).
     assert torch.all(rec.gates[:, 0] >= rec.gates[:, 1])

@@ -86,6 +86,41 @@ def test_majority_and_diversity():
     assert majority_expert(first).tolist() == [3, 0, 2, -1, 1]
 
 
+def test_majority_tie_rule_with_exact_gates():
+    """The documented order: votes, then summed gate, then the lower id.
+
+    Every gate is a power of two and every sum below is exact in float32 and float64, so the expected answer
+    does not depend on rounding.
+    """
+    first = np.array(
+        [
+            [1, 1, 2, 3],  # two votes beat a larger single gate
+            [3, 1, 3, 1],  # 2-2 on votes: expert 3 has 0.5 + 0.5 = 1.0 against 0.25 + 0.25
+            [1, 3, 1, 3],  # the same with the ids swapped: the gate sum decides, not the id
+            [5, 2, 5, 2],  # 2-2 on votes and 0.75-0.75 on gates: the lower id
+            [0, 4, 6, 2],  # four distinct experts: the largest gate
+            [0, 4, 6, 2],  # four distinct experts, all gates equal: the lowest id
+            [-1, 7, -1, 7],  # padding sub-tokens do not vote
+        ]
+    )
+    gates = np.array(
+        [
+            [0.125, 0.125, 1.0, 0.5],
+            [0.5, 0.25, 0.5, 0.25],
+            [0.25, 0.5, 0.25, 0.5],
+            [0.25, 0.5, 0.5, 0.25],
+            [0.25, 0.25, 0.5, 0.25],
+            [0.25, 0.25, 0.25, 0.25],
+            [1.0, 0.25, 1.0, 0.25],
+        ]
+    )
+    want = [1, 3, 3, 2, 6, 0, 7]
+    for dtype in (np.float32, np.float64):
+        assert majority_expert(first, gates.astype(dtype)).tolist() == want
+    # the (B, gh, gw, h) layout of patch grids gives the same answer per token
+    assert majority_expert(first.reshape(7, 1, 1, 4), gates.reshape(7, 1, 1, 4))[:, 0, 0].tolist() == want
+
+
 def test_load_and_activation_ratio():
     counts = np.array([90, 9, 1, 0])
     np.testing.assert_allclose(load_share(counts), [0.9, 0.09, 0.01, 0.0])

@@ -202,7 +202,10 @@ def test_tool_end_to_end_on_tiny_model_with_hand_set_router(tmp_path):
 
     torch.manual_seed(0)
     model = create_model("tiny_mhmoe").eval()
-    targets = {1: [1, 3, 5, 7], 3: [6, 4, 2, 0]}
+    # Two sub-tokens share an expert, so the majority wins on votes alone. With four distinct choices it would be
+    # decided by summed gates, which are equal here up to the last float bits and so differ from CPU to CPU.
+    targets = {1: [5, 3, 5, 7], 3: [6, 4, 2, 4]}
+    majority = {1: 5, 3: 4}
     _force_routing(model, targets)
     ckpt = tmp_path / "last.ckpt"  # the layout of our Lightning checkpoints (interfaces.md sec. 7)
     torch.save(
@@ -228,11 +231,11 @@ def test_tool_end_to_end_on_tiny_model_with_hand_set_router(tmp_path):
         first = np.array(layer["images"][0]["first_choice"])
         assert first.shape == (g, g, 4)
         assert (first == np.array(tgt)).all()
-        assert (np.array(layer["images"][0]["diversity"]) == 4).all()
-        assert (np.array(layer["images"][0]["majority"]) == min(tgt)).all()
+        assert (np.array(layer["images"][0]["diversity"]) == len(set(tgt))).all()
+        assert (np.array(layer["images"][0]["majority"]) == majority[block]).all()
         for row in layer["text"][0]["tokens"]:
             assert [e[0] for e in row["experts"]] == tgt
-        assert sorted(layer["activated_experts"])[:0] == [] and set(tgt) <= set(layer["activated_experts"])
+        assert set(tgt) <= set(layer["activated_experts"])
     # the drawn PNG: head j's panel shows target expert's colour blended over the grey image at every patch
     from mmoe.viz.experts import DEFAULT_ALPHA, expert_colors
 
