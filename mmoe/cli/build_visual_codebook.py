@@ -1,4 +1,4 @@
-"""Build a visual codebook: k-means over normalized patch pixels of a shard set (SPEC.md 6, issue 5).
+"""``mmoe-codebook``: build a visual codebook: k-means over normalized patch pixels of a shard set (SPEC.md 6, issue 5).
 
 BEiT-3 predicts discrete visual tokens (BEiT v2 VQ-KD codes) for masked patches; that tokenizer is an outside
 checkpoint. This tool makes a self-contained stand-in: the k-means centroids of per-patch normalized pixels
@@ -8,7 +8,7 @@ masked image modeling as classification over codes and reports image perplexity 
 Images go through the pretraining data module's evaluation transform (resize + center crop, the same
 normalization), so the patches are those the model sees::
 
-    python tools/build_visual_codebook.py --shards 'data/shapes/shards/image/train-*.tar' \\
+    mmoe-codebook --shards 'data/shapes/shards/image/train-*.tar' \\
         --image-size 64 --patch-size 8 --codes 256 --out data/shapes/codebook_256.pt
 """
 
@@ -52,7 +52,7 @@ def collect_patches(
         if seen >= max_images:
             break
     if not chunks:
-        raise SystemExit(f"build_visual_codebook: no images read from {patterns}")
+        raise SystemExit(f"mmoe-codebook: no images read from {patterns}")
     return torch.cat(chunks)
 
 
@@ -62,7 +62,7 @@ def kmeans(
     """Lloyd's k-means with k-means++ seeding; returns (centroids (k, C), mean squared distance to the centroid)."""
     n = x_NC.shape[0]
     if n < k:
-        raise SystemExit(f"build_visual_codebook: {n} patches is fewer than --codes {k}; read more images")
+        raise SystemExit(f"mmoe-codebook: {n} patches is fewer than --codes {k}; read more images")
     g = torch.Generator().manual_seed(seed)
     x = x_NC.float()
     centroids = x[torch.randint(n, (1,), generator=g)]
@@ -84,8 +84,11 @@ def kmeans(
     return centroids, inertia
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, write the codebook and return the summary `main` prints."""
+    p = argparse.ArgumentParser(
+        prog="mmoe-codebook", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shards", nargs="+", required=True, help="image (or pair) shard patterns (brace/glob)")
     p.add_argument("--out", required=True, help="codebook file to write (torch, read by MaskedPretraining)")
     p.add_argument("--codes", type=int, default=256, help="number of codes K")
@@ -120,5 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mmoe-codebook`` console script; exit status 0 when the codebook is written."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,5 +1,4 @@
-#!/usr/bin/env python
-"""Build the VQAv2 answer vocabulary (SPEC.md 7; [B3] sec. 4.1, as in ViLT/BEiT-3).
+"""``mmoe-vqa-vocab``: build the VQAv2 answer vocabulary (SPEC.md 7; [B3] sec. 4.1, as in ViLT/BEiT-3).
 
 Every human answer of the given official annotation files (normally train2014 + val2014) is
 normalized like the official evaluator (``mmoe.metrics.vqa.normalize_answer``: punctuation, number
@@ -8,7 +7,7 @@ giving 3129 answers on VQAv2 train+val) are kept, ordered by count (descending) 
 so the same files always give the same class ids. Output: ``{"answers": [...], "meta": {...}}``,
 read by ``mmoe.data.vqa.load_answer_vocab`` and stored in every fine-tuned checkpoint.
 
-    python tools/build_vqa_vocab.py --annotations A_train.json A_val.json --out answers.json
+    mmoe-vqa-vocab --annotations A_train.json A_val.json --out answers.json
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ from mmoe.data.vqa import build_answer_vocab, save_answer_vocab
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Entry point of the ``mmoe-vqa-vocab`` console script; exit status 0 when the vocabulary is written."""
+    parser = argparse.ArgumentParser(prog="mmoe-vqa-vocab", description=__doc__.splitlines()[0])
     parser.add_argument("--annotations", nargs="+", required=True, help="official v2_mscoco_*_annotations.json files")
     parser.add_argument("--out", required=True, help="output JSON file")
     parser.add_argument("--min-count", type=int, default=9, help="keep answers seen at least this often (default 9)")

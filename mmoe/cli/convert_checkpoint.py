@@ -1,12 +1,11 @@
-#!/usr/bin/env python
-"""Convert foreign checkpoints into mmoe model files, or upcycle a dense mmoe model into an MoE one.
+"""``mmoe-convert``: convert foreign checkpoints into mmoe model files, or upcycle a dense mmoe model into an MoE one.
 
     # released BEiT-3 (torchscale BEiT3 state dict, bare or under "model", optionally "beit3."-prefixed)
-    python tools/convert_checkpoint.py --from beit3 beit3_base_patch16_224.pth out/beit3.pt --tokenizer beit3.spm
+    mmoe-convert --from beit3 beit3_base_patch16_224.pth out/beit3.pt --tokenizer beit3.spm
     # timm ViT into the vision side of a dense config (use subln: false, layernorm_eps: 1e-6 for exactness)
-    python tools/convert_checkpoint.py --from timm vit.pth out/vit.pt --model my_vit.yaml [--copy-to-text]
+    mmoe-convert --from timm vit.pth out/vit.pt --model my_vit.yaml [--copy-to-text]
     # sparse upcycling: experts start from the dense FFNs; CONFIG's `moe:` block is used
-    python tools/convert_checkpoint.py --upcycle tiny_mhmoe dense.pt out/upcycled.pt --mode split
+    mmoe-convert --upcycle tiny_mhmoe dense.pt out/upcycled.pt --mode split
 
 Without `--model`, BEiT-3 sizes are inferred from the state dict (heads: BEiT-3's head width 64, or --num-heads).
 The output is read back by `mmoe.model.load_model(OUT)`. Files are read with `torch.load(weights_only=True)`;
@@ -35,12 +34,12 @@ from mmoe.model.upcycling import upcycle
 
 def read_state(path: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
-        raise SystemExit(f"convert_checkpoint: input {path} does not exist")
+        raise SystemExit(f"mmoe-convert: input {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:  # noqa: BLE001 - report why the safe loader refused the file
         raise SystemExit(
-            f"convert_checkpoint: torch.load(weights_only=True) cannot read {path} ({type(err).__name__}: "
+            f"mmoe-convert: torch.load(weights_only=True) cannot read {path} ({type(err).__name__}: "
             f"{str(err).splitlines()[0]}); if you trust the file, pass --trust-pickle"
         ) from None
     return unwrap_state_dict(obj, source=path)
@@ -64,26 +63,28 @@ def convert_beit3(args: argparse.Namespace) -> tuple[MultiwayTransformer, dict[s
 
 def convert_timm(args: argparse.Namespace) -> tuple[MultiwayTransformer, dict[str, Any]]:
     if args.model is None:
-        raise SystemExit("convert_checkpoint --from timm: --model NAME_OR_YAML (the target dense config) is required")
+        raise SystemExit("mmoe-convert --from timm: --model NAME_OR_YAML (the target dense config) is required")
     state = read_state(args.input, args.trust_pickle)
     model = create_model(args.model)
     converted = convert_timm_vit_state_dict(state, model.config, copy_to_text=args.copy_to_text)
     missing, unexpected = load_backbone_weights(model, converted, strict=False)
     if unexpected:
-        raise SystemExit(f"convert_checkpoint --from timm: keys not in the target model: {unexpected[:10]}")
+        raise SystemExit(f"mmoe-convert --from timm: keys not in the target model: {unexpected[:10]}")
     return model, {"converted_from": "timm", "source": str(args.input), "not_loaded": missing}
 
 
 def run_upcycle(args: argparse.Namespace) -> tuple[MultiwayTransformer, dict[str, Any]]:
     moe = get_config(args.upcycle).moe
     if moe is None:
-        raise SystemExit(f"convert_checkpoint --upcycle: config {args.upcycle!r} has no `moe:` block")
+        raise SystemExit(f"mmoe-convert --upcycle: config {args.upcycle!r} has no `moe:` block")
     model = upcycle(args.input, moe, mode=args.mode, source=args.source)
     return model, {"upcycled_from": str(args.input), "mode": args.mode, "source": args.source}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mmoe-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--from", dest="source_format", choices=["beit3", "timm"], help="foreign checkpoint format")
     what.add_argument("--upcycle", metavar="CONFIG", help="model name or YAML whose `moe:` block to upcycle into")
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mmoe-convert`` console script; exit status 0 when the model file is written."""
     args = build_parser().parse_args(argv)
     if args.upcycle:
         model, extra = run_upcycle(args)

@@ -1,20 +1,19 @@
-#!/usr/bin/env python
-"""Write webdataset shards for pretraining (thin CLI over ``mmoe.data.shards``).
+"""``mmoe-shards``: write webdataset shards for pretraining (thin CLI over ``mmoe.data.shards``).
 
 Sources (one per call; the stream kind decides what a sample needs):
 
     # (a) COCO caption annotations + image folder -> image-text pairs (all captions of an image in key.json)
-    python tools/make_shards.py coco --ann coco/annotations/captions_train2014.json \\
+    mmoe-shards coco --ann coco/annotations/captions_train2014.json \\
         --images coco/train2014 --out shards/pair --prefix coco-train
 
     # (b) JSONL/TSV of image path + caption (CC3M / img2dataset style) -> pairs (key.jpg + key.txt)
-    python tools/make_shards.py list --file cc3m/train.tsv --image-root cc3m --out shards/pair --prefix cc3m
+    mmoe-shards list --file cc3m/train.tsv --image-root cc3m --out shards/pair --prefix cc3m
 
     # (c) image folder -> images only (masked image modeling)
-    python tools/make_shards.py images --folder imagenet/train --out shards/image --prefix in1k
+    mmoe-shards images --folder imagenet/train --out shards/image --prefix in1k
 
     # (d) text files -> text only (one document per line or per paragraph)
-    python tools/make_shards.py text --files wiki/*.txt --unit paragraph --out shards/text --prefix wiki
+    mmoe-shards text --files wiki/*.txt --unit paragraph --out shards/text --prefix wiki
 
 Every sample is validated (image decodes completely, caption/text non-empty); what was skipped and why
 is printed per source file and written to ``OUT/PREFIX-skipped.json``. Shards are written under a
@@ -37,8 +36,11 @@ from mmoe.data.shards import (
 )
 
 
-def main(argv: list[str] | None = None) -> SkipReport:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str] | None = None) -> SkipReport:
+    """Parse ``argv``, write the shards and return the skip report (what `main` prints a summary of)."""
+    p = argparse.ArgumentParser(
+        prog="mmoe-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="source", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="output folder of the shards (and sizes.json)")
@@ -94,5 +96,11 @@ def main(argv: list[str] | None = None) -> SkipReport:
     return report
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mmoe-shards`` console script; exit status 0 when the shards are written."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

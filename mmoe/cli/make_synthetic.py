@@ -1,9 +1,8 @@
-#!/usr/bin/env python
-"""Write the synthetic shapes world (docs/interfaces.md section 6) to a folder.
+"""``mmoe-synthetic``: write the synthetic shapes world (docs/interfaces.md section 6) to a folder.
 
 Example::
 
-    python tools/make_synthetic.py --out data/shapes --num-train 8000 --num-val 200 --shards
+    mmoe-synthetic --out data/shapes --num-train 8000 --num-val 200 --shards
 
 The same ``--seed`` gives byte-identical files. See ``mmoe.data.synthetic`` for what is written.
 """
@@ -17,8 +16,11 @@ import time
 from mmoe.data.synthetic import make_world
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, write the world and return ``make_world``'s summary (what `main` prints)."""
+    p = argparse.ArgumentParser(
+        prog="mmoe-synthetic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--num-train", type=int, default=8000, help="train scenes (COCO/VQA), ImageFolder images, text docs")
     p.add_argument("--num-val", type=int, default=200, help="val scenes, images and docs")
@@ -55,5 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mmoe-synthetic`` console script; exit status 0 when the world is written."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,15 +1,14 @@
-#!/usr/bin/env python
-"""Draw which experts image patches and words go to, per MoE layer ([MH1] Fig. 1, 5, 8).
+"""``mmoe-viz``: draw which experts image patches and words go to, per MoE layer ([MH1] Fig. 1, 5, 8).
 
 Examples:
     # a freshly initialized tiny MH-MoE on one image and a caption
-    python tools/visualize_experts.py --model tiny_mhmoe --image datasets/samples/coco/000000000139.jpg \
+    mmoe-viz --model tiny_mhmoe --image datasets/samples/coco/000000000139.jpg \
         --text "a living room with a tv" --out runs/viz
     # a trained checkpoint on a folder of images, compared with an SMoE checkpoint
-    python tools/visualize_experts.py --checkpoint runs/mhmoe/last.ckpt --compare runs/smoe/last.ckpt \
+    mmoe-viz --checkpoint runs/mhmoe/last.ckpt --compare runs/smoe/last.ckpt \
         --image datasets/samples/coco --out runs/viz_compare
     # the images (and captions) of a webdataset shard
-    python tools/visualize_experts.py --checkpoint model.pt --image shards/pair/val-000000.tar --limit 8 --out runs/viz
+    mmoe-viz --checkpoint model.pt --image shards/pair/val-000000.tar --limit 8 --out runs/viz
 
 `--checkpoint` takes one of our Lightning checkpoints, an mmoe model file, or a registered model
 name / model YAML (freshly initialized with --seed). Writes per model: experts.json, load_heatmap.png,
@@ -30,7 +29,9 @@ from mmoe.viz.run import DEFAULT_THRESHOLD, visualize
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mmoe-viz", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="Lightning checkpoint, mmoe model file, or registered model name / YAML")
     src.add_argument(
@@ -56,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mmoe-viz`` console script; 0 on success, 1 for unreadable inputs, 2 for no input."""
     args = build_parser().parse_args(argv)
     if args.image is None and args.text is None:
-        print("visualize_experts: give --image and/or --text", file=sys.stderr)
+        print("mmoe-viz: give --image and/or --text", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             layers=args.layers,
         )
     except (FileNotFoundError, ValueError) as exc:
-        print(f"visualize_experts: {exc}", file=sys.stderr)
+        print(f"mmoe-viz: {exc}", file=sys.stderr)
         return 1
     for report in done["reports"]:
         ratios = {k: round(v["activation_ratio"], 4) for k, v in report["layers"].items()}

@@ -1,7 +1,9 @@
 """Named model sizes are data: `configs/model/*.yaml` behind `create_model(name)` / `list_models()`.
 
-A YAML file holds the fields of `MultiwayConfig` (with `moe:` nested). `create_model` also takes a path to
-any such YAML, and keyword overrides (`moe={...}` merges into the MoE block).
+The folder is package data (`mmoe.configs`, see `mmoe.resources`), so names resolve from any working directory
+after a plain install, not only in a source checkout. A YAML file holds the fields of `MultiwayConfig` (with
+`moe:` nested). `create_model` also takes a path to any such YAML, and keyword overrides (`moe={...}` merges
+into the MoE block).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import torch
 
 from mmoe.model.backbone import MultiwayTransformer
 from mmoe.model.config import MultiwayConfig
+from mmoe.resources import config_root
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+CONFIG_DIR = config_root() / "model"
 
 
 def list_models() -> list[str]:

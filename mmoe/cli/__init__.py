@@ -1,0 +1,15 @@
+"""The command-line tools a user runs, installed as console scripts (pyproject ``[project.scripts]``).
+
+Each module has ``main(argv=None) -> int`` (the exit status) and also runs as ``python -m mmoe.cli.<module>``:
+
+- ``mmoe-recipes`` (``recipes``): list, show, locate or copy out the shipped model sizes and recipes;
+- ``mmoe-synthetic`` (``make_synthetic``): the synthetic shapes world;
+- ``mmoe-shards`` (``make_shards``): validated webdataset shards;
+- ``mmoe-convert`` (``convert_checkpoint``): BEiT-3 / timm conversion and sparse upcycling;
+- ``mmoe-viz`` (``visualize_experts``): expert-assignment pictures;
+- ``mmoe-vqa-vocab`` (``build_vqa_vocab``): the VQAv2 answer vocabulary;
+- ``mmoe-codebook`` (``build_visual_codebook``): the k-means visual codebook.
+
+Training itself is the ``mmoe`` command (``mmoe.train.cli``). In a source checkout ``tools/<module>.py`` is a
+wrapper running the same ``main``.
+"""

@@ -1,0 +1,7 @@
+#!/usr/bin/env python
+"""Source-checkout wrapper of ``mmoe.cli.make_shards`` (installed as a console script; see the README)."""
+
+from mmoe.cli.make_shards import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
