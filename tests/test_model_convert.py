@@ -5,7 +5,6 @@ Parity against torchscale's BEiT3 (installed as a test-only reference) at a tiny
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 
@@ -165,10 +164,9 @@ def test_beit3_name_mapping_base_large_on_meta(name, dim, depth, ffn, heads):
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from mmoe.cli import convert_checkpoint
+
+    return convert_checkpoint
 
 
 def test_convert_cli_beit3_with_sentencepiece(tmp_path, reference):
@@ -264,7 +262,8 @@ def test_upcycled_replicas_match_dense_exactly():
         pool="per_modality",
     )
     per_modality = upcycle(dense, moe).eval()
-    shared = upcycle(dense, {**moe, "pool": "shared"}, source="vision").eval()
+    # exact=False keeps the shared pool: all copies of the V-FFN, so image-only inputs still match
+    shared = upcycle(dense, {**moe, "pool": "shared"}, source="vision", exact=False).eval()
     with torch.no_grad():
         ref = dense(image=image, text=text, text_padding_mask=pad).features
         got = per_modality(image=image, text=text, text_padding_mask=pad).features
@@ -272,7 +271,7 @@ def test_upcycled_replicas_match_dense_exactly():
         torch.testing.assert_close(shared(image=image).features, dense(image=image).features, atol=1e-5, rtol=0)
     assert per_modality.config.moe.expert_inner_norm  # the dense FFN's sub-LN travels into the experts
     # not renormalized (raw top-2 probabilities sum below 1): the function differs, so the test can fail
-    raw = upcycle(dense, {**moe, "renormalize_gates": False}).eval()
+    raw = upcycle(dense, {**moe, "renormalize_gates": False}, exact=False).eval()
     with torch.no_grad():
         assert (raw(image=image).features - dense(image=image).features).abs().max() > 1e-3
 

@@ -2,12 +2,22 @@
 
 Every weight outside the MoE layers is copied; each MoE layer's experts start from that layer's dense FFNs:
 
-- `mode="replicate"` (h = 1, expert width = dense FFN width): every expert is an exact copy of a dense FFN.
-  With renormalized top-k gates the gates of a token sum to 1, so the upcycled layer computes exactly the dense
-  FFN whatever the router does; head/merge layers (if any, n = 1) start at the identity.
+- `mode="replicate"` (h = 1, expert width = dense FFN width): every expert is an exact copy of a dense FFN, and
+  the upcycled model computes the dense model's features (up to float rounding, ~1e-6) on any input. That needs
+  three MoE settings besides the copies, which `upcycle` sets (with a warning naming each change):
+  `pool="per_modality"` (a shared pool sends text tokens to copies of the V-FFN and image patches to copies of
+  the L-FFN, whatever `source` says for some of them), `renormalize_gates=True` (raw top-k probabilities sum to
+  less than 1 and scale the FFN output down; renormalized, the gates of a token sum to 1 over identical experts,
+  so the router's choice does not matter) and `capacity_factor=None` (a dropped assignment loses its FFN
+  output). Head/merge layers (n <= 1) start at the identity. Settings that would change the architecture are
+  refused instead, with the setting that makes the copy exact: `num_heads=1` and `expert_hidden=ffn_dim`
+  (an MH-MoE expert sees one d/h slice of a token, so no copy of a dense FFN, which mixes all d features,
+  computes it; [MH1] sec. 3), biased experts, the GELU activation and the reshape split. `exact=False` keeps
+  the given settings: the experts are still copies, but the function is no longer the dense one.
 - `mode="split"` (any h, [MH1] sec. 3 sub-token width d/h): expert e takes the diagonal block j = e mod h of the
   dense matrices (input features j*d/h..(j+1)*d/h) and the hidden units starting at (e // h) * F (wrapping), with
-  identity head/merge layers. This is the block-diagonal part of the dense FFN, an initialization only.
+  identity head/merge layers. This is the block-diagonal part of the dense FFN, an initialization only: the
+  upcycled MH-MoE does not compute the dense function.
 
 Dimension legend: d width, C = d/h sub-token width, F expert width, F0 dense FFN width, E experts.
 With a shared expert pool, `source` picks which dense FFN seeds expert e: "vision", "text" or "alternate"
@@ -17,6 +27,7 @@ With a shared expert pool, `source` picks which dense FFN seeds expert e: "visio
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,8 +49,13 @@ def upcycle(
     *,
     mode: UpcycleMode = "replicate",
     source: UpcycleSource = "alternate",
+    exact: bool = True,
 ) -> MultiwayTransformer:
-    """Return a new MoE model whose experts start from the FFNs of `dense` (a model or an mmoe file)."""
+    """Return a new MoE model whose experts start from the FFNs of `dense` (a model or an mmoe file).
+
+    With `mode="replicate"` and `exact=True` (the default, and what `mmoe-convert-checkpoint --upcycle` uses) the
+    MoE settings are adjusted so the new model computes the dense one's features (see the module docstring).
+    """
     if not isinstance(dense, MultiwayTransformer):
         dense = load_model(dense)
     if dense.config.moe is not None:
@@ -55,13 +71,10 @@ def upcycle(
         raise ValueError("upcycle: the dense FFN is GELU; expected moe.activation='gelu'")
     if dense.config.vlffn_layers:
         raise ValueError("upcycle: models with a VL-FFN are not supported (no expert counterpart)")
+    if mode == "replicate":
+        moe_cfg = replicate_settings(moe_cfg, ffn_dim=dense.config.ffn_dim, exact=exact)
     config: MultiwayConfig = dense.config.replace(moe=dataclasses.asdict(moe_cfg))
     d, h = config.dim, moe_cfg.num_heads
-    if mode == "replicate" and (h != 1 or moe_cfg.expert_hidden != config.ffn_dim):
-        raise ValueError(
-            f"upcycle(mode='replicate'): needs moe.num_heads=1 and moe.expert_hidden=ffn_dim={config.ffn_dim}, got "
-            f"num_heads={h}, expert_hidden={moe_cfg.expert_hidden}; use mode='split' for sub-token experts"
-        )
     if max(moe_cfg.head_layers, moe_cfg.merge_layers) > 1:
         raise ValueError("upcycle: head/merge layers deeper than 1 cannot start at the identity; use n <= 1")
 
@@ -82,10 +95,52 @@ def upcycle(
         if moe_cfg.pool == "shared":
             order = {"alternate": ["vision", "text"], "vision": ["vision"], "text": ["text"]}[source]
             _fill(target, [getattr(ffns, order[e % len(order)]) for e in range(moe_cfg.num_experts)], mode, d, h)
-        else:
-            for modality in ("vision", "text"):
-                _fill(target[modality], [getattr(ffns, modality)] * moe_cfg.num_experts, mode, d, h)
+        else:  # one pool per modality the model has (a vision-only backbone has no text pool)
+            for modality, pool in target.items():
+                _fill(pool, [getattr(ffns, modality)] * moe_cfg.num_experts, mode, d, h)
     return model
+
+
+def replicate_settings(moe: MoEConfig, *, ffn_dim: int, exact: bool = True) -> MoEConfig:
+    """The MoE settings under which replicated experts compute the dense FFN; refuses what a setting cannot fix.
+
+    Returns `moe` with `pool="per_modality"`, `renormalize_gates=True` and `capacity_factor=None` (each change
+    reported in one warning) when `exact`; unchanged otherwise. Raises ValueError, naming the setting that makes
+    the copy exact, for the settings that change the experts' shape or function.
+    """
+    refused = []
+    if moe.num_heads != 1:
+        refused.append(
+            f"num_heads=1 (got {moe.num_heads}: an MH-MoE expert sees a d/h slice of each token, so a copy of the "
+            "dense FFN cannot compute it; mode='split' starts MH-MoE experts from its diagonal blocks, as an "
+            "initialization only)"
+        )
+    if moe.expert_hidden != ffn_dim:
+        refused.append(f"expert_hidden={ffn_dim} (the dense FFN width; got {moe.expert_hidden})")
+    if moe.extra.get("expert_bias") is False:
+        refused.append("experts with biases (got extra.expert_bias=False; the dense FFN has biases)")
+    if moe.extra.get("split", "reshape") != "reshape":
+        refused.append(f"split='reshape' (got extra.split={moe.extra['split']!r})")
+    if refused:
+        raise ValueError("upcycle(mode='replicate'): the experts can only be exact copies with " + "; ".join(refused))
+    if not exact:
+        return moe
+    wanted = {"pool": "per_modality", "renormalize_gates": True, "capacity_factor": None}
+    why = {
+        "pool": "a shared pool routes text tokens to copies of the V-FFN and patches to copies of the L-FFN",
+        "renormalize_gates": "raw top-k probabilities sum to less than 1 and scale the FFN output down",
+        "capacity_factor": "a token over an expert's capacity would lose its FFN output",
+    }
+    changes = {k: v for k, v in wanted.items() if getattr(moe, k) != v}
+    if changes:
+        said = "; ".join(f"{k}={v!r} (was {getattr(moe, k)!r}: {why[k]})" for k, v in changes.items())
+        warnings.warn(
+            f"upcycle(mode='replicate'): set {said}, so the upcycled model computes the dense model's features; "
+            "pass exact=False to keep the given settings",
+            UserWarning,
+            stacklevel=3,
+        )
+    return dataclasses.replace(moe, **changes)
 
 
 def _identity_(module: nn.Module) -> None:
