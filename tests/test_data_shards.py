@@ -275,20 +275,17 @@ def test_long_documents_give_random_windows(tmp_path: Path) -> None:
 
 
 def test_make_shards_cli(tmp_path: Path) -> None:
-    import importlib.util
+    from mmoe.cli import make_shards as tool
 
-    spec = importlib.util.spec_from_file_location("make_shards", REPO / "tools" / "make_shards.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)  # type: ignore[union-attr]
     (tmp_path / "a.txt").write_text("first document\n\nsecond\n")
-    rep = tool.main(["text", "--files", str(tmp_path / "a.txt"), "--out", str(tmp_path / "t"), "--prefix", "wiki"])
+    rep = tool.run(["text", "--files", str(tmp_path / "a.txt"), "--out", str(tmp_path / "t"), "--prefix", "wiki"])
     assert rep.written == 2 and rep.items == {str(tmp_path / "a.txt"): [{"item": "line 2", "reason": "empty text"}]}
     assert read_sizes(tmp_path / "t") == {"wiki-000000.tar": 2}
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     (imgs / "x.jpg").write_bytes(_jpeg(size=40))
     (imgs / "x.txt").write_text("a red square")
-    rep = tool.main(["images", "--folder", str(imgs), "--sidecar", "--out", str(tmp_path / "p"), "--max-side", "16"])
+    rep = tool.run(["images", "--folder", str(imgs), "--sidecar", "--out", str(tmp_path / "p"), "--max-side", "16"])
     assert rep.written == 1
     import webdataset as wds
 

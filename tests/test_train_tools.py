@@ -1,4 +1,4 @@
-"""tools/build_visual_codebook.py (k-means codebook), tools/run_demo.py and tools/compare_pretraining.py."""
+"""mmoe.cli.build_visual_codebook (k-means codebook), tools/run_demo.py and tools/compare_pretraining.py."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def _tool(name: str) -> ModuleType:
 
 
 def test_kmeans_recovers_separated_clusters() -> None:
-    kmeans = _tool("build_visual_codebook").kmeans
+    from mmoe.cli.build_visual_codebook import kmeans
+
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 6, generator=g) * 10
     x = torch.cat([c + 0.1 * torch.randn(50, 6, generator=g) for c in centers])
@@ -77,7 +78,9 @@ def test_build_codebook_from_shards(tmp_path: Path) -> None:
 
     make_world(tmp_path / "w", num_train=16, num_val=4, image_size=64, seed=0, shards=True, shard_maxcount=8)
     out = tmp_path / "cb.pt"
-    summary = _tool("build_visual_codebook").main(
+    from mmoe.cli import build_visual_codebook
+
+    summary = build_visual_codebook.run(
         ["--shards", str(tmp_path / "w/shards/image/train-*.tar"), "--codes", "8", "--max-images", "16",
          "--iters", "3", "--out", str(out)]
     )  # fmt: skip

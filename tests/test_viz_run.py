@@ -192,11 +192,9 @@ def _force_routing(model: torch.nn.Module, targets: dict[int, list[int]]) -> Non
 
 
 def test_tool_end_to_end_on_tiny_model_with_hand_set_router(tmp_path):
-    """tools/visualize_experts.py on the real tiny backbone, saved as a Lightning checkpoint with forced routing."""
+    """mmoe-viz on the real tiny backbone, saved as a Lightning checkpoint with forced routing."""
     pytest.importorskip("mmoe.model")
     import dataclasses
-    import importlib.util
-    import pathlib
 
     from mmoe.model import create_model
 
@@ -217,10 +215,8 @@ def test_tool_end_to_end_on_tiny_model_with_hand_set_router(tmp_path):
     )
     img = tmp_path / "grey.png"
     Image.fromarray(np.full((50, 70, 3), 128, dtype=np.uint8)).save(img)
-    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / "visualize_experts.py"
-    spec = importlib.util.spec_from_file_location("visualize_experts", tool)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from mmoe.cli import visualize_experts as mod
+
     out = tmp_path / "out"
     assert mod.main(["--checkpoint", str(ckpt), "--image", str(img), "--text", "a grey square", "--out", str(out)]) == 0
     data = json.loads((out / "experts.json").read_text())
@@ -254,7 +250,6 @@ def test_tool_end_to_end_on_tiny_model_with_hand_set_router(tmp_path):
 def test_tool_compare_fresh_models(tmp_path):
     """--model NAME (fresh) with --compare NAME2 on the real tiny SMoE and MH-MoE."""
     pytest.importorskip("mmoe.model")
-    import importlib.util
     import pathlib
 
     from mmoe.model import list_models
@@ -265,10 +260,8 @@ def test_tool_compare_fresh_models(tmp_path):
     if not img.is_dir():  # real COCO samples when the repo has them, else a noise image
         img = tmp_path / "noise.png"
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(img)
-    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / "visualize_experts.py"
-    spec = importlib.util.spec_from_file_location("visualize_experts", tool)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from mmoe.cli import visualize_experts as mod
+
     args = ["--model", "tiny_smoe", "--compare", "tiny_mhmoe", "--image", str(img), "--out", str(tmp_path / "o")]
     args += ["--limit", "2"]
     assert mod.main(args + ["--text", "two models"]) == 0

@@ -24,9 +24,6 @@ from mmoe.data.vqa import (
 )
 from mmoe.train.task_data import NLVR2Collate, VQACollate, VQADataModule
 
-REPO = Path(__file__).resolve().parents[1]
-TOOLS = REPO / "tools"
-
 
 @pytest.fixture(scope="module")
 def real_vqa() -> VQAFiles:
@@ -138,14 +135,11 @@ def test_vilt_split(tmp_path: Path) -> None:
 
 
 def test_build_vqa_vocab_tool(tmp_path: Path) -> None:
-    import importlib.util
-
     path = find_sample("v2_mscoco_train2014_annotations.first100.json")
     if path is None:
         pytest.skip("official first-100 VQA annotations not found")
-    spec = importlib.util.spec_from_file_location("build_vqa_vocab", TOOLS / "build_vqa_vocab.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    from mmoe.cli import build_vqa_vocab as mod
+
     out = tmp_path / "vocab.json"
     assert mod.main(["--annotations", str(path), "--out", str(out), "--min-count", "9"]) == 0
     vocab = load_answer_vocab(out)
