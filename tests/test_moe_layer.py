@@ -341,3 +341,50 @@ def test_expert_checkpointing_changes_nothing(impl: str, dtype: torch.dtype, cfg
     for n in gp:
         torch.testing.assert_close(gc[n], gp[n], **tol, msg=lambda m, n=n: f"{n}: {m}")
         torch.testing.assert_close(gc[n], gr[n], **tol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _expert_grads_after_backward(layer: MHMoE, x: torch.Tensor, pad: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    layer.zero_grad(set_to_none=True)
+    out = layer(x, padding_mask=pad)
+    (out.output.square().sum() + out.aux_loss).backward()
+    missing = [n for n, p in layer.named_parameters() if p.grad is None]
+    assert not missing, f"parameters outside the autograd graph (plain DDP would refuse them): {missing}"
+    return {n: p.grad for n, p in layer.experts.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "impl, dtype", [("segments", torch.float64), ("grouped_mm", torch.float32), ("per_expert", torch.float64)]
+)
+def test_an_expert_left_empty_stays_in_the_graph(impl: str, dtype: torch.dtype) -> None:
+    """A router forced to skip the last expert: every parameter still gets a gradient, the empty expert's is 0."""
+    if impl == "grouped_mm" and not grouped_mm_supported(dtype, torch.device("cpu"), (8, 16)):
+        pytest.skip("no _grouped_mm")
+    torch.manual_seed(0)
+    layer = MHMoE(D, 4, top_k=2, num_heads=4, expert_hidden=16, balance_bias_rate=1e-3, expert_impl=impl).to(dtype)
+    with torch.no_grad():
+        layer.routing_bias[-1] = -10.0  # probabilities are <= 1: expert 3 can never be in the top 2
+    x = torch.randn(2, 6, D, dtype=dtype)
+    assert int(layer(x).routing.counts[-1]) == 0 and int(layer(x).routing.counts[:-1].min()) > 0
+    grads = _expert_grads_after_backward(layer, x, None)
+    assert float(grads["w1"][-1].abs().max()) == 0.0 and float(grads["w2"][-1].abs().max()) == 0.0
+    assert float(grads["w1"][0].abs().max()) > 0.0
+
+
+@pytest.mark.parametrize(
+    "impl, dtype", [("segments", torch.float64), ("grouped_mm", torch.float32), ("per_expert", torch.float64)]
+)
+def test_no_kept_assignment_keeps_experts_in_the_graph(impl: str, dtype: torch.dtype) -> None:
+    """A batch that is all padding routes nothing; the stacked expert tensors must still get (zero) gradients.
+
+    Before, the per-segment path skipped every empty segment, so such a step left ``w1``/``w2``/biases without
+    a gradient: what plain DDP reports as "parameters that were not used in producing the loss".
+    """
+    if impl == "grouped_mm" and not grouped_mm_supported(dtype, torch.device("cpu"), (8, 16)):
+        pytest.skip("no _grouped_mm")
+    torch.manual_seed(0)
+    layer = MHMoE(D, 4, top_k=2, num_heads=4, expert_hidden=16, expert_impl=impl).to(dtype)
+    x = torch.randn(2, 6, D, dtype=dtype)
+    pad = torch.ones(2, 6, dtype=torch.bool)
+    assert int(layer(x, padding_mask=pad).routing.counts.sum()) == 0
+    grads = _expert_grads_after_backward(layer, x, pad)
+    assert all(float(g.abs().max()) == 0.0 for g in grads.values())

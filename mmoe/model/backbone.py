@@ -21,7 +21,7 @@ from mmoe.model.attention import KVCache, build_attention_mask, causal_mask, res
 from mmoe.model.block import MultiwayBlock
 from mmoe.model.config import MultiwayConfig
 from mmoe.model.embed import TextEmbed, VisionEmbed
-from mmoe.model.multiway import DenseFFN, Multiway, Shared
+from mmoe.model.multiway import DenseFFN, Multiway, Shared, multiway_or_shared
 
 
 @dataclass
@@ -52,7 +52,12 @@ class MultiwayTransformer(nn.Module):
             dim=config.dim,
             kind=config.patch_embed,
         )
-        self.text_embed = TextEmbed(vocab_size=config.vocab_size, max_len=config.max_text_len, dim=config.dim)
+        # A vision-only backbone (config.modalities) builds no text branch at all ([B3]'s V-experts only).
+        self.text_embed = (
+            TextEmbed(vocab_size=config.vocab_size, max_len=config.max_text_len, dim=config.dim)
+            if config.has_text
+            else None
+        )
         self.embed_drop = nn.Dropout(config.dropout)
         # Stochastic depth grows linearly with depth (BEiT-3 / torchscale np.linspace(0, rate, depth)).
         drop_rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
@@ -71,13 +76,12 @@ class MultiwayTransformer(nn.Module):
                 attn_impl=config.attn_impl,
                 vlffn=config.has_vlffn(i) and config.vlffn_layers > 0,
                 moe=config.moe if config.is_moe_layer(i) else None,
+                text=config.has_text,
             )
             for i in range(config.depth)
         )
         self.norm = (
-            Multiway(
-                nn.LayerNorm(config.dim, eps=config.layernorm_eps), nn.LayerNorm(config.dim, eps=config.layernorm_eps)
-            )
+            multiway_or_shared(lambda: nn.LayerNorm(config.dim, eps=config.layernorm_eps), True, text=config.has_text)
             if config.final_norm
             else None
         )
@@ -108,7 +112,8 @@ class MultiwayTransformer(nn.Module):
                 init(module.weight, std=std)
         for param in (self.vision_embed.cls_token, self.vision_embed.mask_token, self.vision_embed.pos_embed):
             init(param, std=std)
-        init(self.text_embed.pos_embed, std=std)
+        if self.text_embed is not None:
+            init(self.text_embed.pos_embed, std=std)
         for layer_id, blk in enumerate(self.blocks, start=1):
             for proj in _branches(blk.attn.out_proj):
                 rescale_(proj, layer_id)
@@ -116,6 +121,16 @@ class MultiwayTransformer(nn.Module):
                 for ffn in blk.ffn.modules():
                     if isinstance(ffn, DenseFFN):
                         rescale_(ffn.fc2, layer_id)
+
+    def freeze_mask_token_(self) -> MultiwayTransformer:
+        """Stop training the BEiT mask token; returns self.
+
+        Only masked image modeling ([B3] sec. 2.2) replaces patches with it, so in fine-tuning it never gets a
+        gradient, and DDP refuses a trainable parameter without one (unless it searches the autograd graph
+        for unused parameters on every step). The token stays in the state dict, so checkpoints keep their keys.
+        """
+        self.vision_embed.mask_token.requires_grad_(False)
+        return self
 
     # ------------------------------------------------------------------ properties
     @property
@@ -220,6 +235,11 @@ class MultiwayTransformer(nn.Module):
             raise ValueError("MultiwayTransformer.forward: `image_mask` given without `image`")
         padding_BN: torch.Tensor | None = None
         if text is not None:
+            if self.text_embed is None:
+                raise ValueError(
+                    "MultiwayTransformer.forward: this backbone is vision-only (modalities=['vision']); it has no "
+                    "text branch to encode `text`"
+                )
             x_BLD = self.text_embed(text, start=text_start)
             if text_padding_mask is not None:
                 if text_padding_mask.shape != text.shape or text_padding_mask.dtype != torch.bool:
@@ -268,7 +288,7 @@ class MultiwayTransformer(nn.Module):
 
 def _branches(module: nn.Module) -> list[nn.Linear]:
     if isinstance(module, Multiway):
-        return [module.vision, module.text]  # type: ignore[list-item]
+        return [m for m in (module.vision, module.text) if m is not None]  # type: ignore[misc]
     if isinstance(module, Shared):
         return [module.shared]  # type: ignore[list-item]
     return [module]  # type: ignore[list-item]

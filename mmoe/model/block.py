@@ -62,9 +62,10 @@ class MultiwayBlock(nn.Module):
         attn_impl: str = "sdpa",
         vlffn: bool = False,
         moe: MoEConfig | None = None,
+        text: bool = True,
     ) -> None:
         super().__init__()
-        self.norm1 = multiway_or_shared(lambda: nn.LayerNorm(dim, eps=eps), multiway_attention)
+        self.norm1 = multiway_or_shared(lambda: nn.LayerNorm(dim, eps=eps), multiway_attention, text=text)
         self.attn = MultiwayAttention(
             dim,
             num_heads,
@@ -75,18 +76,22 @@ class MultiwayBlock(nn.Module):
             attn_drop=attn_dropout,
             proj_drop=dropout,
             impl=attn_impl,
+            text=text,
         )
-        self.norm2 = multiway_or_shared(lambda: nn.LayerNorm(dim, eps=eps), True)
+        self.norm2 = multiway_or_shared(lambda: nn.LayerNorm(dim, eps=eps), True, text=text)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.moe_pool = None if moe is None else moe.pool
         self.ffn: nn.Module | None = None
         self.moe: nn.Module | None = None
         if moe is None:
-            self.ffn = MultiwayFFN(dim, ffn_dim, subln=subln, eps=eps, dropout=dropout, vl=vlffn)
+            self.ffn = MultiwayFFN(dim, ffn_dim, subln=subln, eps=eps, dropout=dropout, vl=vlffn, text=text)
         elif moe.pool == "shared":
             self.moe = build_moe_layer(dim, moe)
         else:
-            self.moe = nn.ModuleDict({"vision": build_moe_layer(dim, moe), "text": build_moe_layer(dim, moe)})
+            pools = {"vision": build_moe_layer(dim, moe)}
+            if text:
+                pools["text"] = build_moe_layer(dim, moe)
+            self.moe = nn.ModuleDict(pools)
 
     @property
     def is_moe(self) -> bool:
@@ -108,6 +113,8 @@ class MultiwayBlock(nn.Module):
             aux = aux + out.aux_loss
             routing[".vision"] = out.routing
         if num_vision < length:
+            if "text" not in self.moe:  # type: ignore[operator]
+                raise ValueError("vision-only backbone (modalities=['vision']) got text tokens in its MoE layer")
             pad = None if padding_BL is None else padding_BL[:, num_vision:]
             out = self.moe["text"](h_BLD[:, num_vision:], padding_mask=pad)  # type: ignore[index]
             parts.append(out.output)

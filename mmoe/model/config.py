@@ -23,6 +23,7 @@ RouterKind = Literal["linear", "xmoe"]
 ExpertActivation = Literal["gelu", "swiglu"]
 PoolKind = Literal["shared", "per_modality"]
 TokenizerKind = Literal["openclip", "sentencepiece"]
+MODALITY_SETS: tuple[tuple[str, ...], ...] = (("vision", "text"), ("vision",))
 
 
 def _check_literal(owner: str, name: str, value: Any, kind: Any) -> None:
@@ -104,6 +105,12 @@ class MultiwayConfig:
     the released BEiT-3; `"shared"` shares the attention sublayer as in the paper. `subln` is Magneto's
     sub-LN. `vlffn_layers` adds the paper's vision-language FFN to the top layers of a dense model.
     Tokenizer fields describe what the text ids mean (docs/interfaces.md section 3).
+
+    `modalities=("vision",)` builds a vision-only backbone: no text embedding, no text halves of the multiway
+    norms/attention/FFNs (nor the VL-FFN, which only runs on image-text sequences), only the vision expert of
+    per-modality MoE pools. A vision-only task (ImageNet, detection) then has no parameter that never gets a
+    gradient, which plain DDP refuses; the vision parameters keep their names, so a full checkpoint loads
+    into it with its text tensors skipped (`mmoe.model.io.load_backbone_weights`).
     """
 
     img_size: int = 224
@@ -134,6 +141,7 @@ class MultiwayConfig:
     tokenizer_path: str | None = None
     pad_id: int = 49408
     mask_id: int = 49409
+    modalities: tuple[str, ...] = ("vision", "text")
     moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
@@ -172,6 +180,14 @@ class MultiwayConfig:
                 raise ValueError(
                     f"MultiwayConfig.{name}: expected an id in [0, vocab_size={self.vocab_size}), got {value!r}"
                 )
+        if isinstance(self.modalities, str):
+            self.modalities = (self.modalities,)
+        self.modalities = tuple(str(m) for m in self.modalities)
+        if self.modalities not in MODALITY_SETS:
+            raise ValueError(
+                f"MultiwayConfig.modalities: expected one of {[list(m) for m in MODALITY_SETS]}, got "
+                f"{list(self.modalities)}"
+            )
         self.image_mean = tuple(float(v) for v in self.image_mean)  # type: ignore[assignment]
         self.image_std = tuple(float(v) for v in self.image_std)  # type: ignore[assignment]
         if len(self.image_mean) != self.in_chans or len(self.image_std) != self.in_chans:
@@ -197,6 +213,11 @@ class MultiwayConfig:
         gh, gw = self.grid_size
         return gh * gw
 
+    @property
+    def has_text(self) -> bool:
+        """Whether the text branch (embedding, text halves of the multiway modules) is built."""
+        return "text" in self.modalities
+
     def is_moe_layer(self, index: int) -> bool:
         return self.moe is not None and self.moe.is_moe_layer(index)
 
@@ -209,6 +230,7 @@ class MultiwayConfig:
         out = dataclasses.asdict(self)
         out["image_mean"] = list(self.image_mean)
         out["image_std"] = list(self.image_std)
+        out["modalities"] = list(self.modalities)
         return out
 
     @classmethod

@@ -7,6 +7,7 @@ Lightning checkpoints, whose module stored `checkpoint["mmoe_config"]` and keeps
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,7 @@ from mmoe.model.config import MultiwayConfig
 from mmoe.model.embed import resample_vision_pos_embed
 
 FORMAT = "mmoe"
+log = logging.getLogger(__name__)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -120,18 +122,57 @@ def adapt_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return state
 
 
+def is_text_branch_key(key: str) -> bool:
+    """Whether a backbone state-dict key belongs to the text branch (absent from a vision-only backbone).
+
+    By name: the text embedding (`text_embed.*`), the text copy of a multiway module or per-modality MoE pool
+    (a `text` path component, e.g. `blocks.0.attn.q_proj.text.weight`, `norm.text.bias`,
+    `blocks.1.moe.text.experts.w1`) and the VL-FFN (`blocks.N.ffn.vl.*`), which only runs on image-text input.
+    """
+    parts = key.split(".")
+    return parts[0] == "text_embed" or "text" in parts[1:] or (len(parts) > 3 and parts[2:4] == ["ffn", "vl"])
+
+
+def drop_text_branch(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], *, prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """For a vision-only `model`: `state_dict` without the text-branch keys it has no place for, and those keys.
+
+    A full (vision + text) checkpoint, e.g. from pretraining, then loads into a vision-only backbone by name.
+    Keys the model does have are never dropped; for a model with a text branch nothing is dropped. With
+    `prefix` (e.g. "backbone." for a task's whole state dict) only keys under it are considered.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "has_text", True):
+        return state_dict, []
+    own = model.state_dict()
+    n = len(prefix)
+    skipped = sorted(k for k in state_dict if k.startswith(prefix) and k[n:] not in own and is_text_branch_key(k[n:]))
+    gone = set(skipped)
+    return {k: v for k, v in state_dict.items() if k not in gone}, skipped
+
+
 def load_backbone_weights(
     model: MultiwayTransformer, state_dict: dict[str, torch.Tensor], *, strict: bool = True, prefix: str | None = None
 ) -> tuple[list[str], list[str]]:
     """Load backbone weights into `model`, adapting position tables; returns (missing, unexpected) keys.
 
     `prefix` (e.g. "backbone.") selects and strips a sub-tree; by default a common "backbone." prefix is
-    detected. With `strict=True` any missing or unexpected key raises, naming them.
+    detected. With `strict=True` any missing or unexpected key raises, naming them. Into a vision-only backbone
+    (`MultiwayConfig.modalities`), the text-branch tensors of a full checkpoint are skipped by name
+    (:func:`drop_text_branch`) and their number is logged; they are not reported as unexpected.
     """
     if prefix is None and state_dict and all(k.startswith("backbone.") for k in state_dict):
         prefix = "backbone."
     if prefix:
         state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    state_dict, skipped = drop_text_branch(model, state_dict)
+    if skipped:
+        log.warning(
+            "load_backbone_weights: vision-only backbone, skipped %d text-branch tensors of the checkpoint (e.g. %s)",
+            len(skipped),
+            ", ".join(skipped[:3]),
+        )
     state_dict = adapt_state_dict(model, state_dict)
     own = model.state_dict()
     bad_shapes = [

@@ -8,25 +8,38 @@ state set before the call (the pattern avoided is torchscale's `set_split_positi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def split_apply(x_BLD: torch.Tensor, num_vision: int, vision: nn.Module, text: nn.Module) -> torch.Tensor:
-    """Apply `vision` to the first `num_vision` tokens and `text` to the rest, then concatenate."""
+def split_apply(x_BLD: torch.Tensor, num_vision: int, vision: nn.Module, text: nn.Module | None) -> torch.Tensor:
+    """Apply `vision` to the first `num_vision` tokens and `text` to the rest, then concatenate.
+
+    `text=None` is the vision-only layout (`MultiwayConfig.modalities`); text tokens are then an error.
+    """
     length = x_BLD.shape[1]
     if num_vision >= length:
         return vision(x_BLD)
+    if text is None:
+        raise ValueError(
+            f"vision-only backbone (modalities=['vision']) got {length - num_vision} text tokens; build it with "
+            "modalities ['vision', 'text'] to encode text"
+        )
     if num_vision <= 0:
         return text(x_BLD)
     return torch.cat([vision(x_BLD[:, :num_vision]), text(x_BLD[:, num_vision:])], dim=1)
 
 
 class Multiway(nn.Module):
-    """Two copies of a token-wise module, one per modality (BEiT-3's A = vision, B = language)."""
+    """Two copies of a token-wise module, one per modality (BEiT-3's A = vision, B = language).
 
-    def __init__(self, vision: nn.Module, text: nn.Module) -> None:
+    `text=None` keeps only the vision copy (vision-only backbone) under the same parameter names.
+    """
+
+    def __init__(self, vision: nn.Module, text: nn.Module | None) -> None:
         super().__init__()
         self.vision = vision
         self.text = text
@@ -46,9 +59,14 @@ class Shared(nn.Module):
         return self.shared(x_BLD)
 
 
-def multiway_or_shared(make: callable, multiway: bool) -> nn.Module:
-    """`Multiway(make(), make())` or `Shared(make())`: one call signature for both layouts."""
-    return Multiway(make(), make()) if multiway else Shared(make())
+def multiway_or_shared(make: Callable[[], nn.Module], multiway: bool, *, text: bool = True) -> nn.Module:
+    """`Multiway(make(), make())` or `Shared(make())`: one call signature for both layouts.
+
+    `text=False` (vision-only backbone) builds no text copy: `Multiway(make(), None)`; a shared module stays shared.
+    """
+    if not multiway:
+        return Shared(make())
+    return Multiway(make(), make() if text else None)
 
 
 class DenseFFN(nn.Module):
@@ -76,14 +94,25 @@ class MultiwayFFN(nn.Module):
 
     The VL-FFN is the paper's vision-language expert in the top layers ([B3] sec. 2.1): when a sequence
     holds both modalities, all its tokens go through it; single-modality inputs keep V-FFN / L-FFN.
-    The released BEiT-3 has no VL-FFN, so it is off unless `vl=True`.
+    The released BEiT-3 has no VL-FFN, so it is off unless `vl=True`. `text=False` (vision-only backbone) builds
+    neither the L-FFN nor the VL-FFN.
     """
 
-    def __init__(self, dim: int, hidden: int, *, subln: bool, eps: float, dropout: float, vl: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        subln: bool,
+        eps: float,
+        dropout: float,
+        vl: bool = False,
+        text: bool = True,
+    ) -> None:
         super().__init__()
         self.vision = DenseFFN(dim, hidden, subln=subln, eps=eps, dropout=dropout)
-        self.text = DenseFFN(dim, hidden, subln=subln, eps=eps, dropout=dropout)
-        self.vl = DenseFFN(dim, hidden, subln=subln, eps=eps, dropout=dropout) if vl else None
+        self.text = DenseFFN(dim, hidden, subln=subln, eps=eps, dropout=dropout) if text else None
+        self.vl = DenseFFN(dim, hidden, subln=subln, eps=eps, dropout=dropout) if vl and text else None
 
     def forward(self, x_BLD: torch.Tensor, num_vision: int) -> torch.Tensor:
         if self.vl is not None and 0 < num_vision < x_BLD.shape[1]:

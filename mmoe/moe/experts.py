@@ -273,29 +273,35 @@ class GroupedExperts(nn.Module):
         return y
 
     def _forward_segments(self, x_AC: Tensor, plan: DispatchPlan) -> Tensor:
+        """One matmul chain per expert segment of the sorted buffer.
+
+        An expert whose segment is empty still runs, on its zero rows: no FLOPs, but its weights stay in the
+        autograd graph and get a zero gradient. Otherwise a step in which no assignment is kept (all padding)
+        would leave the expert tensors without a gradient, which plain DDP refuses as unused parameters.
+        """
         counts = plan.counts_E.tolist()  # the one host sync of this path
         n_kept = sum(counts)
         ckpt = self.checkpoint_rows > 0 and torch.is_grad_enabled()
         outs = [
-            checkpoint(self.expert_ffn, e, seg, use_reentrant=False) if ckpt else self.expert_ffn(e, seg)
+            checkpoint(self.expert_ffn, e, seg, use_reentrant=False)
+            if ckpt and seg.shape[0]
+            else self.expert_ffn(e, seg)
             for e, seg in enumerate(torch.split(x_AC[:n_kept], counts))
-            if seg.shape[0]
         ]
         tail = x_AC.shape[0] - n_kept
         if tail:
             outs.append(x_AC.new_zeros(tail, self.dim))
-        if not outs:
-            return x_AC.new_zeros(0, self.dim)
         return torch.cat(outs, 0)
 
     # ------------------------------------------------------------------ slow reference
     def forward_per_expert(self, x_SC: Tensor, expert_ids_SK: Tensor, gates_SK: Tensor, kept_SK: Tensor) -> Tensor:
-        """Masked per-expert loop (reference/baseline): ``sum_k gate * expert(x)`` over kept choices."""
+        """Masked per-expert loop (reference/baseline): ``sum_k gate * expert(x)`` over kept choices.
+
+        Experts without a token run on zero rows, so their weights stay in the graph (see ``_forward_segments``).
+        """
         out_SC = torch.zeros_like(x_SC)
         for e in range(self.num_experts):
             s_idx, k_idx = torch.nonzero((expert_ids_SK == e) & kept_SK, as_tuple=True)
-            if s_idx.numel() == 0:
-                continue
             y = self.expert_ffn(e, x_SC[s_idx]) * gates_SK[s_idx, k_idx, None].to(x_SC.dtype)
             out_SC = out_SC.index_add(0, s_idx, y)
         return out_SC

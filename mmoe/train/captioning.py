@@ -148,6 +148,7 @@ class CaptioningTask(pl.LightningModule):
         if is_dataclass(value) and not isinstance(value, type):
             self.hparams["optim"] = asdict(value)
         self.backbone = create_model(backbone, **(backbone_overrides or {}))
+        self.backbone.freeze_mask_token_()  # captioning masks text, never image patches ([B3] sec. 2.2, 4.2)
         cfg = self.backbone.config
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)
         nn.init.trunc_normal_(self.lm_head.weight, std=0.02)

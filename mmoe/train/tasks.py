@@ -47,7 +47,7 @@ from mmoe.data.vqa import load_answer_vocab, save_answer_vocab
 from mmoe.metrics.nlvr2 import sentence_key, write_predictions_csv
 from mmoe.model import create_model, load_model
 from mmoe.model.heads import ClassificationHead, Pooling
-from mmoe.model.io import load_backbone_weights, read_checkpoint
+from mmoe.model.io import drop_text_branch, load_backbone_weights, read_checkpoint
 from mmoe.train.optim import OptimConfig, configure_optimizers
 
 __all__ = ["ClassificationTask"]
@@ -147,7 +147,13 @@ class ClassificationTask(LightningModule):
             )
         self.num_classes = int(num_classes)
 
-        self.backbone = self._build_backbone(backbone, backbone_overrides or {}, init_from)
+        overrides = dict(backbone_overrides or {})
+        if not text_key:
+            # A vision-only task builds no text branch: its parameters would never get a gradient (plain DDP
+            # refuses that), and a full checkpoint loads into it with the text tensors skipped by name.
+            overrides.setdefault("modalities", ["vision"])
+        self.backbone = self._build_backbone(backbone, overrides, init_from)
+        self.backbone.freeze_mask_token_()  # only masked image modeling uses it ([B3] sec. 2.2)
         self.head = ClassificationHead(
             self.backbone.config.dim,
             self.num_classes,
@@ -375,6 +381,10 @@ class ClassificationTask(LightningModule):
             checkpoint["label_names"] = list(self.label_names)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A vision-only task restored from a checkpoint written with the full backbone (before vision-only
+        # tasks built vision-only backbones): its text tensors have no place here.
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint["state_dict"], _ = drop_text_branch(self.backbone, checkpoint["state_dict"], prefix="backbone.")
         names = checkpoint.get("label_names")
         if names is not None:
             if len(names) != self.num_classes:

@@ -35,7 +35,7 @@ from mmoe.data.transforms import BEIT3_MEAN, BEIT3_STD
 from mmoe.metrics.detection import evaluate_coco, to_coco_results
 from mmoe.model import create_model
 from mmoe.model.detection import heads_for_backbone
-from mmoe.model.io import load_backbone_weights, read_checkpoint
+from mmoe.model.io import drop_text_branch, load_backbone_weights, read_checkpoint
 from mmoe.train.optim import OptimConfig, configure_optimizers
 
 __all__ = ["ImageNetDataModule", "CocoDetectionDataModule", "DetectionTask", "build_backbone"]
@@ -248,12 +248,19 @@ class CocoDetectionDataModule(LightningDataModule):
 
 
 # ================================================================================================ detection task
-def build_backbone(backbone: str, overrides: dict[str, Any] | None, init_from: str | None) -> torch.nn.Module:
+def build_backbone(
+    backbone: str, overrides: dict[str, Any] | None, init_from: str | None, *, vision_only: bool = False
+) -> torch.nn.Module:
     """Create the backbone by name/YAML and optionally load weights (mmoe model file or our Lightning checkpoint).
 
     Position tables are resampled by ``load_backbone_weights``; missing/unexpected keys raise, naming them.
+    ``vision_only`` builds no text branch (``MultiwayConfig.modalities``, unless ``overrides`` sets it): a full
+    checkpoint then loads with its text tensors skipped by name (their number is logged).
     """
-    model = create_model(backbone, **(overrides or {}))
+    overrides = dict(overrides or {})
+    if vision_only:
+        overrides.setdefault("modalities", ["vision"])
+    model = create_model(backbone, **overrides)
     if init_from:
         _, state = read_checkpoint(init_from)
         load_backbone_weights(model, state, strict=True)
@@ -304,7 +311,10 @@ class DetectionTask(LightningModule):
         self.optim = optim or OptimConfig(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, layer_decay=0.7)
         self.save_hyperparameters(ignore=["optim"])
         self.hparams["optim"] = dataclasses.asdict(self.optim)  # plain dict: checkpoints load with weights_only=True
-        self.backbone = build_backbone(backbone, backbone_overrides, init_from)
+        # Detection reads images only: no text branch, and the MIM mask token is frozen, so every trainable
+        # parameter gets a gradient and plain DDP (no unused-parameter search) works.
+        self.backbone = build_backbone(backbone, backbone_overrides, init_from, vision_only=True)
+        self.backbone.freeze_mask_token_()
         self.detector = heads_for_backbone(
             self.backbone,
             num_classes=num_classes,
@@ -350,6 +360,11 @@ class DetectionTask(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmoe_config"] = dataclasses.asdict(self.backbone.config)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written when detection still built the full backbone carry text tensors it has no place for.
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint["state_dict"], _ = drop_text_branch(self.backbone, checkpoint["state_dict"], prefix="backbone.")
 
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_optimizers(self, self.optim)
