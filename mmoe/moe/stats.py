@@ -8,11 +8,16 @@
 - dropped share: dropped assignments over all assignments of real sub-tokens (capacity mode).
 
 Padding never counts: records already exclude it from ``counts`` and mark it with id -1.
+
+:class:`RoutingTally` reduces each record to the counts and sums these need as it arrives, so a whole
+evaluation set is summarized in O(experts) memory instead of keeping every record (ids and gates of every
+sub-token) until the end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -26,6 +31,7 @@ __all__ = [
     "token_diversity",
     "dropped_share",
     "summarize",
+    "RoutingTally",
 ]
 
 DEFAULT_ACTIVATION_THRESHOLD = 0.01
@@ -98,3 +104,62 @@ def summarize(records: Iterable[RoutingRecord], *, threshold: float = DEFAULT_AC
         "num_tokens": float(n_tok),
         "num_experts": float(num_experts),
     }
+
+
+@dataclass
+class RoutingTally:
+    """Running totals of one layer's routing over many records (batches, streams): O(E) memory.
+
+    All totals are integers (counts of assignments and tokens, summed distinct-expert counts), kept as int64
+    tensors on the records' device: adding a record launches a few small reductions and no host sync, and the
+    metrics read from the totals equal those of the records pooled at once, exactly. ``diversity_tokens``
+    counts the tokens whose h sub-tokens are all real (padding tokens have every sub-token at -1).
+    """
+
+    counts: Tensor | None = None  # (E,) kept assignments per expert
+    diversity_sum: Tensor | None = None  # () sum over real tokens of their distinct first choices
+    diversity_tokens: Tensor | None = None  # () real tokens
+    dropped: Tensor | None = None  # () assignments dropped by capacity
+    records: int = field(default=0)
+
+    @torch.no_grad()
+    def add(self, record: RoutingRecord) -> None:
+        """Fold one record into the totals (the record can be freed afterwards)."""
+        counts = record.counts.detach().to(torch.int64)
+        if self.counts is not None and self.counts.shape != counts.shape:
+            raise ValueError(
+                f"RoutingTally.add: a record of {counts.numel()} experts after {self.counts.numel()}; one layer only"
+            )
+        div_BL = token_diversity(record)
+        first_Nh = record.expert_ids[:, 0].reshape(-1, record.num_heads)
+        real = (first_Nh >= 0).all(dim=-1).reshape(div_BL.shape)
+        parts = (
+            counts,
+            torch.where(real, div_BL, torch.zeros_like(div_BL)).sum().to(torch.int64),
+            real.sum().to(torch.int64),
+            record.dropped.detach().to(torch.int64).reshape(()),
+        )
+        if self.counts is None:
+            self.counts, self.diversity_sum, self.diversity_tokens, self.dropped = (t.clone() for t in parts)
+        else:
+            device = self.counts.device
+            self.counts += parts[0].to(device)
+            self.diversity_sum += parts[1].to(device)
+            self.diversity_tokens += parts[2].to(device)
+            self.dropped += parts[3].to(device)
+        self.records += 1
+
+    def metrics(self, *, threshold: float = DEFAULT_ACTIVATION_THRESHOLD) -> dict[str, float | list[float]]:
+        """``activation_ratio``, ``load`` (per expert), ``load_max``, ``diversity`` and ``dropped_share``."""
+        if self.counts is None:
+            raise ValueError("RoutingTally.metrics: no record was added")
+        counts = self.counts.cpu()
+        load = expert_load(counts)
+        dropped, assigned = int(self.dropped), int(counts.sum()) + int(self.dropped)
+        return {
+            "activation_ratio": activation_ratio(counts, threshold),
+            "load": load.tolist(),
+            "load_max": float(load.max()),
+            "diversity": int(self.diversity_sum) / max(1, int(self.diversity_tokens)),
+            "dropped_share": dropped / assigned if assigned > 0 else 0.0,
+        }

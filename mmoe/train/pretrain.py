@@ -47,6 +47,8 @@ __all__ = [
     "save_codebook",
     "assign_codes",
     "routing_metrics",
+    "tally_routing",
+    "routing_tally_metrics",
     "STREAMS",
 ]
 
@@ -127,30 +129,39 @@ def routing_metrics(
     ``{"{layer}/activation_ratio", "{layer}/diversity", "{layer}/dropped_share", "{layer}/load_max"}``, plus the
     load share of every expert (``"{layer}/load/e{i}"``) when ``per_expert``.
     """
-    from mmoe.moe import stats as moe_stats  # imported here so this module loads before the stats land
+    return routing_tally_metrics(tally_routing(records_by_layer), threshold=threshold, per_expert=per_expert)
 
-    out: dict[str, float] = {}
+
+def tally_routing(records_by_layer: Mapping[str, list[Any]], into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fold RoutingRecords into per-layer :class:`mmoe.moe.stats.RoutingTally` s (``into``, updated and returned).
+
+    Validation keeps these instead of the records: the records of one batch hold ids and gates of every sub-token
+    (gigabytes per thousand batches at base size), the tallies hold a few integers per expert.
+    """
+    from mmoe.moe.stats import RoutingTally  # imported here so this module loads before the stats land
+
+    tallies: dict[str, Any] = {} if into is None else into
     for layer, records in records_by_layer.items():
-        if not records:
+        for record in records:
+            tallies.setdefault(layer, RoutingTally()).add(record)
+    return tallies
+
+
+def routing_tally_metrics(
+    tallies: Mapping[str, Any], *, threshold: float | None = None, per_expert: bool = False
+) -> dict[str, float]:
+    """The metrics of :func:`routing_metrics` from per-layer tallies (the same values as from the records)."""
+    out: dict[str, float] = {}
+    for layer, tally in tallies.items():
+        if tally.counts is None:
             continue
-        counts = sum(r.counts.detach().cpu().long() for r in records)
-        kwargs = {} if threshold is None else {"threshold": threshold}
-        out[f"{layer}/activation_ratio"] = float(moe_stats.activation_ratio(counts, **kwargs))
-        load = moe_stats.expert_load(counts)
-        out[f"{layer}/load_max"] = float(load.max())
+        m = tally.metrics() if threshold is None else tally.metrics(threshold=threshold)
+        out[f"{layer}/activation_ratio"] = float(m["activation_ratio"])
+        out[f"{layer}/load_max"] = float(m["load_max"])
         if per_expert:
-            out.update({f"{layer}/load/e{e}": float(v) for e, v in enumerate(load.tolist())})
-        div_sum, div_n, dropped, assigned = 0.0, 0, 0.0, 0.0
-        for r in records:
-            div_BL = moe_stats.token_diversity(r).float()
-            first_h = r.expert_ids[:, 0].view(-1, r.num_heads)
-            valid = (first_h >= 0).all(dim=-1).view(div_BL.shape).to(div_BL.device)
-            div_sum += float(div_BL[valid].sum())
-            div_n += int(valid.sum())
-            dropped += float(r.dropped)
-            assigned += float(r.counts.sum()) + float(r.dropped)
-        out[f"{layer}/diversity"] = div_sum / max(1, div_n)
-        out[f"{layer}/dropped_share"] = dropped / assigned if assigned > 0 else 0.0
+            out.update({f"{layer}/load/e{e}": float(v) for e, v in enumerate(m["load"])})
+        out[f"{layer}/diversity"] = float(m["diversity"])
+        out[f"{layer}/dropped_share"] = float(m["dropped_share"])
     return out
 
 
@@ -243,7 +254,7 @@ class MaskedPretraining(LightningModule):
         for head in (self.mlm_head, self.mim_head):
             nn.init.trunc_normal_(head.weight, std=cfg.init_std)
             nn.init.zeros_(head.bias)
-        self._val_records: dict[str, list[Any]] = {}
+        self._val_routing: dict[str, Any] = {}  # layer -> RoutingTally over the validation epoch
         self._val_sums: dict[str, list[float]] = {}
         self._last_counts: dict[str, int] = {}
 
@@ -381,8 +392,7 @@ class MaskedPretraining(LightningModule):
         for name, value in losses.items():
             self.log(f"val/loss_{name}", value, batch_size=bs, sync_dist=True)
         sums = {name: (float(value), self._last_counts[name]) for name, value in losses.items()}
-        for key, records in routing.items():
-            self._val_records.setdefault(key, []).extend(records)
+        tally_routing(routing, into=self._val_routing)  # counts and sums only; the records are freed
         if self.eval_grounding and (mismatched := self._mismatched_pair_mlm(batch)) is not None:
             sums["mlm_pair_mismatched"] = (float(mismatched[0]), mismatched[1])
         for name, (value, count) in sums.items():
@@ -414,7 +424,7 @@ class MaskedPretraining(LightningModule):
         return (loss, n) if n else None
 
     def on_validation_epoch_start(self) -> None:
-        self._val_records = {}
+        self._val_routing = {}
         self._val_sums = {}
 
     def on_validation_epoch_end(self) -> None:
@@ -434,8 +444,8 @@ class MaskedPretraining(LightningModule):
                 math.exp(min(means["mlm_pair_mismatched"] - means["mlm_pair"], 30.0)),
                 sync_dist=False,
             )
-        if self._val_records:
-            val_stats = routing_metrics(self._val_records, threshold=self.activation_threshold, per_expert=True)
+        if self._val_routing:
+            val_stats = routing_tally_metrics(self._val_routing, threshold=self.activation_threshold, per_expert=True)
             for key, value in val_stats.items():
                 self.log(f"val/moe/{key}", value, sync_dist=False)
-        self._val_records, self._val_sums = {}, {}
+        self._val_routing, self._val_sums = {}, {}
