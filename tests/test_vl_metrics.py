@@ -146,21 +146,45 @@ def test_results_must_cover_the_annotations() -> None:
         evaluate_vqa(anns, res + [res[0]])
 
 
-def test_vqa_cli_prints_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_vqa_cli_prints_the_summary_and_writes_per_question_scores_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     qs, anns, res = _toy_set()
     for name, obj in (("q.json", qs), ("a.json", anns), ("r.json", res)):
         (tmp_path / name).write_text(json.dumps(obj))
-    vqa_main(
-        ["--questions", str(tmp_path / "q.json"), "--annotations", str(tmp_path / "a.json")]
-        + [
-            "--results",
-            str(tmp_path / "r.json"),
-        ]
-    )
-    out = json.loads(capsys.readouterr().out)
-    assert out["overall"] == 70.0
-    assert out["perQuestion"]["3"] == 60.0
-    assert set(out) >= {"overall", "perAnswerType", "perQuestion"}
+    args = ["--questions", str(tmp_path / "q.json"), "--annotations", str(tmp_path / "a.json")]
+    args += ["--results", str(tmp_path / "r.json")]
+    assert vqa_main(args) == 0
+    printed = capsys.readouterr().out
+    out = json.loads(printed)
+    assert set(out) == {"overall", "perAnswerType", "perQuestionType"}
+    assert out["overall"] == 70.0 and out["perQuestionType"]["what color"] == 45.0
+    assert '"perQuestion"' not in printed and not list(tmp_path.glob("*scores*"))
+    # with --per-question: the same stdout, and the file has one score per question
+    scores = tmp_path / "out" / "scores.json"
+    assert vqa_main(args + ["--per-question", str(scores)]) == 0
+    assert json.loads(capsys.readouterr().out) == out
+    assert json.loads(scores.read_text()) == {"1": 100.0, "2": 90.0, "3": 60.0, "4": 30.0}
+
+
+def test_vqa_cli_stdout_does_not_grow_with_the_questions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A val set of many questions prints as many lines as one of four: only the summary goes to stdout."""
+    qs, anns, res = _toy_set()
+    many_q, many_a, many_r = [], [], []
+    for rep in range(300):
+        for q, a, r in zip(qs["questions"], anns["annotations"], res):
+            qid = rep * 100 + q["question_id"]
+            many_q.append({**q, "question_id": qid})
+            many_a.append({**a, "question_id": qid})
+            many_r.append({**r, "question_id": qid})
+    for name, obj in (("q.json", {**qs, "questions": many_q}), ("a.json", {**anns, "annotations": many_a})):
+        (tmp_path / name).write_text(json.dumps(obj))
+    (tmp_path / "r.json").write_text(json.dumps(many_r))
+    args = ["--questions", str(tmp_path / "q.json"), "--annotations", str(tmp_path / "a.json")]
+    vqa_main(args + ["--results", str(tmp_path / "r.json"), "--per-question", str(tmp_path / "s.json")])
+    printed = capsys.readouterr().out
+    assert len(printed.splitlines()) < 30 and json.loads(printed)["overall"] == 70.0
+    assert len(json.loads((tmp_path / "s.json").read_text())) == 1200
 
 
 # ---------------------------------------------------------------- real VQA samples
@@ -172,10 +196,12 @@ def test_real_vqa_sample_perfect_results_score_100(tmp_path: Path, capsys: pytes
     anns = json.loads(apath.read_text())["annotations"]
     res = [{"question_id": a["question_id"], "answer": a["multiple_choice_answer"]} for a in anns]
     (tmp_path / "r.json").write_text(json.dumps(res))
-    vqa_main(["--questions", str(qpath), "--annotations", str(apath), "--results", str(tmp_path / "r.json")])
+    scores = tmp_path / "scores.json"
+    args = ["--questions", str(qpath), "--annotations", str(apath), "--results", str(tmp_path / "r.json")]
+    vqa_main(args + ["--per-question", str(scores)])
     out = json.loads(capsys.readouterr().out)
     assert out["overall"] == 100.0
-    assert len(out["perQuestion"]) == 3
+    assert json.loads(scores.read_text()) == {str(a["question_id"]): 100.0 for a in anns}
     wrong = [{"question_id": a["question_id"], "answer": "zebra"} for a in anns]
     assert evaluate_vqa(anns, wrong)["overall"] == 0.0
 

@@ -21,8 +21,10 @@ Goyal et al. 2017), keeping its quirks so that numbers match the official tool:
   to ``n = 2`` digits (per question, per answer type, per question type and overall), as the
   official ``setAccuracy``/``setEvalQA`` do.
 
-CLI: ``python -m mmoe.metrics.vqa --questions Q --annotations A --results R`` prints JSON with
-``overall``, ``perAnswerType``, ``perQuestionType`` and ``perQuestion``; ``--baseline-from TRAIN_A``
+CLI: ``python -m mmoe.metrics.vqa --questions Q --annotations A --results R`` prints the summary as JSON
+(``overall``, ``perAnswerType``, ``perQuestionType``); ``--per-question FILE`` writes every question's score to
+FILE as JSON (``{question_id: score}``), which the official evaluator also keeps apart from the summary
+(``evalQA`` beside ``accuracy``): one stdout line per question buries the summary. ``--baseline-from TRAIN_A``
 instead of ``--results`` scores the blind majority-answer baseline (``--baseline-by question_type`` for
 the per-question-type prior).
 """
@@ -267,7 +269,7 @@ def prior_baseline(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: print the evaluation as JSON (``perQuestion`` keys are question ids as strings)."""
+    """CLI entry: print the summary as JSON; ``--per-question`` writes the per-question scores to a file."""
     parser = argparse.ArgumentParser(prog="python -m mmoe.metrics.vqa", description=__doc__.splitlines()[0])
     parser.add_argument("--questions", required=True, help="v2_OpenEnded_mscoco_*_questions.json")
     parser.add_argument("--annotations", required=True, help="v2_mscoco_*_annotations.json")
@@ -285,6 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="baseline prior: one majority answer ('none') or the majority answer per question/answer type",
     )
     parser.add_argument("--digits", type=int, default=2, help="rounding digits of the percentages (official: 2)")
+    parser.add_argument(
+        "--per-question",
+        metavar="FILE",
+        type=Path,
+        help="also write every question's score to FILE as JSON {question_id: score} (kept off stdout)",
+    )
     args = parser.parse_args(argv)
     annotations = load_vqa_json(args.annotations, "annotations")
     if args.results:
@@ -299,7 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         questions=load_vqa_json(args.questions, "questions"),
         n=args.digits,
     )
-    out["perQuestion"] = {str(k): v for k, v in out["perQuestion"].items()}
+    per_question = out.pop("perQuestion")
+    if args.per_question is not None:
+        args.per_question.parent.mkdir(parents=True, exist_ok=True)
+        # JSON object keys are strings: question ids as str(int), in the order of the annotations
+        args.per_question.write_text(json.dumps({str(k): v for k, v in per_question.items()}) + "\n")
     json.dump(out, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0
