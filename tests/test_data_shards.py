@@ -78,7 +78,7 @@ def test_pair_shards_from_real_coco_samples(tmp_path: Path) -> None:
     meta = json.loads(sample["json"])
     assert len(meta["captions"]) == 5 and sample["jpg"][:2] == b"\xff\xd8"
     ds = _stream({"pair": StreamConfig("pair", [str(tmp_path / "train-*.tar")], 0.5)}, train=False)
-    batches = [b for b, _ in ds]
+    batches = [b for b, *_ in ds]
     assert sum(b["pair"]["image"].shape[0] for b in batches) == 10
     assert batches[0]["pair"]["image_mask"].shape == (4, 16)
 
@@ -202,12 +202,12 @@ def test_two_ranks_see_disjoint_data(tmp_path: Path, per_shard: int) -> None:
     seen = {}
     for rank in (0, 1):
         ds = _stream(cfg, train=False, rank=rank, world_size=2)
-        seen[rank] = {t for b, _ in ds for t in _texts(b["text"])}
+        seen[rank] = {t for b, *_ in ds for t in _texts(b["text"])}
     assert seen[0].isdisjoint(seen[1]) and len(seen[0] | seen[1]) == 40
     train_seen = {}
     for rank in (0, 1):
         ds = _stream(cfg, train=True, rank=rank, world_size=2, num_batches=15)
-        train_seen[rank] = {t for b, _ in ds for t in _texts(b["text"])}
+        train_seen[rank] = {t for b, *_ in ds for t in _texts(b["text"])}
     assert train_seen[0].isdisjoint(train_seen[1])
     assert len(train_seen[0]) >= 15 and len(train_seen[1]) >= 15  # resampling covers most of each half
     urls = [f"s{i}" for i in range(8)]
@@ -267,7 +267,7 @@ def test_long_documents_give_random_windows(tmp_path: Path) -> None:
     src.write_text(doc + "\n")
     write_shards(iter_text_files([src]), tmp_path / "text", kind="text")
     cfg = {"text": StreamConfig("text", [str(tmp_path / "text/train-*.tar")], 0.15)}
-    texts = [t for b, _ in _stream(cfg, train=True, num_batches=3, shuffle_buffer=1) for t in _texts(b["text"])]
+    texts = [t for b, *_ in _stream(cfg, train=True, num_batches=3, shuffle_buffer=1) for t in _texts(b["text"])]
     assert len(texts) == 12 and all(t in doc for t in texts)  # contiguous windows of the document
     assert len(set(texts)) > 3 and any(not t.startswith("alpha ") for t in texts)
     val = next(iter(_stream(cfg, train=False)))[0]["text"]

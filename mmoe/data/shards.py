@@ -23,7 +23,11 @@ Reading (``ShardStream``, an ``IterableDataset`` that yields whole batches):
     * shuffle buffer, decode, timm transforms, tokenizer, block-wise image masks and BERT-style text
       masks, collation to the batch keys of docs/interfaces.md section 4;
     * unreadable shards, corrupt tar members, undecodable images and empty texts are skipped and
-      counted; the counts travel with each batch to the main process (see ``StreamLoader``).
+      counted; the counts travel with each batch to the main process (see ``StreamLoader``);
+    * exact mid-epoch resume: flips, captions, crops, masks and text windows come from per-sample seeds
+      (pass seed, stream, ordinal), each batch reports the raw-sample cursors of its worker, and a checkpoint
+      stores the cursors after the last batch the *trainer* consumed; a resumed pass advances the raw streams
+      to those cursors by reading tar members only (no decoding) and continues with the same batches.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmoe.data.masking import BlockMaskGenerator, mask_tokens, random_token_range
+from mmoe.data.resume import derive_seed, seeded_rng
 from mmoe.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -620,8 +625,12 @@ class StreamConfig:
 class ShardStream(IterableDataset):
     """Batches of a pretraining mixture (docs/interfaces.md section 4), split over ranks and workers.
 
-    Yields ``(batch, skipped)`` where ``batch`` is ``{stream_name: sub_batch}`` and ``skipped`` the
-    skip counts since the previous batch of this worker; ``StreamLoader`` strips and accumulates them.
+    Yields ``(batch, skipped, position)`` where ``batch`` is ``{stream_name: sub_batch}``, ``skipped`` the
+    skip counts since the previous batch of this worker and ``position`` the worker's role and raw-sample
+    cursors after the batch; ``StreamLoader`` strips and accumulates them (and checkpoints the positions).
+    Every random choice about a sample is drawn from a seed of (pass seed, stream, ordinal), none from the
+    global generators, so a pass is a deterministic function of (seed, pass, rank, worker) and can be resumed
+    after any number of batches (``resume``, set by ``StreamLoader``).
 
     Args:
         streams: ``{name: StreamConfig}``; names are the batch keys (``"image"``, ``"text"``, ``"pair"``).
@@ -690,6 +699,8 @@ class ShardStream(IterableDataset):
             raise ValueError(f"ShardStream: hflip must be a probability, got {hflip}")
         self.hflip = float(hflip) if train else 0.0
         self.iteration = 0  # bumped by StreamLoader before every pass; makes every pass a fresh stream
+        # (batches of this pass already consumed, {role: raw cursors} or None): set by StreamLoader around iter()
+        self.resume: tuple[int, dict[str, dict[str, int]] | None] | None = None
 
     def _split_batch(self) -> dict[str, int]:
         """Samples per stream in a mixed batch: proportional to the ratios, at least one each."""
@@ -770,19 +781,30 @@ class ShardStream(IterableDataset):
 
     # -- decoding -----------------------------------------------------------------------------
     def _decoded(
-        self, name: str, samples: Iterator[dict[str, bytes]], rng: random.Random, counters: _Counters
+        self, name: str, samples: Iterator[dict[str, bytes]], seed: int, counters: _Counters, cursor: dict[str, int]
     ) -> Iterator[dict[str, Any]]:
+        """Decode raw samples; ``cursor[name]`` counts the raw samples taken (also the ones that fail).
+
+        Every random choice about a sample (flip, caption, crop, image mask, text window and text mask) is drawn
+        from its own seed, a function of the pass seed, the stream and the sample's ordinal in this consumer's raw
+        stream, so a resumed pass that skipped the raw samples before a cursor builds the same batches.
+        """
         kind = self.streams[name].kind
         for sample in samples:
+            ordinal = cursor[name]
+            cursor[name] = ordinal + 1
+            sample_seed = derive_seed(seed, name, ordinal)
+            rng = random.Random(sample_seed)
             where = f"{sample.get('__url__', b'').decode()}:{sample.get('__key__', b'').decode()}"
-            out: dict[str, Any] = {}
+            out: dict[str, Any] = {"seed": sample_seed, "rng": rng}
             flipped = False
             if kind in ("image", "pair"):
                 if not any(e in sample for e in IMAGE_EXTS):
                     counters.add("missing_image", where)
                     continue
                 try:
-                    image = self.image_transform(_decode_image(sample))
+                    with seeded_rng(sample_seed):  # timm/torchvision transforms draw from the global generators
+                        image = self.image_transform(_decode_image(sample))
                 except Exception as e:  # PIL errors vary; never let one sample stop training
                     counters.add("decode_error", f"{where} ({type(e).__name__}: {e})")
                     continue
@@ -804,45 +826,43 @@ class ShardStream(IterableDataset):
                 out["text"] = swap_left_right(text) if flipped else text
             yield out
 
-    def _tokenize(self, texts: list[str], rng: random.Random | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokenize; with ``rng`` a document longer than ``max_len`` yields a random window of it (text-only
+    def _tokenize(self, texts: list[str], rngs: list[random.Random] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize; with ``rngs`` a document longer than ``max_len`` yields a random window of it (text-only
         training), so long documents are not always cut to their first sentence."""
         tok = self.tokenizer
-        if rng is None:
+        if rngs is None:
             return tok(texts)
         room = tok.max_len - 2
         rows = []
-        for text in texts:
+        for text, rng in zip(texts, rngs):
             body = tok.encode_one(text)
             start = rng.randrange(len(body) - room + 1) if len(body) > room else 0
             rows.append([tok.bos_id, *body[start : start + room], tok.eos_id])
         return tok.pad(rows)
 
-    def _collate(
-        self,
-        name: str,
-        items: list[dict[str, Any]],
-        rng: random.Random,
-        np_rng: np.random.Generator,
-        gen: torch.Generator,
-    ) -> dict[str, torch.Tensor]:
+    def _collate(self, name: str, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         kind = self.streams[name].kind
         batch: dict[str, torch.Tensor] = {}
         if kind in ("image", "pair"):
             batch["image"] = torch.stack([x["image"] for x in items])
-            masks = np.stack([self.mask_generator(np_rng).reshape(-1) for _ in items])
+            masks = np.stack([self.mask_generator(np.random.default_rng(x["seed"])).reshape(-1) for x in items])
             batch["image_mask"] = torch.from_numpy(masks)
         if kind in ("text", "pair"):
-            ids, pad = self._tokenize([x["text"] for x in items], rng if kind == "text" and self.train else None)
-            masked, labels = mask_tokens(
-                ids,
-                pad,
-                ratio=self.streams[name].text_mask_ratio,
-                mask_id=self.tokenizer.mask_id,
-                special_ids=self.tokenizer.special_ids,
-                random_range=random_token_range(self.tokenizer),
-                generator=gen,
-            )
+            windows = [x["rng"] for x in items] if kind == "text" and self.train else None
+            ids, pad = self._tokenize([x["text"] for x in items], windows)
+            rows = [
+                mask_tokens(
+                    ids[i : i + 1],
+                    pad[i : i + 1],
+                    ratio=self.streams[name].text_mask_ratio,
+                    mask_id=self.tokenizer.mask_id,
+                    special_ids=self.tokenizer.special_ids,
+                    random_range=random_token_range(self.tokenizer),
+                    generator=torch.Generator().manual_seed(x["seed"]),
+                )
+                for i, x in enumerate(items)
+            ]
+            masked, labels = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
             batch["text"], batch["text_padding_mask"], batch["text_labels"] = masked, pad, labels
         return batch
 
@@ -853,54 +873,94 @@ class ShardStream(IterableDataset):
         digest = hashlib.sha256(f"mmoe-shards/{self.seed}/{it}/{self.rank}/{worker}".encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 1
 
-    def batches_for_worker(self, worker: int, num_workers: int) -> int | None:
-        """Train: this worker's share of ``num_batches`` (the DataLoader interleaves workers)."""
-        if self.num_batches is None:
+    def batches_for_worker(self, worker: int, num_workers: int, total: int | None = None) -> int | None:
+        """Train: this worker's share of ``total`` batches (default ``num_batches``; the DataLoader interleaves
+        workers, so batch ``i`` of a pass comes from worker ``i % num_workers``)."""
+        total = self.num_batches if total is None else total
+        if total is None:
             return None
-        return self.num_batches // num_workers + int(worker < self.num_batches % num_workers)
+        return total // num_workers + int(worker < total % num_workers)
 
-    def __iter__(self) -> Iterator[tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]]:
-        # Not a generator itself: the pass seed is fixed when iter() is called (before StreamLoader
-        # bumps ``iteration``), both in the main process and in freshly started workers.
-        consumer, consumers, worker, num_workers = self._consumer()
+    def __iter__(self) -> Iterator[tuple[dict[str, dict[str, torch.Tensor]], dict[str, int], dict[str, Any]]]:
+        # Not a generator itself: the pass seed and the resume point are fixed when iter() is called (before
+        # StreamLoader bumps ``iteration``), both in the main process and in freshly started workers.
+        _, consumers, worker, num_workers = self._consumer()
+        skip, cursors = self.resume if (self.resume is not None and self.train) else (0, None)
+        # A pass resumed after ``skip`` batches: the DataLoader asks its workers in turn from worker 0, while batch
+        # ``skip`` of the pass came from worker ``skip % num_workers``, so worker ``w`` plays the part ("role") of
+        # the original worker ``(w + skip) % num_workers``: same shards, seeds and batches, in the same order.
+        role = (worker + skip) % num_workers
+        limit = self.batches_for_worker(role, num_workers)
+        done = self.batches_for_worker(role, num_workers, skip) or 0
+        if limit is not None:
+            limit -= done
+        cursor = None if cursors is None else cursors.get(str(role))
         return self._generate(
-            self._pass_seed(worker), consumer, consumers, self.batches_for_worker(worker, num_workers)
+            self._pass_seed(role), self.rank * num_workers + role, consumers, limit, role, done, cursor
         )
 
-    def _generate(
-        self, seed: int, consumer: int, consumers: int, limit: int | None
-    ) -> Iterator[tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]]:
-        rng = random.Random(seed)
-        np_rng = np.random.default_rng(seed)
-        gen = torch.Generator().manual_seed(seed)
-        counters = _Counters()
-        its = {}
-        for name in self.streams:
-            samples = self._samples(name, consumer, consumers, random.Random(rng.getrandbits(64)), counters)
-            its[name] = self._decoded(name, samples, rng, counters)
+    def _pick(self, credit: dict[str, float]) -> list[str]:
+        """Streams of the next batch: all (mixed) or one by smooth weighted round-robin (alternate)."""
         names = list(self.streams)
-        credit = dict.fromkeys(names, 0.0)  # smooth weighted round-robin for "alternate"
-        total_ratio = sum(self.ratios.values())
+        if self.mode == "mixed":
+            return names
+        for n in names:
+            credit[n] += self.ratios[n]
+        pick = max(names, key=lambda n: credit[n])
+        credit[pick] -= sum(self.ratios.values())
+        return [pick]
+
+    def _generate(
+        self,
+        seed: int,
+        consumer: int,
+        consumers: int,
+        limit: int | None,
+        role: int = 0,
+        done: int = 0,
+        cursor: dict[str, int] | None = None,
+    ) -> Iterator[tuple[dict[str, dict[str, torch.Tensor]], dict[str, int], dict[str, Any]]]:
+        """Batches of one consumer, after ``done`` batches of the pass that an earlier run already consumed.
+
+        With ``cursor`` (raw samples per stream that those batches took) the raw streams are advanced without
+        decoding anything (tar reads only); without it the ``done`` batches are built and dropped. Either way the
+        next batch is the one the uninterrupted pass would have produced. Each batch comes with its skip counts
+        and ``{"role", "cursor"}`` (for ``StreamLoader.state_dict``).
+        """
+        rng = random.Random(seed)
+        counters = _Counters()
+        position = dict.fromkeys(self.streams, 0)
+        raws = {
+            name: self._samples(name, consumer, consumers, random.Random(rng.getrandbits(64)), counters)
+            for name in self.streams
+        }
+        credit = dict.fromkeys(self.streams, 0.0)  # smooth weighted round-robin for "alternate"
+        replay = done
+        if done and cursor is not None:
+            for name, n in cursor.items():
+                if name in raws and n > 0:
+                    position[name] = sum(1 for _ in itertools.islice(raws[name], int(n)))
+            for _ in range(done):
+                self._pick(credit)
+            counters.take()  # counted by the run that consumed those batches
+            replay = 0
+        its = {name: self._decoded(name, raws[name], seed, counters, position) for name in self.streams}
         produced = 0
         while limit is None or produced < limit:
-            if self.mode == "mixed":
-                chosen = names
-            else:
-                for n in names:
-                    credit[n] += self.ratios[n]
-                pick = max(names, key=lambda n: credit[n])
-                credit[pick] -= total_ratio
-                chosen = [pick]
             batch: dict[str, dict[str, torch.Tensor]] = {}
             exhausted = False
-            for name in chosen:
+            for name in self._pick(credit):
                 items = list(itertools.islice(its[name], self.sub_batch[name]))
                 if items:
-                    batch[name] = self._collate(name, items, rng, np_rng, gen)
+                    batch[name] = self._collate(name, items)
                 exhausted |= len(items) < self.sub_batch[name]  # only validation streams end
             if batch:
-                produced += 1
-                yield batch, counters.take()
+                if replay:
+                    replay -= 1
+                    counters.take()
+                else:
+                    produced += 1
+                    yield batch, counters.take(), {"role": role, "cursor": dict(position)}
             if exhausted:
                 return
 
@@ -910,13 +970,29 @@ class ShardStream(IterableDataset):
         return int(self.num_batches)
 
 
+@dataclass
+class _BatchRecord:
+    """What one yielded training batch took: the consumer role, raw cursors after it, samples and skips."""
+
+    role: int
+    cursor: dict[str, int]
+    samples: Counter[str]
+    skipped: Counter[str]
+
+
 class StreamLoader(DataLoader):
     """DataLoader over a ``ShardStream``: bumps the pass counter, strips and accumulates skip counts.
 
     ``samples_seen`` (per stream), ``batches_seen`` and ``skipped`` (per reason, cumulative) live in
     the main process, so they are correct for any ``num_workers``; ``epoch_skipped`` holds the last
-    finished pass. ``state_dict``/``load_state_dict`` carry them with the pass counter so a resumed
-    run draws a fresh, non-repeating stream.
+    finished pass. Worker seeds come from a private generator, so a pass does not consume the global torch RNG.
+
+    ``state_dict``/``load_state_dict`` carry the pass, the batches of it consumed, the raw-sample cursors of each
+    worker after its last consumed batch, and the counters as of that batch. "Consumed" is what the training loop
+    took (``progress``, set by the data module to ``mmoe.data.resume.fit_progress``), not what was produced:
+    Lightning and the workers prefetch ahead, and those batches must come again after a resume. Loading a state
+    of a finished pass starts the next pass; one of an unfinished pass continues it exactly (same worker count
+    and world size; otherwise the next pass starts, with a warning).
     """
 
     def __init__(
@@ -929,25 +1005,45 @@ class StreamLoader(DataLoader):
             pin_memory=pin_memory,
             persistent_workers=False,
             prefetch_factor=2 if num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(derive_seed(dataset.seed, "workers", dataset.rank)),
         )
         self.name = name
         self.samples_seen: Counter[str] = Counter()
         self.batches_seen = 0
         self.skipped: Counter[str] = Counter()
         self.epoch_skipped: dict[str, int] = {}
+        self.progress: Callable[[], tuple[int, float] | None] | None = None
+        self._pass: int | None = None  # pass index of the current (or last) pass
+        self._skip = 0  # batches of it consumed before this process resumed it
+        self._start_cursors: dict[str, dict[str, int]] = {}  # role -> cursors at the resume point
+        self._records: list[_BatchRecord] = []  # batches yielded in this pass
+        self._resume: tuple[int, dict[str, dict[str, int]] | None] | None = None
+        self._loaded: dict[str, Any] | None = None  # state loaded and not yet iterated
 
     def __iter__(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:  # type: ignore[override]
         ds: ShardStream = self.dataset  # type: ignore[assignment]
-        it = super().__iter__()  # workers are forked/pickled now, with the current iteration
+        resume, self._resume, self._loaded = self._resume, None, None
+        ds.resume = resume
+        try:
+            it = super().__iter__()  # workers are forked/pickled now, with the current iteration and resume point
+        finally:
+            ds.resume = None
+        self._pass = ds.iteration
         ds.iteration += 1
+        self._skip = resume[0] if resume else 0
+        self._start_cursors = dict(resume[1] or {}) if resume else {}
+        self._records = []
         this_pass: Counter[str] = Counter()
-        for batch, skipped in it:
+        for batch, skipped, meta in it:
             this_pass.update(skipped)
             self.skipped.update(skipped)
             self.batches_seen += 1
+            samples: Counter[str] = Counter()
             for name, sub in batch.items():
                 ref = sub["image"] if "image" in sub else sub["text"]
-                self.samples_seen[name] += int(ref.shape[0])
+                samples[name] += int(ref.shape[0])
+            self.samples_seen.update(samples)
+            self._records.append(_BatchRecord(int(meta["role"]), dict(meta["cursor"]), samples, Counter(skipped)))
             yield batch
         self.epoch_skipped = dict(this_pass)
         if this_pass:
@@ -955,13 +1051,41 @@ class StreamLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         ds: ShardStream = self.dataset  # type: ignore[assignment]
-        return {
-            "seed": ds.seed,
-            "iteration": ds.iteration,
-            "samples_seen": dict(self.samples_seen),
-            "batches_seen": self.batches_seen,
-            "skipped": dict(self.skipped),
-        }
+        if self._loaded is not None:
+            return dict(self._loaded)
+        state: dict[str, Any] = {"seed": ds.seed, "iteration": ds.iteration}
+        samples, skipped, batches = Counter(self.samples_seen), Counter(self.skipped), self.batches_seen
+        if self._pass is not None:
+            yielded = self._skip + len(self._records)
+            got = self.progress() if self.progress is not None else None
+            consumed, per_pass = got if got is not None else (yielded, float(len(self)))
+            consumed = max(self._skip, min(int(consumed), yielded))
+            mine = self._records[: consumed - self._skip]
+            for rec in self._records[consumed - self._skip :]:  # prefetched, not trained on: they come again
+                samples.subtract(rec.samples)
+                skipped.subtract(rec.skipped)
+                batches -= 1
+            cursors = dict(self._start_cursors)
+            for rec in mine:
+                cursors[str(rec.role)] = rec.cursor
+            state.update(
+                {
+                    "pass": self._pass,
+                    "consumed": consumed,
+                    "pass_batches": int(per_pass) if math.isfinite(per_pass) else len(self),
+                    "num_workers": self.num_workers,
+                    "world_size": ds.world_size,
+                    "cursors": {str(ds.rank): cursors},
+                }
+            )
+        state.update(
+            {
+                "samples_seen": {k: v for k, v in samples.items() if v},
+                "batches_seen": batches,
+                "skipped": {k: v for k, v in skipped.items() if v},
+            }
+        )
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ds: ShardStream = self.dataset  # type: ignore[assignment]
@@ -977,3 +1101,30 @@ class StreamLoader(DataLoader):
         self.samples_seen = Counter({k: int(v) for k, v in state.get("samples_seen", {}).items()})
         self.batches_seen = int(state.get("batches_seen", 0))
         self.skipped = Counter({k: int(v) for k, v in state.get("skipped", {}).items()})
+        self._resume = None
+        if state.get("pass") is not None:  # checkpoints from before mid-pass resume only have ``iteration``
+            pass_, consumed = int(state["pass"]), int(state.get("consumed", 0))
+            if consumed >= int(state.get("pass_batches", ds.num_batches or 0)):
+                ds.iteration = pass_ + 1
+            elif int(state.get("num_workers", -1)) != self.num_workers or int(state.get("world_size", -1)) != (
+                ds.world_size
+            ):
+                log.warning(
+                    "%s loader: the checkpoint stopped %d batches into pass %d with num_workers=%s, world_size=%s; "
+                    "this run has %d, %d, so it cannot continue that pass exactly and starts the next one",
+                    self.name,
+                    consumed,
+                    pass_,
+                    state.get("num_workers"),
+                    state.get("world_size"),
+                    self.num_workers,
+                    ds.world_size,
+                )
+                ds.iteration = pass_ + 1
+            else:
+                ds.iteration = pass_
+                # Only rank 0's checkpoint is written: other ranks have no cursors and rebuild the consumed
+                # batches instead of skipping raw samples (slower, same result).
+                cursors = state.get("cursors", {}).get(str(ds.rank))
+                self._resume = (consumed, {str(k): dict(v) for k, v in cursors.items()} if cursors else None)
+        self._loaded = dict(state)

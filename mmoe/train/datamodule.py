@@ -9,8 +9,10 @@ in batches of equal parts. This module wires ``mmoe.data.shards.ShardStream`` in
 * the data-parallel rank and world size come from the attached trainer (explicit splitting, no
   sampler injection), workers split further inside the stream;
 * an epoch is ``steps_per_epoch`` batches per rank (``len()`` works, so progress bars show totals);
-* ``state_dict``/``load_state_dict`` (saved in Lightning checkpoints) hold the seed, the pass counter,
-  samples seen per stream and skip counts: a resumed run draws a fresh, non-repeating stream;
+* ``state_dict``/``load_state_dict`` (saved in Lightning checkpoints) hold the seed, the pass, the batches of
+  it the fit loop consumed, the workers' raw-sample cursors, samples seen per stream and skip counts: a run
+  resumed from a checkpoint at an epoch end starts the next pass, one resumed mid-epoch continues the pass with
+  exactly the batches the uninterrupted run would have trained on (``mmoe.data.shards.StreamLoader``);
 * skipped samples are counted per reason, logged after every pass and exposed by ``data_stats()``
   (``MaskedPretraining`` or a callback can log them).
 """
@@ -23,6 +25,7 @@ from typing import Any, Literal
 from lightning.pytorch import LightningDataModule
 
 from mmoe.data.masking import BlockMaskGenerator
+from mmoe.data.resume import fit_progress
 from mmoe.data.shards import ShardStream, StreamConfig, StreamLoader
 from mmoe.data.tokenizer import Tokenizer, build_tokenizer
 from mmoe.data.transforms import build_transform
@@ -182,6 +185,8 @@ class PretrainDataModule(LightningDataModule):
         ds = self._dataset(val=False)
         assert ds is not None  # checked in __init__
         self._train_loader = StreamLoader(ds, num_workers=self.hparams.num_workers, pin_memory=self.hparams.pin_memory)
+        # a checkpoint records the batches the fit loop consumed, not the ones prefetched (mid-epoch resume)
+        self._train_loader.progress = lambda: fit_progress(getattr(self, "trainer", None))
         if self._pending_state is not None:
             self._train_loader.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -197,7 +202,7 @@ class PretrainDataModule(LightningDataModule):
         return self._val_loader
 
     def state_dict(self) -> dict[str, Any]:
-        """Seed, pass counter, samples seen and skip counts of the training stream (saved in checkpoints)."""
+        """Seed, pass, consumed batches, cursors, samples seen and skip counts of the training stream (checkpoints)."""
         if self._train_loader is not None:
             return self._train_loader.state_dict()
         return dict(self._pending_state) if self._pending_state else {"seed": self.hparams.seed, "iteration": 0}

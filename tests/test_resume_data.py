@@ -1,0 +1,186 @@
+"""Mid-epoch resume of the data path: the batches after a checkpoint are the ones the uninterrupted run would see.
+
+- pretraining stream: a pass stopped after ``k`` consumed batches (with prefetched ones beyond) and resumed from
+  the loader state gives exactly the rest of the pass, for 0 and 2 workers, mixed and alternate mixing, with raw
+  cursors (skip without decoding) and without them (rebuild and drop); counters are the consumed batches';
+- map-style training loader (fine-tuning tasks): order from (seed, epoch), per-sample augmentation seeds, resume
+  after ``k`` batches with workers, DDP-like rank slices of equal length, no global-RNG consumption.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from mmoe.data.resume import ResumableLoader, seeded_rng
+from mmoe.data.synthetic import make_world
+from mmoe.train.datamodule import PretrainDataModule
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    make_world(out, num_train=24, num_val=4, image_size=32, seed=0, shards=True, shard_maxcount=6)
+    return out
+
+
+def _dm(world: Path, **kw) -> PretrainDataModule:
+    args = dict(
+        image_shards=[str(world / "shards/image/train-*.tar")],
+        text_shards=[str(world / "shards/text/train-*.tar")],
+        pair_shards=[str(world / "shards/pair/train-*.tar")],
+        batch_size=6,
+        image_size=32,
+        patch_size=8,
+        max_text_len=16,
+        min_mask_patches=4,
+        num_workers=0,
+        steps_per_epoch=7,
+        shuffle_buffer=5,
+        crop_scale=(0.5, 1.0),  # random crops, flips and jitter: per-sample seeds must cover them
+        color_jitter=0.4,
+        hflip=0.5,
+    )
+    args.update(kw)
+    return PretrainDataModule(**args)
+
+
+def _flat(batch: dict) -> list[torch.Tensor]:
+    return [batch[s][k] for s in sorted(batch) for k in sorted(batch[s])]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(x, y) for x, y in zip(_flat(a), _flat(b)))
+
+
+@pytest.mark.parametrize(
+    ("workers", "mode", "cursors"),
+    [(0, "mixed", True), (2, "mixed", True), (2, "alternate", True), (2, "mixed", False)],
+)
+def test_stream_resumes_mid_pass_exactly(world: Path, workers: int, mode: str, cursors: bool) -> None:
+    ref_dm = _dm(world, num_workers=workers, mode=mode)
+    ref_loader = ref_dm.train_dataloader()
+    reference = list(ref_loader)
+    second = list(ref_loader)  # the next pass
+    assert len(reference) == 7 and not _same(reference[0], second[0])
+
+    k = 3  # consumed by the trainer; the loader has produced one more (Lightning prefetches)
+    dm = _dm(world, num_workers=workers, mode=mode)
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    got = [next(it) for _ in range(k + 1)]
+    assert all(_same(a, b) for a, b in zip(got, reference))
+    loader.progress = lambda: (k, 7.0)
+    state = dm.state_dict()
+    del it
+    assert state["pass"] == 0 and state["consumed"] == k
+    assert set(state["cursors"]["0"]) == ({"0"} if workers == 0 else {"0", "1"})  # worker roles with a batch
+    # counters as of the consumed batches, not the prefetched one
+    assert state["batches_seen"] == k and sum(state["samples_seen"].values()) == 6 * k
+    if not cursors:  # as on ranks > 0, whose cursors are not in rank 0's checkpoint
+        state = {**state, "cursors": {}}
+
+    resumed_dm = _dm(world, num_workers=workers, mode=mode)
+    resumed_dm.load_state_dict(state)  # before the loader exists, as Lightning does on restore
+    resumed_loader = resumed_dm.train_dataloader()
+    rest = list(resumed_loader)
+    assert len(rest) == 7 - k
+    assert all(_same(a, b) for a, b in zip(rest, reference[k:]))
+    # the pass after it is the uninterrupted run's second pass
+    nxt = list(resumed_loader)
+    assert len(nxt) == 7 and all(_same(a, b) for a, b in zip(nxt, second))
+    final = resumed_dm.state_dict()
+    assert final["batches_seen"] == 14 and final["pass"] == 1 and final["consumed"] == 7
+
+
+def test_stream_resume_refuses_another_worker_count(world: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dm = _dm(world, num_workers=2)
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = dm.state_dict()
+    del it
+    other = _dm(world, num_workers=0)
+    other.load_state_dict(state)
+    with caplog.at_level("WARNING"):
+        assert len(list(other.train_dataloader())) == 7  # a fresh pass, the next one
+    assert "cannot continue that pass exactly" in caplog.text
+
+
+def test_stream_does_not_touch_global_rng(world: Path) -> None:
+    """Model-side randomness (dropout, noise) must not depend on how much data was loaded since a checkpoint."""
+    torch.manual_seed(123)
+    random.seed(5)
+    before = (torch.get_rng_state(), random.getstate())
+    for _ in _dm(world, num_workers=0).train_dataloader():
+        pass
+    assert torch.equal(before[0], torch.get_rng_state()) and before[1] == random.getstate()
+
+
+class _Noisy(Dataset):
+    """Items drawn from the global generators, as timm/torchvision augmentations are."""
+
+    def __len__(self) -> int:
+        return 23
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"index": torch.tensor(i), "aug": torch.rand(2), "py": torch.tensor(random.random())}
+
+
+def _collect(loader) -> list[dict[str, torch.Tensor]]:
+    return [dict(b) for b in loader]
+
+
+def _eq(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_map_loader_resumes_mid_epoch(workers: int) -> None:
+    kw = dict(batch_size=4, num_workers=workers, seed=3, drop_last=True)
+    ref = ResumableLoader(_Noisy(), **kw)
+    epochs = [_collect(ref) for _ in range(3)]
+    assert len(epochs[0]) == len(ref) == 5
+    assert not torch.equal(epochs[0][0]["index"], epochs[1][0]["index"])  # reshuffled per epoch
+    assert sorted(torch.cat([b["index"] for b in epochs[0]]).tolist()) != list(range(20))  # a permutation subset
+
+    k = 2
+    part = ResumableLoader(_Noisy(), **kw)
+    it = iter(part)
+    assert _eq([next(it) for _ in range(k + 1)], epochs[0][: k + 1])
+    part.progress = lambda: (k, 5.0)
+    state = part.state_dict()
+    del it
+    assert state == {"seed": 3, "epoch": 0, "consumed": k, "epoch_batches": 5}
+
+    torch.manual_seed(999)  # a different global RNG state than the reference run had: augmentations must not care
+    resumed = ResumableLoader(_Noisy(), **kw)
+    resumed.load_state_dict(state)
+    assert _eq(_collect(resumed), epochs[0][k:])
+    assert _eq(_collect(resumed), epochs[1])
+    end = resumed.state_dict()
+    assert end["epoch"] == 1 and end["consumed"] == 5
+    again = ResumableLoader(_Noisy(), **kw)
+    again.load_state_dict(end)  # an epoch-end checkpoint: the next epoch starts
+    assert _eq(_collect(again), epochs[2]) and again.state_dict()["epoch"] == 2
+
+
+def test_map_loader_rank_slices_and_rng() -> None:
+    ranks = [ResumableLoader(_Noisy(), batch_size=3, seed=1, rank=r, world_size=2, drop_last=True) for r in range(2)]
+    parts = [_collect(x) for x in ranks]
+    assert len(parts[0]) == len(parts[1]) == len(ranks[0]) == 4  # 12 samples per rank (23 padded to 24)
+    seen = [set(torch.cat([b["index"] for b in p]).tolist()) for p in parts]
+    assert len(seen[0] & seen[1]) <= 1  # disjoint up to DistributedSampler's padding
+    state = torch.get_rng_state()
+    _collect(ranks[0])
+    assert torch.equal(state, torch.get_rng_state())
+    with seeded_rng(7):
+        a = torch.rand(3)
+    with seeded_rng(7):
+        b = torch.rand(3)
+    assert torch.equal(a, b) and torch.equal(state, torch.get_rng_state())
