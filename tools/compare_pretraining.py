@@ -2,7 +2,7 @@
 
 Runs the four tiny recipes (``configs/pretrain/tiny_{dense,smoe,xmoe,mhmoe}.yaml``) through the ``mmoe`` CLI with
 the same seed, the same synthetic-world shards and the same step budget, with discrete image targets from one
-k-means codebook (``tools/build_visual_codebook.py``) so that image perplexity is reported next to text
+k-means codebook (``mmoe-codebook``) so that image perplexity is reported next to text
 perplexity. Then writes a markdown table (validation masked-text / masked-image loss and perplexity, expert
 activation ratio, sub-token diversity, max expert load, step time) with the exact command and seeds::
 
@@ -78,7 +78,7 @@ def write_table(path: Path, results: dict[str, dict[str, Any]], meta: dict[str, 
         "that runs on 2 CPU cores: the four `configs/pretrain/tiny_*.yaml` recipes (equal active FLOPs per token,",
         "see `configs/model/tiny_*.yaml`), same seed, same synthetic shapes-world shards, same step budget.",
         "Image targets are discrete codes of one k-means codebook over normalized patch pixels",
-        f"({meta['codebook_codes']} codes, `tools/build_visual_codebook.py`), so image perplexity is defined.",
+        f"({meta['codebook_codes']} codes, `mmoe-codebook`), so image perplexity is defined.",
         "",
         f"Command: `{meta['command']}`",
         "",

@@ -9,7 +9,7 @@ running the demo twice is cheap and gives the same report):
 3. BEiT-3 masked multimodal pretraining of ``tiny_mhmoe`` (``configs/pretrain/tiny_mhmoe.yaml``) through the
    ``mmoe`` CLI for a few hundred steps;
 4. VQA fine-tuning on the synthetic VQA split from that checkpoint (``configs/finetune/vqav2_synthetic.yaml``);
-5. an expert-assignment picture (``tools/visualize_experts.py``);
+5. an expert-assignment picture (``mmoe-viz``, ``mmoe.cli.visualize_experts``);
 6. ``OUT/report.md``: losses, perplexities, VQA score, expert activation ratio and diversity per MoE layer.
 
     python tools/run_demo.py --out runs/demo            # ~300 pretraining steps

@@ -5,7 +5,7 @@ text-only (masked language modeling) and image-text pairs (both). Each stream re
 the webdataset layout (``key.jpg`` + ``key.txt`` / ``key.json``), so the standard tooling
 (img2dataset, ``wds.WebDataset``) reads and writes the same files.
 
-Writing (``tools/make_shards.py`` is a thin CLI over this module):
+Writing (``mmoe-shards`` is a thin CLI over this module):
     * sources: COCO caption JSON + image folder, JSONL/TSV of (image path, caption), an image folder
       (optionally with ``.txt`` side-cars), plain text files (one document per line or paragraph);
     * every sample is validated (the image decodes fully, the caption is non-empty); skipped items

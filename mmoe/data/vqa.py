@@ -8,7 +8,7 @@ Targets follow BEiT-3/ViLT: each human answer is normalized like the official ev
 (``mmoe.metrics.vqa.normalize_answer``) and an answer given by k of the annotators gets the soft
 score 0.3 / 0.6 / 0.9 / 1.0 for k = 1 / 2 / 3 / >= 4 (``vqa_score``); answers outside the vocabulary
 are dropped. The vocabulary (answers seen >= 9 times in train+val, 3129 for VQAv2) is built by
-``tools/build_vqa_vocab.py`` and read with ``load_answer_vocab``.
+``mmoe-vqa-vocab`` and read with ``load_answer_vocab``.
 
 The ViLT/BEiT-3 split ("train+val minus 1000 val images; local val on those 1000") is
 ``holdout_image_keys``: the held-out images are the last ``n`` image ids of the val files in ascending
@@ -112,7 +112,7 @@ def load_answer_vocab(path: str | Path) -> list[str]:
     """Read a vocabulary file (``{"answers": [...]}`` or a plain JSON list); checks there are no duplicates."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"answer vocabulary {path}: no such file (build it with tools/build_vqa_vocab.py)")
+        raise FileNotFoundError(f"answer vocabulary {path}: no such file (build it with mmoe-vqa-vocab)")
     data = json.loads(path.read_text(encoding="utf-8"))
     answers = data["answers"] if isinstance(data, dict) and "answers" in data else data
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):

@@ -75,7 +75,7 @@ def parse_checkpoint(ckpt: Any, path: str | Path) -> tuple[MultiwayConfig, dict[
         return config, state
     raise ValueError(
         f"load_model: {path} is neither an mmoe model file (format='mmoe') nor a Lightning checkpoint with "
-        f"'mmoe_config'; keys found: {sorted(ckpt)[:10]}. Convert foreign checkpoints with tools/convert_checkpoint.py"
+        f"'mmoe_config'; keys found: {sorted(ckpt)[:10]}. Convert foreign checkpoints with mmoe-convert"
     )
 
 

@@ -11,7 +11,7 @@ Image targets (``image_target``):
 - ``"pixels"`` (default): the per-patch normalized pixels of the masked patches (MAE-style ``norm_pix``), MSE loss.
   Needs nothing outside this project. BEiT-3 itself predicts BEiT v2 VQ-KD codes, which need that tokenizer.
 - ``"codebook"``: discrete codes from a k-means codebook over normalized patch pixels
-  (``tools/build_visual_codebook.py``); cross-entropy over codes, so image perplexity ``exp(CE)`` can be reported
+  (``mmoe-codebook``); cross-entropy over codes, so image perplexity ``exp(CE)`` can be reported
   next to text perplexity, as [MH1] Table 4's "masked multimodal perplexity".
 
 Dimension legend: B batch, L text length, P patches per image, D width, V text vocabulary, K codebook size,
@@ -95,7 +95,7 @@ def load_codebook(path: str | os.PathLike[str], *, patch_size: int | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"codebook file {path} does not exist (build one with tools/build_visual_codebook.py --out {path})"
+            f"codebook file {path} does not exist (build one with mmoe-codebook --out {path})"
         )
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict) or data.get("format") != CODEBOOK_FORMAT:

@@ -158,7 +158,7 @@ class VQADataModule(_TaskDataModule):
     Args:
         train, val, test, predict: lists of ``{questions, annotations, image_dir}`` (``VQAFiles``).
             ``predict`` defaults to ``test`` (the files of the official submission, e.g. test-dev).
-        answer_vocab: the answer vocabulary file (``tools/build_vqa_vocab.py``); the same file as the model's.
+        answer_vocab: the answer vocabulary file (``mmoe-vqa-vocab``); the same file as the model's.
         split: ``"standard"`` (train on ``train``, validate on ``val``) or ``"vilt"``: the ViLT/BEiT-3 split,
             train on ``train`` + ``val`` minus ``holdout_images`` val images, validate on those images.
         holdout_images, holdout_seed: size and choice of the held-out val images (``holdout_image_keys``).

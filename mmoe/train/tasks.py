@@ -74,7 +74,7 @@ class ClassificationTask(LightningModule):
         init_from: an mmoe model file or one of our Lightning checkpoints (pretrained backbone weights;
             position tables are resampled to the new image size).
         num_classes: number of classes; may be omitted when ``label_vocab`` gives it (NLVR2: 2).
-        label_vocab: answer/class-name file (``tools/build_vqa_vocab.py`` output or a JSON list); its
+        label_vocab: answer/class-name file (``mmoe-vqa-vocab`` output or a JSON list); its
             names are stored in checkpoints and used to write predictions.
         pooling, hidden_mult, head_norm_eps, head_init_scale, head_dropout: ``ClassificationHead`` settings.
         loss: ``"soft_bce"`` (VQA: BCE-with-logits times the number of labels) or ``"ce"``.

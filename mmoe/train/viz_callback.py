@@ -5,7 +5,7 @@ runs the module's `backbone` on them (image only, no masking; docs/interfaces.md
 module is only assumed to have `.backbone`) and logs:
 
 - `{tag}/majority`: images x MoE layers, each patch coloured by the expert most of its sub-tokens
-  chose ([MH1] Fig. 1b) -- picture (a) of `tools/visualize_experts.py`;
+  chose ([MH1] Fig. 1b) -- picture (a) of `mmoe-viz`;
 - `{tag}/heads/{layer}`: the first image with one panel per MoE head plus the majority (a);
 - `{tag}/load`: the experts x layers load heat map over those images ([MH1] Fig. 5) -- picture (c);
 - `{tag}/diversity` (optional): distinct experts per patch ([MH1] Fig. 8).

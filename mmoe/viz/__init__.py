@@ -2,7 +2,7 @@
 
 `mmoe.viz.records` turns routing records into per-patch / per-token arrays and load statistics,
 `mmoe.viz.experts` and `mmoe.viz.text` draw them (matplotlib, Agg), `mmoe.viz.run` runs a model over
-inputs and writes PNG + JSON (used by `tools/visualize_experts.py` and the pretraining callback).
+inputs and writes PNG + JSON (used by `mmoe-viz` and the pretraining callback).
 A leaf package: it never imports Lightning.
 """
 

@@ -1,6 +1,6 @@
 """Run a model over images (and text) and write the expert-assignment pictures and numbers.
 
-This is the engine behind `tools/visualize_experts.py` and the pretraining callback: load a model
+This is the engine behind `mmoe-viz` and the pretraining callback: load a model
 (one of our checkpoints, an mmoe model file, or a registered name for a freshly initialized model),
 read inputs (an image, a folder of images, or a webdataset shard), run the backbone with routing
 records (docs/interfaces.md sec. 2), and write for every MoE layer the pictures of [MH1] Fig. 1, 5
@@ -526,7 +526,7 @@ def visualize(
     seed: int = 0,
     layers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The whole job of `tools/visualize_experts.py` as one call (also used by the demo).
+    """The whole job of `mmoe-viz` as one call (also used by the demo).
 
     `checkpoint` (and `compare`) is one of our Lightning checkpoints, an mmoe model file, or a
     registered model name / YAML for a freshly initialized model. With `compare`, each model writes
