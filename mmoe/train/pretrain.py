@@ -94,9 +94,7 @@ def load_codebook(path: str | os.PathLike[str], *, patch_size: int | None = None
     """Read a codebook written by :func:`save_codebook`; returns the (K, C) centroids."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"codebook file {path} does not exist (build one with mmoe-codebook --out {path})"
-        )
+        raise FileNotFoundError(f"codebook file {path} does not exist (build one with mmoe-codebook --out {path})")
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict) or data.get("format") != CODEBOOK_FORMAT:
         raise ValueError(f"codebook file {path}: expected a dict with format={CODEBOOK_FORMAT!r}")
