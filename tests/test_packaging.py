@@ -194,3 +194,9 @@ def test_recipes_copy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit) as done:
         recipes.main(["copy", "--all", "model/tiny", str(tmp_path / "x")])
     assert done.value.code == 1 and "copy --all takes no recipe names" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:  # DEST is a file: an error line naming it, not a traceback
+        recipes.main(["copy", "--all", str(tmp_path / "mine.yaml")])
+    assert done.value.code == 1 and str(tmp_path / "mine.yaml") in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        recipes.main(["copy", "pretrain/tiny_mhmoe"])  # the one positional is DEST
+    assert done.value.code == 1 and "give recipe NAME(s) and then DEST" in capsys.readouterr().err

@@ -58,7 +58,7 @@ def copy_recipes(names: Sequence[str], dest: str | Path, *, all_files: bool = Fa
         pairs = [(config_root() / f"{name}.yaml", dest / f"{name}.yaml") for name in list_recipes()]
     else:
         if not names:
-            raise ValueError("copy: give at least one recipe name (or --all)")
+            raise ValueError("copy: give recipe NAME(s) and then DEST (or --all DEST)")
         sources = [recipe_path(name) for name in names]
         as_folder = len(sources) > 1 or dest.is_dir() or dest_text.endswith(("/", "\\"))
         pairs = [(src, dest / src.name if as_folder else dest) for src in sources]
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(target)
     except KeyError as err:
         parser.exit(2, f"mmoe-recipes: {err.args[0]}\n")
-    except (FileExistsError, ValueError) as err:
+    except (OSError, ValueError) as err:  # a file in the way, an unwritable DEST, names with --all
         parser.exit(1, f"mmoe-recipes: {err}\n")
     return 0
 
