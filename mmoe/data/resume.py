@@ -37,7 +37,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResumableLoader", "ResumableSampler", "SeededCollate", "SeededDataset", "derive_seed", "fit_progress"]
+__all__ = [
+    "ResumableLoader",
+    "ResumableSampler",
+    "ResumableTrainData",
+    "SeededCollate",
+    "SeededDataset",
+    "derive_seed",
+    "fit_progress",
+]
 
 Progress = Callable[[], "tuple[int, float] | None"]
 
@@ -199,6 +207,7 @@ class ResumableLoader(DataLoader):
         self._epoch: int | None = None  # epoch of the current (or last) pass
         self._yielded = 0  # batches of that pass handed out (including skipped ones on resume)
         self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) for the next pass
+        self._loaded: dict[str, Any] | None = None  # state loaded and not yet iterated
 
     @property
     def resumable_sampler(self) -> ResumableSampler:
@@ -212,7 +221,7 @@ class ResumableLoader(DataLoader):
             epoch, skip = sampler.requested_epoch, 0
         else:
             epoch, skip = (0 if self._epoch is None else self._epoch + 1), 0
-        self._resume, sampler.requested_epoch = None, None
+        self._resume, self._loaded, sampler.requested_epoch = None, None, None
         sampler.epoch, sampler.start = epoch, skip * int(self.batch_size or 1)
         self._epoch, self._yielded = epoch, skip
         if skip:
@@ -228,6 +237,8 @@ class ResumableLoader(DataLoader):
         return self._yielded, float(len(self))
 
     def state_dict(self) -> dict[str, Any]:
+        if self._loaded is not None:
+            return dict(self._loaded)
         consumed, per_epoch = self._consumed()
         per_epoch = float(len(self)) if not math.isfinite(per_epoch) else per_epoch
         return {
@@ -253,3 +264,64 @@ class ResumableLoader(DataLoader):
             self._epoch, self._resume = epoch, (epoch + 1, 0) if consumed > 0 else (epoch, 0)
         else:
             self._epoch, self._resume = epoch, (epoch, consumed)
+        self._loaded = dict(state)
+
+
+class ResumableTrainData:
+    """Mixin for our map-style ``LightningDataModule``s: a ``ResumableLoader`` for training, kept in checkpoints.
+
+    Lightning saves a stateful train loader with its loops, but restores it only when it restarts an unfinished
+    epoch (or a step-based run); the data module's ``state_dict`` is restored with every checkpoint, so the
+    loader state travels there too and is applied when ``train_dataloader`` builds the loader.
+    """
+
+    _train_loader: ResumableLoader | None = None
+    _train_loader_state: dict[str, Any] | None = None
+
+    def resumable_train_loader(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        drop_last: bool = True,
+        persistent_workers: bool = False,
+    ) -> ResumableLoader:
+        """The training loader: this rank's slice (from the attached trainer), the position of a loaded state."""
+        trainer = getattr(self, "trainer", None)
+        rank, world = (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
+        loader = ResumableLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=collate_fn,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            persistent_workers=persistent_workers,
+            seed=seed,
+            rank=rank,
+            world_size=world,
+        )
+        loader.progress = lambda: fit_progress(getattr(self, "trainer", None))
+        if self._train_loader_state:
+            loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"train_loader": ResumableLoader.state_dict()}`` (epoch and consumed batches), once there is one."""
+        if self._train_loader is not None:
+            return {"train_loader": self._train_loader.state_dict()}
+        return {"train_loader": dict(self._train_loader_state)} if self._train_loader_state else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the training position; applied now or when the train loader is built."""
+        state = (state_dict or {}).get("train_loader")
+        if not state:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._train_loader_state = dict(state)

@@ -38,6 +38,7 @@ from mmoe.data.captions import (
     references_of,
     write_coco_references,
 )
+from mmoe.data.resume import ResumableTrainData
 from mmoe.data.tokenizer import build_tokenizer
 from mmoe.data.transforms import BEIT3_MEAN, BEIT3_STD, build_transform
 from mmoe.metrics.captions import score_captions
@@ -324,7 +325,7 @@ class CaptioningTask(pl.LightningModule):
         return configure_optimizers(self, self.optim)
 
 
-class CaptioningDataModule(pl.LightningDataModule):
+class CaptioningDataModule(ResumableTrainData, pl.LightningDataModule):
     """COCO caption data from the Karpathy split file or official caption annotations (``mmoe.data.captions``).
 
     ``*_annotations`` are a ``dataset_coco.json`` (Karpathy; ``*_split`` picks the split, ``train`` adds
@@ -430,14 +431,24 @@ class CaptioningDataModule(pl.LightningDataModule):
         collate = CaptionCollator(
             self.tokenizer, ratio=(float(hp.mask_ratio[0]), float(hp.mask_ratio[1])), seed=None if train else hp.seed
         )
+        if train:  # order from (seed, epoch), per-sample seeds, position kept in checkpoints (mmoe.data.resume)
+            return self.resumable_train_loader(
+                ds,
+                batch_size=hp.batch_size,
+                collate_fn=collate,
+                num_workers=hp.num_workers,
+                seed=hp.seed,
+                drop_last=len(ds) >= hp.batch_size,
+                persistent_workers=hp.num_workers > 0,
+            )
         return DataLoader(
             ds,
-            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            shuffle=train,
-            drop_last=train and len(ds) >= hp.batch_size,
+            batch_size=hp.eval_batch_size or hp.batch_size,
+            shuffle=False,
             num_workers=hp.num_workers,
             collate_fn=collate,
             persistent_workers=hp.num_workers > 0,
+            generator=torch.Generator().manual_seed(0),  # worker seeds without drawing from the global RNG
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -27,6 +27,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from mmoe.data.nlvr2 import NLVR2Dataset
+from mmoe.data.resume import ResumableTrainData
 from mmoe.data.tokenizer import Tokenizer, build_tokenizer
 from mmoe.data.transforms import BEIT3_MEAN, BEIT3_STD, build_transform
 from mmoe.data.vqa import VQADataset, VQAFiles, holdout_image_keys, load_answer_vocab
@@ -81,7 +82,7 @@ class NLVR2Collate:
         return batch
 
 
-class _TaskDataModule(LightningDataModule):
+class _TaskDataModule(ResumableTrainData, LightningDataModule):
     """Shared tokenizer, transforms and loaders of the VQA and NLVR2 data modules."""
 
     def __init__(
@@ -101,8 +102,10 @@ class _TaskDataModule(LightningDataModule):
         eval_batch_size: int | None,
         num_workers: int,
         eval_on_missing: OnMissing,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.seed = int(seed)
         if batch_size < 1:
             raise ValueError(f"{type(self).__name__}: batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
@@ -129,14 +132,23 @@ class _TaskDataModule(LightningDataModule):
     def _loader(self, stage: str, train: bool) -> DataLoader:
         if stage not in self.datasets:
             raise ValueError(f"{type(self).__name__}: no {stage!r} files configured (set the {stage} paths)")
+        if train:  # order from (seed, epoch), per-sample augmentation seeds, position kept in checkpoints
+            return self.resumable_train_loader(
+                self.datasets[stage],
+                batch_size=self.batch_size,
+                collate_fn=self._collate(),
+                num_workers=self.num_workers,
+                seed=self.seed,
+                persistent_workers=self.num_workers > 0,
+            )
         return DataLoader(
             self.datasets[stage],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
             num_workers=self.num_workers,
             collate_fn=self._collate(),
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(0),  # worker seeds without drawing from the global RNG
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -166,6 +178,8 @@ class VQADataModule(_TaskDataModule):
         image_size, image_mean, image_std, train_scale, hflip, color_jitter, auto_augment: transforms.
         batch_size, eval_batch_size, num_workers: loaders.
         eval_on_missing: behaviour for missing images outside training (default ``"error"``).
+        seed: training order (a permutation per (seed, epoch)) and per-sample augmentation seeds; with these a
+            run resumed mid-epoch sees the batches of the uninterrupted run (``mmoe.data.resume``).
     """
 
     def __init__(
@@ -193,6 +207,7 @@ class VQADataModule(_TaskDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         eval_on_missing: OnMissing = "error",
+        seed: int = 0,
     ) -> None:
         super().__init__(
             tokenizer=tokenizer,
@@ -209,6 +224,7 @@ class VQADataModule(_TaskDataModule):
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             eval_on_missing=eval_on_missing,
+            seed=seed,
         )
         if split not in ("standard", "vilt"):
             raise ValueError(f"VQADataModule: split={split!r}; expected 'standard' or 'vilt'")
@@ -286,6 +302,7 @@ class NLVR2DataModule(_TaskDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         eval_on_missing: OnMissing = "error",
+        seed: int = 0,
     ) -> None:
         super().__init__(
             tokenizer=tokenizer,
@@ -302,6 +319,7 @@ class NLVR2DataModule(_TaskDataModule):
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             eval_on_missing=eval_on_missing,
+            seed=seed,
         )
         self.files: dict[str, tuple[str | None, str | None]] = {
             "train": (train_annotations, train_image_root),

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from mmoe.data.coco import CategoryMap, CocoInstances, detection_collate, detection_transforms
 from mmoe.data.imagenet import RANDAUGMENT, ImageNetFolder, classification_collate, imagenet_transform
+from mmoe.data.resume import ResumableTrainData
 from mmoe.data.transforms import BEIT3_MEAN, BEIT3_STD
 from mmoe.metrics.detection import evaluate_coco, to_coco_results
 from mmoe.model import create_model
@@ -42,7 +43,7 @@ __all__ = ["ImageNetDataModule", "CocoDetectionDataModule", "DetectionTask", "bu
 
 
 # ================================================================================================ ImageNet
-class ImageNetDataModule(LightningDataModule):
+class ImageNetDataModule(ResumableTrainData, LightningDataModule):
     """ImageNet-1k (or any ImageFolder, e.g. the synthetic shapes world) for ``ClassificationTask``.
 
     Args:
@@ -51,6 +52,7 @@ class ImageNetDataModule(LightningDataModule):
         image_size: crop size; ``mean``/``std`` must be the backbone's normalization (BEiT-3: 0.5/0.5).
         auto_augment, re_prob, color_jitter, hflip, scale, crop_pct: see ``mmoe.data.imagenet.imagenet_transform``.
         batch_size: per device; keep it even when the task uses Mixup (timm mixes a batch with its flip).
+        seed: training order (a permutation per (seed, epoch)) and per-sample augmentation seeds (exact resume).
 
     Batches are ``{"image", "labels"}`` with integer labels; Mixup/CutMix and label smoothing belong to
     ``ClassificationTask`` (``mixup`` / ``label_smoothing``), which mixes training batches on the device.
@@ -73,8 +75,10 @@ class ImageNetDataModule(LightningDataModule):
         hflip: float = 0.5,
         scale: Sequence[float] = (0.08, 1.0),
         crop_pct: float = 0.875,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.seed = int(seed)
         self.train_dir, self.val_dir = str(train_dir), str(val_dir)
         self.image_size = image_size
         self.batch_size = batch_size
@@ -118,13 +122,15 @@ class ImageNetDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        return DataLoader(
+        # equal-size batches (timm Mixup needs an even count); order from (seed, epoch), per-sample augmentation
+        # seeds and the position within the epoch kept in checkpoints (mmoe.data.resume)
+        return self.resumable_train_loader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,  # equal-size batches; timm Mixup needs an even count
-            num_workers=self.num_workers,
             collate_fn=classification_collate,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            drop_last=True,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -137,6 +143,7 @@ class ImageNetDataModule(LightningDataModule):
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=classification_collate,
+            generator=torch.Generator().manual_seed(0),  # worker seeds without drawing from the global RNG
         )
 
     def test_dataloader(self) -> DataLoader:
@@ -144,7 +151,7 @@ class ImageNetDataModule(LightningDataModule):
 
 
 # ================================================================================================ COCO
-class CocoDetectionDataModule(LightningDataModule):
+class CocoDetectionDataModule(ResumableTrainData, LightningDataModule):
     """COCO instances (or the shapes world's) for :class:`DetectionTask`.
 
     Args:
@@ -153,6 +160,7 @@ class CocoDetectionDataModule(LightningDataModule):
         hflip: horizontal-flip probability for training.
         lsj_size, scale_range: large-scale jitter to a square canvas (ViTDet: 1024, (0.1, 2.0)); None = off.
         max_val_images: evaluate on the first N validation images only (quick checks).
+        seed: training order and per-sample augmentation seeds (exact mid-epoch resume, ``mmoe.data.resume``).
     """
 
     def __init__(
@@ -170,8 +178,10 @@ class CocoDetectionDataModule(LightningDataModule):
         lsj_size: int | None = None,
         scale_range: Sequence[float] = (0.1, 2.0),
         max_val_images: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.seed = int(seed)
         self.train_images, self.train_annotations = str(train_images), str(train_annotations)
         self.val_images, self.val_annotations = str(val_images), str(val_annotations)
         self.batch_size = batch_size
@@ -222,13 +232,13 @@ class CocoDetectionDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        return DataLoader(
+        return self.resumable_train_loader(  # resumable mid-epoch (mmoe.data.resume)
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
             collate_fn=detection_collate,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            drop_last=True,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -241,6 +251,7 @@ class CocoDetectionDataModule(LightningDataModule):
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=detection_collate,
+            generator=torch.Generator().manual_seed(0),  # worker seeds without drawing from the global RNG
         )
 
     def test_dataloader(self) -> DataLoader:
