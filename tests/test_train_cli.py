@@ -153,8 +153,8 @@ def test_bad_config_is_refused_naming_the_key(
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_value_errors_stop_before_training(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="layer_decay"):
+def test_value_errors_stop_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
         main(
             [
                 "fit",
@@ -163,6 +163,8 @@ def test_value_errors_stop_before_training(tmp_path: Path) -> None:
                 "--model.init_args.optim.layer_decay=2.0",
             ]
         )
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "mmoe: error: optim.layer_decay=2.0 must be in (0, 1]"
     assert not (tmp_path / "checkpoints").exists()
 
 

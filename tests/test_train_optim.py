@@ -14,6 +14,7 @@ from mmoe.train.optim import (
     configure_optimizers,
     cosine_with_warmup,
     lr_factor,
+    numbered_layer_ids,
     param_groups,
 )
 
@@ -121,3 +122,33 @@ def test_configure_optimizers_dict() -> None:
     assert out["lr_scheduler"]["interval"] == "step"
     with pytest.raises(ValueError, match="total_steps"):
         configure_optimizers(_Module(), OptimConfig())  # no trainer, no total_steps
+
+
+class _NoMatcher(nn.Module):
+    """A backbone without ``group_matcher``: embedding, three numbered blocks, a final norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.blocks = nn.Sequential(*(nn.Linear(8, 8) for _ in range(3)))
+        self.norm = nn.LayerNorm(8)
+
+
+def test_backbone_without_group_matcher_is_grouped_by_block_number() -> None:
+    ids = numbered_layer_ids(_NoMatcher())
+    assert ids == {
+        "embed.weight": 0,
+        "embed.bias": 0,
+        **{f"blocks.{i}.{k}": i + 1 for i in range(3) for k in ("weight", "bias")},
+        "norm.weight": 3,  # the final norm joins the last block, as in the backbone's own matcher
+        "norm.bias": 3,
+    }
+    model = nn.Module()
+    model.backbone = _NoMatcher()
+    model.head = nn.Linear(8, 2)
+    groups = param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    assert _group_of(groups, model.backbone.embed.weight)["lr"] == 0.5**4
+    assert _group_of(groups, model.backbone.blocks[2].weight)["lr"] == 0.5
+    assert _group_of(groups, model.head.weight)["lr"] == 1.0
+    # no numbered modules: one backbone group below the heads
+    assert set(numbered_layer_ids(nn.Linear(3, 3)).values()) == {0}

@@ -15,6 +15,12 @@ Run folder (``trainer.default_root_dir``, default ``runs/mmoe``)::
 a ModelCheckpoint configurable as ``checkpoint.*`` (every ``checkpoint.every_n_train_steps`` steps, plus
 ``last.ckpt``), LearningRateMonitor, StepTimer (step time, samples/s), RNGState (exact resume), and a rich
 progress bar on a TTY or a plain one-line-per-N-steps log otherwise.
+
+A configuration that is refused before training (an unknown or mistyped key, a value that a constructor rejects,
+such as ``create_model: unknown model ...`` or ``optim.lr=-1.0 must be ...``) ends with one line,
+``mmoe: error: <key>: <cause>``, and exit status 2, instead of jsonargparse's nested report and Python's chained
+tracebacks (80-110 lines, the cause in the middle). ``--traceback`` (anywhere on the command line) or
+``MMOE_TRACEBACK=1`` shows the full traceback instead. Errors raised once training runs are not touched.
 """
 
 from __future__ import annotations
@@ -24,19 +30,56 @@ import os
 import re
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from mmoe.train.callbacks import AtomicCheckpointIO, PlainProgress, RNGState, StepTimer
 
-__all__ = ["MMoECLI", "build_cli", "main", "next_version"]
+__all__ = ["ConfigError", "MMoECLI", "build_cli", "main", "next_version"]
 
 DEFAULT_ROOT = "runs/mmoe"
+TRACEBACK_FLAG = "--traceback"
+TRACEBACK_ENV = "MMOE_TRACEBACK"
+
+
+class ConfigError(Exception):
+    """A configuration refused before training; ``str()`` is the one-line cause (the original is ``__cause__``)."""
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from, outermost first."""
+    out: list[BaseException] = []
+    while err is not None and err not in out:
+        out.append(err)
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return out
+
+
+def config_error_cause(err: BaseException) -> str:
+    """One line naming what was refused: the key path jsonargparse reports, then the innermost error's message.
+
+    jsonargparse nests the reason inside "Does not validate against any of the Union subtypes" reports, one level
+    per class_path, and chains the exceptions; the innermost exception is the one our own code (or the type check)
+    raised, so its message is the cause.
+    """
+    chain = _chain(err)
+    root = chain[-1]
+    message = root.args[0] if isinstance(root, KeyError) and root.args else str(root)
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    cause = lines[0] if lines else type(root).__name__
+    keys: list[str] = []
+    for e in chain:
+        for key in re.findall(r'Parser key "([^"]+)"', str(e)):
+            if key not in keys:
+                keys.append(key)
+    path = ".".join(keys)
+    return f"{path}: {cause}" if path and path not in cause else cause
 
 
 def next_version(root: str | os.PathLike[str]) -> int:
@@ -74,33 +117,56 @@ class MMoECLI(LightningCLI):
             help="Steps between lines of the plain progress log (used when stdout is not a TTY).",
         )
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        root = config.get("default_root_dir") or DEFAULT_ROOT
-        config["default_root_dir"] = root
-        if config.get("logger") in (None, True):
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as Lightning does; a refused key or value becomes a :class:`ConfigError` (see ``main``)."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(config_error_cause(err)) from err
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a constructor's refusal becomes a :class:`ConfigError` (see ``main``)."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # noqa: BLE001 - any refusal here happens before training; main() reports it
+            raise ConfigError(config_error_cause(err)) from err
+
+    def _subcommand_config(self, config: Any) -> Any:
+        """The part of a (parsed or instantiated) config that belongs to the running subcommand."""
+        return config.get(str(self.subcommand), config) if self.subcommand else config
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer with our run folder, loggers, callbacks and checkpoint I/O (public LightningCLI hook)."""
+        init = self._subcommand_config(self.config_init)
+        trainer_cfg = {**(init.get("trainer") or {}), **kwargs}
+        root = trainer_cfg.get("default_root_dir") or DEFAULT_ROOT
+        out: dict[str, Any] = {"default_root_dir": root}
+        if trainer_cfg.get("logger") in (None, True):
             version = f"version_{next_version(root)}"
-            config["logger"] = [
+            out["logger"] = [
                 TensorBoardLogger(save_dir=root, name="", version=version, default_hp_metric=False),
                 CSVLogger(save_dir=root, name="", version=version),
             ]
-        for cb in callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
-                cb.dirpath = os.path.realpath(os.path.join(root, "checkpoints"))
-        extra: list[Callback] = [StepTimer(), RNGState()]
-        if config.get("logger") not in (False, None, []):
-            extra.append(LearningRateMonitor(logging_interval="step"))
-        if config.get("enable_progress_bar", True) is not False and not any(
-            isinstance(c, RichProgressBar | PlainProgress) for c in (config.get("callbacks") or [])
+        checkpoint = init.get("checkpoint")
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is None:
+            checkpoint.dirpath = os.path.realpath(os.path.join(root, "checkpoints"))
+        given = trainer_cfg.get("callbacks")
+        callbacks: list[Callback] = [] if given is None else (list(given) if isinstance(given, list) else [given])
+        callbacks += [StepTimer(), RNGState()]
+        if out.get("logger", trainer_cfg.get("logger")) not in (False, None, []):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if trainer_cfg.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, RichProgressBar | PlainProgress) for c in callbacks
         ):
-            every = int(self._get(self.config, "progress_every") or 10)
-            extra.append(RichProgressBar() if _stdout_is_tty() else PlainProgress(every_n_steps=every))
-        callbacks = list(callbacks) + extra
-        plugins = config.get("plugins")
+            every = int(self._subcommand_config(self.config).get("progress_every") or 10)
+            callbacks.append(RichProgressBar() if _stdout_is_tty() else PlainProgress(every_n_steps=every))
+        out["callbacks"] = callbacks
+        plugins = trainer_cfg.get("plugins")
         plugin_list = [] if plugins is None else (list(plugins) if isinstance(plugins, list | tuple) else [plugins])
         if not any(isinstance(p, AtomicCheckpointIO) or type(p).__name__.endswith("CheckpointIO") for p in plugin_list):
             plugin_list.append(AtomicCheckpointIO())
-        config["plugins"] = plugin_list
-        return super()._instantiate_trainer(config, callbacks)
+        out["plugins"] = plugin_list
+        return super().instantiate_trainer(**{**kwargs, **out})
 
 
 class _DropAdvert(logging.Filter):
@@ -117,7 +183,10 @@ def _quiet_known_noise() -> None:
 
 
 def build_cli(args: list[str] | None = None, *, run: bool = True) -> MMoECLI:
-    """Parse ``args`` (``sys.argv[1:]`` when None) and, when ``run``, execute the subcommand; returns the CLI."""
+    """Parse ``args`` (``sys.argv[1:]`` when None) and, when ``run``, execute the subcommand; returns the CLI.
+
+    A configuration refused before training raises :class:`ConfigError` (``main`` prints it in one line).
+    """
     _quiet_known_noise()
     return MMoECLI(
         LightningModule,
@@ -127,15 +196,38 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> MMoECLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": DEFAULT_ROOT},
         seed_everything_default=0,
-        parser_kwargs={"parser_mode": "yaml"},
+        # parse errors raise (and become ConfigError) instead of printing the whole usage and exiting
+        parser_kwargs={"parser_mode": "yaml", "exit_on_error": False},
         args=args,
         run=run,
     )
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``mmoe`` console script (pyproject ``[project.scripts]``); exit status 0 on success."""
-    build_cli(args)
+    """Entry point of the ``mmoe`` console script (pyproject ``[project.scripts]``); exit status 0 on success.
+
+    A refused configuration prints ``mmoe: error: <cause>`` as the last line of stderr and exits with status 2;
+    with ``--traceback`` or ``MMOE_TRACEBACK=1`` the exception propagates with its full traceback.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    show_traceback = TRACEBACK_FLAG in argv or os.environ.get(TRACEBACK_ENV, "").lower() not in ("", "0", "false")
+    if TRACEBACK_FLAG in argv:
+        argv = [a for a in argv if a != TRACEBACK_FLAG]
+        if args is None:  # Lightning reads sys.argv itself when args is None (and warns when both are given)
+            sys.argv[1:] = argv
+    try:
+        build_cli(None if args is None else argv)
+    except ConfigError as err:
+        if show_traceback:
+            raise
+        sys.stdout.flush()
+        print(
+            f"mmoe: the configuration was refused before training (full traceback: {TRACEBACK_FLAG} or "
+            f"{TRACEBACK_ENV}=1; options: mmoe SUBCOMMAND --help)",
+            file=sys.stderr,
+        )
+        print(f"mmoe: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

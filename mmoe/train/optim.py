@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from timm.models import group_parameters
-from timm.optim._param_groups import auto_group_layers
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -41,6 +40,7 @@ __all__ = [
     "cosine_with_warmup",
     "lr_factor",
     "no_decay_names",
+    "numbered_layer_ids",
     "configure_optimizers",
 ]
 
@@ -68,11 +68,12 @@ def backbone_layer_ids(backbone: nn.Module) -> dict[str, int]:
     ordered by (group ordinal, numbers captured by the regex, suffix), a group tagged with the suffix ``(99999,)``
     (the final norm) joins the group before it, and unmatched parameters come last. Unlike timm, captured groups
     that are not numbers (``^(vision_embed|text_embed)``) are ignored instead of crashing the float conversion.
-    Backbones without a dict ``group_matcher`` use timm's own ``group_parameters`` / automatic grouping.
+    A non-dict ``group_matcher`` goes through timm's public ``group_parameters``; a backbone without one is
+    grouped by :func:`numbered_layer_ids`.
     """
     matcher = backbone.group_matcher(coarse=False) if hasattr(backbone, "group_matcher") else None
     if matcher is None:
-        return auto_group_layers(backbone)
+        return numbered_layer_ids(backbone)
     if not isinstance(matcher, dict):
         return group_parameters(backbone, matcher, reverse=True)
     compiled: list[tuple[re.Pattern[str], int, tuple[float, ...]]] = []
@@ -98,6 +99,33 @@ def backbone_layer_ids(backbone: nn.Module) -> dict[str, int]:
             lid += 1
         ids[k] = lid
     return {name: ids[k] for name, k in keys.items()}
+
+
+_NUMBERED = re.compile(r"(?:^|\.)(\d+)\.")
+
+
+def numbered_layer_ids(backbone: nn.Module) -> dict[str, int]:
+    """Layer ids for a backbone without ``group_matcher``, from the first numbered module in each name.
+
+    The same layout as our own matcher: a parameter under ``<...>.<i>.`` (block ``i`` of a ModuleList or
+    Sequential) gets id ``i + 1``; parameters named before the first numbered one (embeddings) get 0, those
+    after it that carry no number (a final norm) join the highest block. A backbone with no numbered modules is
+    one group (id 0): layer decay then only separates it from the heads.
+    """
+    ids: dict[str, int] = {}
+    unnumbered_after: list[str] = []
+    top = None
+    for name, _ in backbone.named_parameters():
+        m = _NUMBERED.search(name)
+        if m:
+            ids[name] = int(m.group(1)) + 1
+            top = max(top or 0, ids[name])
+        elif top is None:
+            ids[name] = 0
+        else:
+            unnumbered_after.append(name)
+    ids.update(dict.fromkeys(unnumbered_after, top or 0))
+    return ids
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = True) -> None:
