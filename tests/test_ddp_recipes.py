@@ -190,3 +190,18 @@ def test_tiny_pretraining_with_expert_parallelism(
     # Same seed, weights and data: step 0 (before any update) is the same computation, experts on other ranks.
     ep0, dp0 = float(rows[0]["train/loss"]), float(pretrain_ddp[0]["train/loss"])
     assert abs(ep0 - dp0) <= 1e-4 * abs(dp0), (ep0, dp0)
+
+
+def test_expert_parallel_callback_without_a_process_group() -> None:
+    """One process: nothing to shard by default; an explicit ep_size > 1 is an error naming the strategy."""
+    from mmoe.train.expert_parallel import ExpertParallel
+    from mmoe.train.pretrain import MaskedPretraining
+
+    module = MaskedPretraining(backbone="tiny_mhmoe", backbone_overrides={"depth": 2})
+    cb = ExpertParallel()
+    cb.setup(None, module, "fit")  # type: ignore[arg-type]
+    assert cb.converted == [] and not hasattr(module, "_ddp_params_and_buffers_to_ignore")
+    with pytest.raises(RuntimeError, match="--trainer.strategy ddp"):
+        ExpertParallel(ep_size=2).setup(None, module, "fit")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ep_size"):
+        ExpertParallel(ep_size=0)
