@@ -184,3 +184,25 @@ def test_map_loader_rank_slices_and_rng() -> None:
     with seeded_rng(7):
         b = torch.rand(3)
     assert torch.equal(a, b) and torch.equal(state, torch.get_rng_state())
+
+
+def test_data_module_mixin_carries_the_position() -> None:
+    """The data module's state (restored by Lightning with every checkpoint) is applied when the loader is built."""
+    from lightning.pytorch import LightningDataModule
+
+    from mmoe.data.resume import ResumableTrainData
+
+    class DM(ResumableTrainData, LightningDataModule):
+        def train_dataloader(self) -> ResumableLoader:
+            return self.resumable_train_loader(_Noisy(), batch_size=4, seed=3, num_workers=0)
+
+    ref = DM().train_dataloader()
+    epoch0 = _collect(ref)
+    assert DM().state_dict() == {}
+    dm = DM()
+    dm.load_state_dict({"train_loader": {"seed": 3, "epoch": 0, "consumed": 3, "epoch_batches": 5}})
+    assert dm.state_dict()["train_loader"]["consumed"] == 3  # pending, not lost before the loader exists
+    loader = dm.train_dataloader()
+    assert dm.state_dict()["train_loader"]["consumed"] == 3  # loaded, not yet iterated
+    assert _eq(_collect(loader), epoch0[3:])
+    assert dm.state_dict()["train_loader"] == {"seed": 3, "epoch": 0, "consumed": 5, "epoch_batches": 5}

@@ -139,10 +139,12 @@ class RNGState(Callback):
     """Saves the Python, NumPy and torch (CPU, and CUDA when used) RNG states in checkpoints and restores them.
 
     Lightning restores the model, optimizer, schedule, loops and the data module's ``state_dict`` but not the global
-    random generators, which data augmentation, masking and DataLoader worker seeds draw from. Without them a
-    resumed run sees different crops/masks than the uninterrupted one; with them ``--ckpt_path last`` reproduces
-    its losses (tests/test_train_cli.py). States are stored as tensors and ints, so checkpoints still load with
-    ``torch.load(weights_only=True)``.
+    random generators, which the model side draws from (dropout, drop-path, Mixup, router noise). Our loaders keep
+    the data side off them (per-sample seeds and private worker-seed generators, ``mmoe.data.resume``), so the
+    states saved at a checkpoint are exactly the ones the next training step would have used, and
+    ``--ckpt_path last`` reproduces the uninterrupted losses, also from the middle of an epoch
+    (tests/test_train_cli.py, tests/test_resume_kill.py). States are stored as tensors and ints, so checkpoints
+    still load with ``torch.load(weights_only=True)``.
     """
 
     def state_dict(self) -> dict[str, Any]:
