@@ -24,7 +24,9 @@ def _no_grad_names(module: torch.nn.Module) -> list[str]:
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_mhmoe"])
 def test_vision_only_builds_no_text_branch(name: str) -> None:
+    torch.manual_seed(0)
     full = create_model(name)
+    torch.manual_seed(0)
     vis = create_model(name, modalities=["vision"])
     assert vis.text_embed is None and not vis.config.has_text
     vis_keys, full_keys = set(vis.state_dict()), set(full.state_dict())
@@ -34,6 +36,9 @@ def test_vision_only_builds_no_text_branch(name: str) -> None:
     assert "text_embed.token_embed.weight" in full_keys - vis_keys
     assert "blocks.0.attn.q_proj.text.weight" in full_keys - vis_keys
     assert "norm.text.weight" in full_keys - vis_keys
+    # Same seed, same weights: from-scratch vision runs start where they did with the full backbone.
+    full_state = full.state_dict()
+    assert all(torch.equal(v, full_state[k]) for k, v in vis.state_dict().items())
 
 
 def test_vision_only_per_modality_pool_and_vlffn() -> None:

@@ -94,7 +94,6 @@ class MultiwayAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         impl: str = "sdpa",
-        text: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -105,12 +104,11 @@ class MultiwayAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.impl = impl
         self.attn_drop = attn_drop
-        # text=False (vision-only backbone): the decoupled projections and norms have no text copy.
-        self.q_proj = multiway_or_shared(lambda: nn.Linear(dim, dim, bias=qkv_bias), multiway, text=text)
-        self.k_proj = multiway_or_shared(lambda: nn.Linear(dim, dim, bias=qkv_bias), multiway, text=text)
-        self.v_proj = multiway_or_shared(lambda: nn.Linear(dim, dim, bias=qkv_bias), multiway, text=text)
-        self.inner_norm = multiway_or_shared(lambda: nn.LayerNorm(dim, eps=eps), multiway, text=text) if subln else None
-        self.out_proj = multiway_or_shared(lambda: nn.Linear(dim, dim), multiway, text=text)
+        self.q_proj = multiway_or_shared(lambda: nn.Linear(dim, dim, bias=qkv_bias), multiway)
+        self.k_proj = multiway_or_shared(lambda: nn.Linear(dim, dim, bias=qkv_bias), multiway)
+        self.v_proj = multiway_or_shared(lambda: nn.Linear(dim, dim, bias=qkv_bias), multiway)
+        self.inner_norm = multiway_or_shared(lambda: nn.LayerNorm(dim, eps=eps), multiway) if subln else None
+        self.out_proj = multiway_or_shared(lambda: nn.Linear(dim, dim), multiway)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(

@@ -21,7 +21,7 @@ from mmoe.model.attention import KVCache, build_attention_mask, causal_mask, res
 from mmoe.model.block import MultiwayBlock
 from mmoe.model.config import MultiwayConfig
 from mmoe.model.embed import TextEmbed, VisionEmbed
-from mmoe.model.multiway import DenseFFN, Multiway, Shared, multiway_or_shared
+from mmoe.model.multiway import DenseFFN, Multiway, MultiwayFFN, Shared
 
 
 @dataclass
@@ -52,11 +52,8 @@ class MultiwayTransformer(nn.Module):
             dim=config.dim,
             kind=config.patch_embed,
         )
-        # A vision-only backbone (config.modalities) builds no text branch at all ([B3]'s V-experts only).
-        self.text_embed = (
-            TextEmbed(vocab_size=config.vocab_size, max_len=config.max_text_len, dim=config.dim)
-            if config.has_text
-            else None
+        self.text_embed: TextEmbed | None = TextEmbed(
+            vocab_size=config.vocab_size, max_len=config.max_text_len, dim=config.dim
         )
         self.embed_drop = nn.Dropout(config.dropout)
         # Stochastic depth grows linearly with depth (BEiT-3 / torchscale np.linspace(0, rate, depth)).
@@ -76,16 +73,37 @@ class MultiwayTransformer(nn.Module):
                 attn_impl=config.attn_impl,
                 vlffn=config.has_vlffn(i) and config.vlffn_layers > 0,
                 moe=config.moe if config.is_moe_layer(i) else None,
-                text=config.has_text,
             )
             for i in range(config.depth)
         )
         self.norm = (
-            multiway_or_shared(lambda: nn.LayerNorm(config.dim, eps=config.layernorm_eps), True, text=config.has_text)
+            Multiway(
+                nn.LayerNorm(config.dim, eps=config.layernorm_eps), nn.LayerNorm(config.dim, eps=config.layernorm_eps)
+            )
             if config.final_norm
             else None
         )
         self.init_weights()
+        if not config.has_text:
+            self._remove_text_branch()
+
+    def _remove_text_branch(self) -> None:
+        """Vision-only backbone (`MultiwayConfig.modalities`): drop the text embedding and every text copy.
+
+        Removed: the text embedding, the text half of each multiway norm / attention projection / FFN, the VL-FFN
+        (it only runs on image-text sequences) and the text pool of per-modality MoE layers. Done after building and
+        initialising the full model, so the random stream is the one of the full model: with the same seed the
+        vision-only backbone equals the full one minus its text branch, and from-scratch vision runs keep their
+        numbers. The vision parameters keep their names, so full checkpoints load by name.
+        """
+        self.text_embed = None
+        for module in self.modules():
+            if isinstance(module, Multiway):
+                module.text = None
+            elif isinstance(module, MultiwayFFN):
+                module.text = module.vl = None
+            elif isinstance(module, MultiwayBlock) and isinstance(module.moe, nn.ModuleDict):
+                del module.moe["text"]
 
     # ------------------------------------------------------------------ init (SPEC.md 5)
     def init_weights(self) -> None:

@@ -62,10 +62,9 @@ class MultiwayBlock(nn.Module):
         attn_impl: str = "sdpa",
         vlffn: bool = False,
         moe: MoEConfig | None = None,
-        text: bool = True,
     ) -> None:
         super().__init__()
-        self.norm1 = multiway_or_shared(lambda: nn.LayerNorm(dim, eps=eps), multiway_attention, text=text)
+        self.norm1 = multiway_or_shared(lambda: nn.LayerNorm(dim, eps=eps), multiway_attention)
         self.attn = MultiwayAttention(
             dim,
             num_heads,
@@ -76,22 +75,18 @@ class MultiwayBlock(nn.Module):
             attn_drop=attn_dropout,
             proj_drop=dropout,
             impl=attn_impl,
-            text=text,
         )
-        self.norm2 = multiway_or_shared(lambda: nn.LayerNorm(dim, eps=eps), True, text=text)
+        self.norm2 = multiway_or_shared(lambda: nn.LayerNorm(dim, eps=eps), True)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.moe_pool = None if moe is None else moe.pool
         self.ffn: nn.Module | None = None
         self.moe: nn.Module | None = None
         if moe is None:
-            self.ffn = MultiwayFFN(dim, ffn_dim, subln=subln, eps=eps, dropout=dropout, vl=vlffn, text=text)
+            self.ffn = MultiwayFFN(dim, ffn_dim, subln=subln, eps=eps, dropout=dropout, vl=vlffn)
         elif moe.pool == "shared":
             self.moe = build_moe_layer(dim, moe)
         else:
-            pools = {"vision": build_moe_layer(dim, moe)}
-            if text:
-                pools["text"] = build_moe_layer(dim, moe)
-            self.moe = nn.ModuleDict(pools)
+            self.moe = nn.ModuleDict({"vision": build_moe_layer(dim, moe), "text": build_moe_layer(dim, moe)})
 
     @property
     def is_moe(self) -> bool:

@@ -59,14 +59,9 @@ class Shared(nn.Module):
         return self.shared(x_BLD)
 
 
-def multiway_or_shared(make: Callable[[], nn.Module], multiway: bool, *, text: bool = True) -> nn.Module:
-    """`Multiway(make(), make())` or `Shared(make())`: one call signature for both layouts.
-
-    `text=False` (vision-only backbone) builds no text copy: `Multiway(make(), None)`; a shared module stays shared.
-    """
-    if not multiway:
-        return Shared(make())
-    return Multiway(make(), make() if text else None)
+def multiway_or_shared(make: Callable[[], nn.Module], multiway: bool) -> nn.Module:
+    """`Multiway(make(), make())` or `Shared(make())`: one call signature for both layouts."""
+    return Multiway(make(), make()) if multiway else Shared(make())
 
 
 class DenseFFN(nn.Module):
@@ -94,25 +89,15 @@ class MultiwayFFN(nn.Module):
 
     The VL-FFN is the paper's vision-language expert in the top layers ([B3] sec. 2.1): when a sequence
     holds both modalities, all its tokens go through it; single-modality inputs keep V-FFN / L-FFN.
-    The released BEiT-3 has no VL-FFN, so it is off unless `vl=True`. `text=False` (vision-only backbone) builds
-    neither the L-FFN nor the VL-FFN.
+    The released BEiT-3 has no VL-FFN, so it is off unless `vl=True`. A vision-only backbone sets `text` and
+    `vl` to None (`MultiwayTransformer`); text tokens are then an error.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        hidden: int,
-        *,
-        subln: bool,
-        eps: float,
-        dropout: float,
-        vl: bool = False,
-        text: bool = True,
-    ) -> None:
+    def __init__(self, dim: int, hidden: int, *, subln: bool, eps: float, dropout: float, vl: bool = False) -> None:
         super().__init__()
         self.vision = DenseFFN(dim, hidden, subln=subln, eps=eps, dropout=dropout)
-        self.text = DenseFFN(dim, hidden, subln=subln, eps=eps, dropout=dropout) if text else None
-        self.vl = DenseFFN(dim, hidden, subln=subln, eps=eps, dropout=dropout) if vl and text else None
+        self.text: DenseFFN | None = DenseFFN(dim, hidden, subln=subln, eps=eps, dropout=dropout)
+        self.vl = DenseFFN(dim, hidden, subln=subln, eps=eps, dropout=dropout) if vl else None
 
     def forward(self, x_BLD: torch.Tensor, num_vision: int) -> torch.Tensor:
         if self.vl is not None and 0 < num_vision < x_BLD.shape[1]:
