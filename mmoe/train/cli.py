@@ -61,18 +61,35 @@ def _chain(err: BaseException) -> list[BaseException]:
     return out
 
 
-def config_error_cause(err: BaseException) -> str:
-    """One line naming what was refused: the key path jsonargparse reports, then the innermost error's message.
+_REPORT_LINES = re.compile(
+    r"""^(Parser key ".*":|Does not validate against any of the Union subtypes.*|Subtypes: .*|Errors:|"""
+    r"""Expected a <class 'NoneType'>.*|Given value( type)?: .*|Problem with given class_path .*:)$"""
+)
 
-    jsonargparse nests the reason inside "Does not validate against any of the Union subtypes" reports, one level
-    per class_path, and chains the exceptions; the innermost exception is the one our own code (or the type check)
-    raised, so its message is the cause.
+
+def config_error_cause(err: BaseException) -> str:
+    """One line naming what was refused: the key path jsonargparse reports, then the reason.
+
+    jsonargparse nests the reason inside "Does not validate against any of the Union subtypes" reports (one level
+    per class_path, each with the ``None`` alternative that also failed) and chains the exceptions; how deep the
+    reason's own exception sits in the chain differs between releases, so the reason is read from the text: the
+    first line of the chain, outermost first, that is not part of that report's frame.
     """
     chain = _chain(err)
-    root = chain[-1]
-    message = root.args[0] if isinstance(root, KeyError) and root.args else str(root)
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    cause = lines[0] if lines else type(root).__name__
+    cause = ""
+    for e in chain:
+        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        for line in str(text).splitlines():
+            line = line.strip().removeprefix("- ").strip()
+            if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'":
+                line = line[1:-1]  # a KeyError's message, quoted by str()
+            line = line.removeprefix("Validation failed: ")
+            if line and not _REPORT_LINES.match(line):
+                cause = line
+                break
+        if cause:
+            break
+    cause = cause or type(chain[-1]).__name__
     keys: list[str] = []
     for e in chain:
         for key in re.findall(r'Parser key "([^"]+)"', str(e)):
