@@ -206,3 +206,16 @@ def test_data_module_mixin_carries_the_position() -> None:
     assert dm.state_dict()["train_loader"]["consumed"] == 3  # loaded, not yet iterated
     assert _eq(_collect(loader), epoch0[3:])
     assert dm.state_dict()["train_loader"] == {"seed": 3, "epoch": 0, "consumed": 5, "epoch_batches": 5}
+
+
+def test_seeded_dataset_is_not_bypassed_by_a_batched_getitems() -> None:
+    from torch.utils.data import Subset
+
+    from mmoe.data.resume import SeededDataset
+
+    wrapped = SeededDataset(Subset(_Noisy(), range(8)), seed=0)
+    assert not hasattr(wrapped, "__getitems__")  # the DataLoader fetches item by item, through the seeding
+    assert len(wrapped) == 8 and list(wrapped.indices) == list(range(8))  # plain attributes still pass through
+    s1, a = wrapped[(0, 3)]
+    s2, b = wrapped[(0, 3)]
+    assert s1 == s2 and torch.equal(a["aug"], b["aug"]) and not torch.equal(a["aug"], wrapped[(1, 3)][1]["aug"])

@@ -115,7 +115,9 @@ class SeededDataset(Dataset):
             return seed, self.dataset[index]
 
     def __getattr__(self, name: str) -> Any:  # e.g. ``answers``/``classes`` of the wrapped dataset
-        if name == "dataset":
+        # never dunders: the DataLoader would pick up a wrapped ``__getitems__`` (``Subset`` has one) and bypass
+        # the seeding; ``dataset`` itself is missing only while unpickling in a worker
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
