@@ -219,3 +219,78 @@ def test_seeded_dataset_is_not_bypassed_by_a_batched_getitems() -> None:
     s1, a = wrapped[(0, 3)]
     s2, b = wrapped[(0, 3)]
     assert s1 == s2 and torch.equal(a["aug"], b["aug"]) and not torch.equal(a["aug"], wrapped[(1, 3)][1]["aug"])
+
+
+def _task_modules(world: Path) -> dict[str, object]:
+    """Every map-style training data module, on the shapes world, with random augmentation switched on."""
+    from mmoe.train.captioning import CaptioningDataModule
+    from mmoe.train.task_data import NLVR2DataModule
+    from mmoe.train.vision import CocoDetectionDataModule, ImageNetDataModule
+
+    coco = world / "coco"
+    return {
+        "imagenet": ImageNetDataModule(
+            train_dir=str(world / "imagenet" / "train"),
+            val_dir=str(world / "imagenet" / "val"),
+            image_size=32,
+            batch_size=4,
+            num_workers=0,
+        ),
+        "nlvr2": NLVR2DataModule(
+            train_annotations=str(world / "nlvr2" / "train.json"),
+            train_image_root=str(world / "nlvr2" / "images" / "train"),
+            image_size=32,
+            batch_size=4,
+            hflip=0.5,
+        ),
+        "captioning": CaptioningDataModule(
+            train_annotations=str(coco / "annotations" / "captions_train2014.json"),
+            train_images=str(coco / "train2014"),
+            image_size=32,
+            batch_size=4,
+            hflip=0.5,
+        ),
+        "detection": CocoDetectionDataModule(
+            train_images=str(coco / "train2014"),
+            train_annotations=str(coco / "annotations" / "instances_train2014.json"),
+            val_images=str(coco / "val2014"),
+            val_annotations=str(coco / "annotations" / "instances_val2014.json"),
+            batch_size=2,
+            num_workers=0,
+            with_masks=False,
+            lsj_size=64,
+        ),
+    }
+
+
+def _tensors(x: object) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for k in sorted(x) for t in _tensors(x[k])]
+    if isinstance(x, list | tuple):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+@pytest.mark.parametrize("name", ["imagenet", "nlvr2", "captioning", "detection"])
+def test_task_data_modules_resume_mid_epoch(world: Path, name: str) -> None:
+    """Random crops/flips/RandAugment/LSJ and caption masks survive a resume whatever the global RNG state."""
+    torch.manual_seed(1)
+    dm = _task_modules(world)[name]
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    epoch = [_tensors(b) for _, b in zip(range(4), loader)]
+    assert len(epoch) == 4
+    loader.progress = lambda: (2, float(len(loader)))
+    state = dm.state_dict()
+    assert state["train_loader"]["consumed"] == 2
+
+    torch.manual_seed(2)
+    random.seed(2)
+    again = _task_modules(world)[name]
+    again.setup("fit")
+    again.load_state_dict(state)
+    rest = [_tensors(b) for _, b in zip(range(2), again.train_dataloader())]
+    for got, want in zip(rest, epoch[2:]):
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
