@@ -145,7 +145,8 @@ class ResumableSampler(DistributedSampler):
     epoch so that Lightning's batches-per-epoch count does not change on resume. A ``DistributedSampler``
     subclass, so Lightning never replaces it under DDP; rank and world size are given explicitly.
     ``set_epoch`` (Lightning calls it every epoch) only records a request: the loader decides the epoch, because
-    on a resumed run Lightning calls it after the epoch's iterator already exists.
+    on a resumed run Lightning calls it after the epoch's iterator already exists. Without requests the loader
+    moves to the next epoch at every ``iter()`` (unlike ``DistributedSampler``, which repeats its order).
     """
 
     def __init__(
@@ -219,7 +220,9 @@ class ResumableLoader(DataLoader):
         sampler = self.resumable_sampler
         if self._resume is not None:
             epoch, skip = self._resume
-        elif sampler.requested_epoch is not None:
+        elif sampler.requested_epoch is not None and sampler.requested_epoch != self._epoch:
+            # Lightning's set_epoch for the coming epoch; a request equal to the pass already begun is the call
+            # Lightning makes after the first iter() of a run, and is stale by now
             epoch, skip = sampler.requested_epoch, 0
         else:
             epoch, skip = (0 if self._epoch is None else self._epoch + 1), 0
