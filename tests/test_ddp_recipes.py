@@ -161,7 +161,11 @@ def test_segments_path_with_an_empty_expert_trains_under_ddp(workdir: Path, tmp_
         PRETRAIN,
         root,
         *_pretrain_args(
-            f"--model.init_args.backbone_overrides={overrides}", f"--model.init_args.init_from={tmp_path / 'forced.pt'}"
+            f"--model.init_args.backbone_overrides={overrides}",
+            f"--model.init_args.init_from={tmp_path / 'forced.pt'}",
+            "--trainer.limit_val_batches=1",  # one validation batch after step 3: it logs every expert's load
+            "--trainer.val_check_interval=3",
+            "--data.init_args.val_steps=1",
         ),
     )
     _trained_checkpoint(root)
@@ -170,6 +174,12 @@ def test_segments_path_with_an_empty_expert_trains_under_ddp(workdir: Path, tmp_
     for layer in ("layer1", "layer3"):
         loads = [float(r[f"train/moe/{layer}/activation_ratio"]) for r in rows]
         assert all(0 < v <= 7 / 8 for v in loads), (layer, loads)  # at most 7 of the 8 experts ever get tokens
+    with open(root / "version_0" / "metrics.csv") as f:
+        val = [r for r in csv.DictReader(f) if r.get("val/moe/layer1/load/e7")]
+    assert val, "no validation routing logged"
+    for layer in ("layer1", "layer3"):
+        shares = [float(val[-1][f"val/moe/{layer}/load/e{i}"]) for i in range(8)]
+        assert shares[7] == 0.0 and min(shares[:7]) > 0.0, (layer, shares)
 
 
 @pytest.mark.slow
