@@ -121,6 +121,33 @@ def test_classification_tasks_leave_no_parameter_without_gradient(kind: str, kwa
     assert _no_grad_names(task) == []
 
 
+@pytest.mark.parametrize("pooling", ["image_text_cls", "pair"])
+def test_vlffn_blocks_in_image_text_tasks_leave_no_parameter_without_gradient(pooling: str) -> None:
+    """A dense backbone with a VL-FFN top block: image-text input never reaches that block's V-FFN and L-FFN."""
+    from mmoe.train.tasks import ClassificationTask
+
+    overrides = {"img_size": 32, "vlffn_layers": 1}
+    task = ClassificationTask(
+        backbone="tiny", backbone_overrides=overrides, num_classes=2, pooling=pooling, image2_key="image2"
+    )
+    frozen = sorted(n for n, p in task.backbone.named_parameters() if not p.requires_grad)
+    assert "blocks.3.ffn.vision.fc1.weight" in frozen and "blocks.3.ffn.text.fc2.bias" in frozen
+    assert [n for n in frozen if not n.startswith(("blocks.3.ffn.vision.", "blocks.3.ffn.text."))] == [
+        "vision_embed.mask_token"
+    ]
+    batch = _vl_batch()
+    batch["labels"] = torch.tensor([0, 1])
+    logits, aux = task.logits_and_aux(batch)
+    (task._loss(logits, batch["labels"]) + aux).backward()
+    assert _no_grad_names(task) == []
+    # A vision-only task keeps training the V-FFN (its only FFN there); the VL-FFN is not built.
+    vision = ClassificationTask(
+        backbone="tiny", backbone_overrides=overrides, num_classes=2, pooling="mean_patch", text_key=None
+    )
+    assert vision.backbone.blocks[3].ffn.vl is None
+    assert all(p.requires_grad for p in vision.backbone.blocks[3].ffn.vision.parameters())
+
+
 def test_imagenet_task_from_a_pretraining_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A full backbone file into the vision-only ImageNet task (name given or rebuilt from the file)."""
     from mmoe.train.tasks import ClassificationTask

@@ -150,6 +150,22 @@ class MultiwayTransformer(nn.Module):
         self.vision_embed.mask_token.requires_grad_(False)
         return self
 
+    def freeze_unpaired_ffns_(self) -> MultiwayTransformer:
+        """Freeze the V-FFN and L-FFN of the VL-FFN blocks (`vlffn_layers`); returns self.
+
+        In those top blocks a sequence holding both modalities runs only the VL-FFN ([B3] sec. 2.1), so a task
+        whose every training sequence is image + text (VQA, NLVR2, captioning) never reaches their V-FFN and
+        L-FFN: frozen, they are not trainable parameters without a gradient (which plain DDP refuses). What
+        they hold (e.g. from pretraining) stays and is still used on single-modality input.
+        """
+        for blk in self.blocks:
+            ffn = blk.ffn
+            if isinstance(ffn, MultiwayFFN) and ffn.vl is not None:
+                for branch in (ffn.vision, ffn.text):
+                    if branch is not None:
+                        branch.requires_grad_(False)
+        return self
+
     # ------------------------------------------------------------------ properties
     @property
     def tokenizer_spec(self) -> dict[str, Any]:

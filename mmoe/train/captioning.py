@@ -150,6 +150,7 @@ class CaptioningTask(pl.LightningModule):
             self.hparams["optim"] = asdict(value)
         self.backbone = create_model(backbone, **(backbone_overrides or {}))
         self.backbone.freeze_mask_token_()  # captioning masks text, never image patches ([B3] sec. 2.2, 4.2)
+        self.backbone.freeze_unpaired_ffns_()  # training sequences are image + text: VL-FFN blocks skip V/L-FFN
         cfg = self.backbone.config
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)
         nn.init.trunc_normal_(self.lm_head.weight, std=0.02)

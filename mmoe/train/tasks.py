@@ -154,6 +154,8 @@ class ClassificationTask(LightningModule):
             overrides.setdefault("modalities", ["vision"])
         self.backbone = self._build_backbone(backbone, overrides, init_from)
         self.backbone.freeze_mask_token_()  # only masked image modeling uses it ([B3] sec. 2.2)
+        if text_key:
+            self.backbone.freeze_unpaired_ffns_()  # every sequence is image + text: VL-FFN blocks skip V/L-FFN
         self.head = ClassificationHead(
             self.backbone.config.dim,
             self.num_classes,
