@@ -233,7 +233,7 @@ def test_load_from_lightning_checkpoint(tmp_path):
     again = load_model(path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     torch.save({"state_dict": {}}, tmp_path / "bad.ckpt")
-    with pytest.raises(ValueError, match="convert_checkpoint"):
+    with pytest.raises(ValueError, match="mmoe-convert"):
         load_model(tmp_path / "bad.ckpt")
     missing, unexpected = load_backbone_weights(
         create_model("tiny", **SMALL), ckpt["state_dict"], strict=False, prefix="backbone."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from pathlib import Path
 
@@ -93,12 +94,16 @@ def test_replicate_to_top2_with_capacity_is_made_dropless() -> None:
     assert (got[real] - ref[real]).abs().max() <= 1e-5
 
 
-def test_cli_replicate_refuses_mhmoe_and_names_the_settings(tmp_path: Path) -> None:
+def test_cli_replicate_refuses_mhmoe_and_names_the_settings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """MH-MoE experts see d/h features of a token: no copy of the dense FFN is exact, so replicate refuses."""
     src = tmp_path / "dense.pt"
     save_model(_perturbed_tiny_dense(), src)
-    with pytest.raises(ValueError, match=r"num_heads=1 \(got 4.*mode='split'.*expert_hidden=512 \(the dense FFN"):
+    with pytest.raises(SystemExit) as exit_info:
         convert_main(["--upcycle", "tiny_mhmoe", str(src), str(tmp_path / "mh.pt"), "--mode", "replicate"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(r"num_heads=1 \(got 4.*mode='split'.*expert_hidden=512 \(the dense FFN", err)
     assert not (tmp_path / "mh.pt").exists()
 
 

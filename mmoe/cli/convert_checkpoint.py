@@ -109,13 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mmoe-convert`` console script; exit status 0 when the model file is written."""
-    args = build_parser().parse_args(argv)
-    if args.upcycle:
-        model, extra = run_upcycle(args)
-    elif args.source_format == "beit3":
-        model, extra = convert_beit3(args)
-    else:
-        model, extra = convert_timm(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.upcycle:
+            model, extra = run_upcycle(args)
+        elif args.source_format == "beit3":
+            model, extra = convert_beit3(args)
+        else:
+            model, extra = convert_timm(args)
+    except ValueError as err:  # a refused conversion is a usage error: one line, exit status 2, nothing written
+        parser.error(str(err))
     save_model(model, args.output, extra=extra)
     n_params = sum(p.numel() for p in model.parameters())
     cfg = model.config
