@@ -113,6 +113,9 @@ def test_finetuning_recipe_trains_under_ddp(recipe: str, workdir: Path, tmp_path
     vision_only = recipe.startswith(("imagenet", "coco_detection"))
     assert list(state["mmoe_config"]["modalities"]) == (["vision"] if vision_only else ["vision", "text"])
     assert any(k.startswith("backbone.text_embed.") for k in state["state_dict"]) is not vision_only
+    from mmoe.model import load_model
+
+    assert load_model(root / "checkpoints" / "last.ckpt").config.has_text is not vision_only  # rebuilds as trained
 
 
 def test_synthetic_recipes_are_all_covered() -> None:
