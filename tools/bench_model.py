@@ -7,6 +7,7 @@ A step is forward on an image+text batch, loss = mean square of the features + M
     python tools/bench_model.py                                   # tiny set + base set, CPU
     python tools/bench_model.py --models tiny_dense tiny_mhmoe --steps 10 --json out.json
     python tools/bench_model.py --device cuda --set base          # on a GPU
+    python tools/bench_model.py --set base_pair --precision fp32 bf16-mixed bf16-true   # precisions side by side
 
 Prints a table and writes JSON (`--json`). The issue's target: MH-MoE throughput >= 0.8x the dense step.
 """
@@ -37,8 +38,28 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def worker(name: str, batch: int, img: int, text_len: int, steps: int, warmup: int, device: str, threads: int) -> dict:
-    """Time `steps` training steps of one model after `warmup` steps; runs in a fresh process."""
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
+
+
+def worker(
+    name: str,
+    batch: int,
+    img: int,
+    text_len: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    threads: int,
+    precision: str = "fp32",
+) -> dict:
+    """Time `steps` training steps of one model after `warmup` steps; runs in a fresh process.
+
+    `precision` as Lightning names it: "fp32"; "bf16-mixed" (fp32 weights and AdamW, autocast to bf16: the
+    matmuls run in bf16, their inputs cast every step); "bf16-true" (weights, activations and AdamW state
+    in bf16, no casts and no fp32 master copy).
+    """
+    import contextlib
+
     sys.path.insert(0, str(ROOT))
     from mmoe.model import create_model
 
@@ -48,10 +69,20 @@ def worker(name: str, batch: int, img: int, text_len: int, steps: int, warmup: i
     dev = torch.device(device)
     rss0 = _rss_mib()
     model = create_model(name, img_size=img).to(dev).train()
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     image = torch.randn(batch, 3, img, img, generator=g).to(dev)
+    if precision == "bf16-true":
+        image = image.to(torch.bfloat16)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if precision == "bf16-mixed":
+            return torch.autocast(dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     text = torch.randint(0, 49408, (batch, text_len), generator=g).to(dev)
     pad = torch.zeros(batch, text_len, dtype=torch.bool)
     pad[: batch // 2, text_len * 3 // 4 :] = True
@@ -63,8 +94,9 @@ def worker(name: str, batch: int, img: int, text_len: int, steps: int, warmup: i
 
     def step() -> tuple[float, float]:
         t0 = time.perf_counter()
-        out = model(image=image, text=text, text_padding_mask=pad)
-        loss = out.features.float().square().mean() + out.aux_loss
+        with autocast():
+            out = model(image=image, text=text, text_padding_mask=pad)
+            loss = out.features.float().square().mean() + out.aux_loss.float()
         loss.backward()
         sync()
         t1 = time.perf_counter()
@@ -92,6 +124,7 @@ def worker(name: str, batch: int, img: int, text_len: int, steps: int, warmup: i
     cfg = model.config
     return {
         "model": name,
+        "precision": precision,
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "params_m": params / 1e6,
@@ -99,6 +132,7 @@ def worker(name: str, batch: int, img: int, text_len: int, steps: int, warmup: i
         "seq_len": seq,
         "step_s_median": median,
         "step_s_min": min(times),
+        "step_spread": max(times) / min(times) - 1.0,
         "fwd_bwd_s_median": med(fwd_bwd),
         "optimizer_s_median": med(opt_times),
         "tokens_per_s": batch * seq / median,
@@ -121,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS, help="one run per precision")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads per worker (0 = torch default; 1 is steadier when busy)"
     )
@@ -130,42 +165,60 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         res = worker(
-            args.worker, args.batch, args.img, args.text_len, args.steps, args.warmup, args.device, args.threads
+            args.worker,
+            args.batch,
+            args.img,
+            args.text_len,
+            args.steps,
+            args.warmup,
+            args.device,
+            args.threads,
+            args.precision[0],
         )
         print("RESULT " + json.dumps(res))
         return 0
 
     plan = [(args.models, args.batch, args.img, args.text_len)] if args.models else [SETS[s] for s in args.set]
     results = []
-    for models, batch, img, text_len in plan:
-        for name in models:
-            cmd = [sys.executable, __file__, "--worker", name, "--batch", str(batch), "--img", str(img),
-                   "--text-len", str(text_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not line:
-                print(f"{name}: worker failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
-                return 1
-            res = json.loads(line[-1][len("RESULT ") :])
-            dense = next((r for r in results if r["model"].endswith("_dense") and r["seq_len"] == res["seq_len"]), None)
-            res["throughput_vs_dense"] = res["tokens_per_s"] / dense["tokens_per_s"] if dense else None
-            res["fwd_bwd_vs_dense"] = dense["fwd_bwd_s_median"] / res["fwd_bwd_s_median"] if dense else None
-            results.append(res)
-            print(f"done {name}", file=sys.stderr, flush=True)
+    jobs = [(m, b, i, t, prec) for m_list, b, i, t in plan for prec in args.precision for m in m_list]
+    for name, batch, img, text_len, prec in jobs:
+        cmd = [sys.executable, __file__, "--worker", name, "--batch", str(batch), "--img", str(img),
+               "--text-len", str(text_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device", args.device, "--threads", str(args.threads), "--precision", prec]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(f"{name}: worker failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        res = json.loads(line[-1][len("RESULT ") :])
+        dense = next(
+            (
+                r
+                for r in results
+                if r["model"].endswith("_dense") and r["seq_len"] == res["seq_len"] and r["precision"] == prec
+            ),
+            None,
+        )
+        res["throughput_vs_dense"] = res["tokens_per_s"] / dense["tokens_per_s"] if dense else None
+        res["fwd_bwd_vs_dense"] = dense["fwd_bwd_s_median"] / res["fwd_bwd_s_median"] if dense else None
+        results.append(res)
+        print(f"done {name} ({prec})", file=sys.stderr, flush=True)
 
     print(
-        "| model | MoE | params (M) | batch x seq | step (s) | fwd+bwd (s) | AdamW (s) | tokens/s | "
-        "throughput vs dense (step / fwd+bwd) | peak mem (MiB) |"
+        "| model | precision | MoE | params (M) | batch x seq | step (s) | min step (s, spread) | fwd+bwd (s) "
+        "| AdamW (s) "
+        "| tokens/s | throughput vs dense (step / fwd+bwd) | peak mem (MiB) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ratio = "-"
         if r["throughput_vs_dense"] is not None:
             ratio = f"{r['throughput_vs_dense']:.2f}x / {r['fwd_bwd_vs_dense']:.2f}x"
         print(
-            f"| {r['model']} | {r['moe'] or 'dense'} | {r['params_m']:.1f} | {r['batch']} x {r['seq_len']} | "
-            f"{r['step_s_median']:.3f} | {r['fwd_bwd_s_median']:.3f} | {r['optimizer_s_median']:.3f} | "
+            f"| {r['model']} | {r['precision']} | {r['moe'] or 'dense'} | {r['params_m']:.1f} | "
+            f"{r['batch']} x {r['seq_len']} | {r['step_s_median']:.3f} | "
+            f"{r['step_s_min']:.3f} (+{100 * r['step_spread']:.0f}%) | {r['fwd_bwd_s_median']:.3f} | "
+            f"{r['optimizer_s_median']:.3f} | "
             f"{r['tokens_per_s']:.0f} | {ratio} | {r['peak_mem_mib']:.0f} |"
         )
     print(f"device {results[0]['device']}, threads {results[0]['threads']}, peak mem = {results[0]['peak_mem_kind']}")

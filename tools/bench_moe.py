@@ -2,11 +2,23 @@
 
 Times forward+backward (issue 2, "Benchmark") side by side for:
 
-- ``mhmoe``: :class:`mmoe.moe.MHMoE`, dropless sorted dispatch with grouped expert compute;
+- ``mhmoe``: :class:`mmoe.moe.MHMoE` at its defaults (dropless sorted dispatch; on CPU the fused
+  expert FFN of :mod:`mmoe.moe.fused`);
 - ``dense``: the dense block with the same FLOPs: Linear(d, d), FFN d -> k*F -> d (GELU),
   Linear(d, d) (the two Linears only when h > 1, matching the head/merge layers);
-- ``mhmoe_ckpt`` (opt-in): the layer with ``expert_checkpoint_rows=16384`` (experts recomputed in
-  backward, in chunks), trading one more expert forward for memory;
+- ``oracle``: the same expert matmuls as one ``baddbmm`` + GELU + ``baddbmm`` over perfectly balanced,
+  pre-sorted sub-tokens (the K copies of each sub-token laid out expert-major by a reshape: no router,
+  no gather/scatter, no combine beyond summing the K copies), plus the head and merge Linears. It is
+  plain BLAS on the layer's shapes and never uses the layer's own kernels;
+- ``torchscale`` (opt-in): torchscale's ``MOELayer`` + ``Top2Gate``/``Top1Gate`` (one capacity group per
+  batch, capacity 2S/E for top-2, one-hot dispatch/combine matmuls, a Python loop over expert FFNs)
+  wrapped as MH-MoE with the layer's head, split and merge: the dispatch the official MH-MoE code runs.
+  Skipped with a note where torchscale is not installed, and above ``--torchscale-max-tokens`` (its
+  (S, E, 2S/E) tensors grow quadratically: ~8.6 GB each at 8192 tokens, h = 4, E = 32);
+- ``mhmoe_ckpt`` (opt-in): the layer with ``expert_checkpoint_rows=16384`` (fused path: the
+  pre-activation recomputed in backward; other paths: activation checkpointing in chunks);
+- ``mhmoe_grouped`` / ``mhmoe_tanh`` (opt-in): the layer on its ``torch._grouped_mm`` path (the
+  previous CPU default), or with tanh-approximate GELU experts;
 - ``per_expert``: the same layer with the masked per-expert Python loop (HF Mixtral style);
 - ``einsum``: a GShard/torchscale-style capacity dispatch (one-hot ``(S, E, C)`` combine tensor,
   ``einsum`` dispatch/combine, capacity factor 1, top-k with first choices first), over groups of
@@ -23,6 +35,10 @@ Usage::
     python tools/bench_moe.py --out docs/results/moe_cpu.json           # the full grid (CPU: ~30 min)
     python tools/bench_moe.py --quick                                   # a small grid (~1-2 min)
     python tools/bench_moe.py --device cuda --dtype bfloat16 --tokens 16384 32768
+
+Each (size, method) is timed ``--iters`` times after one warm-up, in ``--rounds`` rounds that cycle through
+the methods (so slow drifts of the machine's load hit every method alike); the reported time is the
+minimum over all timed steps, with the spread (max / min - 1) next to it.
 """
 
 from __future__ import annotations
@@ -48,8 +64,18 @@ if str(ROOT) not in sys.path:
 
 from mmoe.moe import MHMoE  # noqa: E402
 
-METHODS = ("mhmoe", "dense", "per_expert", "einsum", "mhmoe_ckpt")
-DEFAULT_METHODS = ("mhmoe", "dense", "per_expert", "einsum")
+METHODS = (
+    "mhmoe",
+    "dense",
+    "oracle",
+    "torchscale",
+    "per_expert",
+    "einsum",
+    "mhmoe_ckpt",
+    "mhmoe_grouped",
+    "mhmoe_tanh",
+)
+DEFAULT_METHODS = ("mhmoe", "dense", "oracle", "torchscale", "einsum")
 
 
 # ---------------------------------------------------------------------------------------------- baselines
@@ -114,6 +140,117 @@ class CapacityEinsumMoE(nn.Module):
         return lay.merge(y_SC.reshape(B * L, D)).reshape(B, L, D)
 
 
+class BalancedOracle(nn.Module):
+    """The layer's expert math at its best case for BLAS: balanced, pre-sorted rows, one ``baddbmm`` each.
+
+    Uses the head, merge and expert weights of an :class:`MHMoE`. The K copies of the S sub-tokens are laid
+    out ``(E, K*S/E, C)`` by a reshape (what a perfectly balanced router sorted expert-major would give),
+    run through ``baddbmm`` + GELU + ``baddbmm``, and the K outputs of each sub-token are summed. No router,
+    no gather/scatter, no gates.
+    """
+
+    def __init__(self, layer: MHMoE) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x_BLD: Tensor) -> Tensor:
+        lay, E, K = self.layer, self.layer.num_experts, self.layer.top_k
+        B, L, D = x_BLD.shape
+        x_SC = lay.split_tokens(lay.head(x_BLD.reshape(B * L, D)))
+        S, C = x_SC.shape
+        if (K * S) % E:
+            raise ValueError(f"BalancedOracle: K*S = {K * S} assignments do not split evenly over E = {E}")
+        x_EMC = x_SC.unsqueeze(0).expand(K, S, C).reshape(E, K * S // E, C)
+        ex = lay.experts
+        h = torch.baddbmm(ex.b1[:, None, :], x_EMC, ex.w1) if ex.b1 is not None else torch.bmm(x_EMC, ex.w1)
+        y = torch.baddbmm(ex.b2[:, None, :], F.gelu(h), ex.w2) if ex.b2 is not None else torch.bmm(F.gelu(h), ex.w2)
+        y_SC = y.reshape(K, S, C).sum(0)
+        return lay.merge(y_SC.reshape(B * L, D)).reshape(B, L, D)
+
+
+def torchscale_available() -> bool:
+    try:
+        import torchscale.component.xmoe.moe_layer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _ExpertFFN(nn.Module):
+    """One expert as torchscale's MOELayer calls it: rows ``(..., C) -> (..., C)``, GELU, biases."""
+
+    def __init__(self, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(w1.shape[0], w1.shape[1], bias=b1 is not None)
+        self.fc2 = nn.Linear(w2.shape[0], w2.shape[1], bias=b2 is not None)
+        with torch.no_grad():
+            self.fc1.weight.copy_(w1.t())
+            self.fc2.weight.copy_(w2.t())
+            if b1 is not None:
+                self.fc1.bias.copy_(b1)
+            if b2 is not None:
+                self.fc2.bias.copy_(b2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class TorchscaleMHMoE(nn.Module):
+    """torchscale's ``MOELayer`` (GShard dispatch, one group per batch) inside the MH-MoE head/split/merge.
+
+    The official MH-MoE code runs this dispatch. Its gate is torchscale's ``Top2Gate`` (``Top1Gate`` for
+    k = 1) with its defaults (second expert by Gumbel sampling, capacity 2 * ceil(S/E)), the router weight and
+    the experts copied from the :class:`MHMoE`. Needs a (single-process) ``torch.distributed`` group.
+    """
+
+    def __init__(self, layer: MHMoE) -> None:
+        super().__init__()
+        import torch.distributed as dist
+        from torchscale.component.xmoe.moe_layer import MOELayer
+        from torchscale.component.xmoe.routing import Top1Gate, Top2Gate
+
+        if not dist.is_initialized():
+            import tempfile
+
+            fd, path = tempfile.mkstemp(prefix="bench_moe_pg_")
+            os.close(fd)
+            os.unlink(path)
+            dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+        C, E = layer.sub_dim, layer.num_experts
+        gate = Top2Gate(C, E) if layer.top_k == 2 else Top1Gate(C, E)
+        if layer.top_k not in (1, 2):
+            raise ValueError(f"TorchscaleMHMoE: torchscale gates are top-1/top-2; got top_k={layer.top_k}")
+        with torch.no_grad():
+            gate.wg.weight.copy_(layer.router.weight)
+        ex = layer.experts
+        experts = nn.ModuleList(
+            _ExpertFFN(
+                ex.w1[e].detach(),
+                None if ex.b1 is None else ex.b1[e].detach(),
+                ex.w2[e].detach(),
+                None if ex.b2 is None else ex.b2[e].detach(),
+            )
+            for e in range(E)
+        )
+        args = argparse.Namespace(moe_expert_count=E, batch_size=1, batch_size_valid=1)
+        self.moe = MOELayer(gate, experts, args)
+        self.head, self.merge, self.layer = layer.head, layer.merge, layer
+        self.sub_dim = C
+
+    def forward(self, x_BLD: Tensor) -> tuple[Tensor, Tensor]:
+        B, L, D = x_BLD.shape
+        x_SC = self.layer.split_tokens(self.head(x_BLD.reshape(B * L, D)))
+        histc = torch.histc
+        # torchscale's gates log expert histograms with torch.histc on int64 ids, which CPU torch rejects;
+        # the shim casts them to float (logging metadata only; the dispatch is untouched).
+        torch.histc = lambda t, *a, **k: histc(t.float() if not t.is_floating_point() else t, *a, **k)  # type: ignore[assignment]
+        try:
+            y, l_aux = self.moe(x_SC.unsqueeze(0))
+        finally:
+            torch.histc = histc  # type: ignore[assignment]
+        return self.merge(y.reshape(B * L, D)).reshape(B, L, D), l_aux
+
+
 # ---------------------------------------------------------------------------------------------- worker
 def _rss_mb(field: str) -> float:
     with open("/proc/self/status") as f:
@@ -136,8 +273,9 @@ def build(method: str, cfg: dict[str, Any], dtype: torch.dtype, device: torch.de
         expert_hidden=F_,
         head_layers=1 if h > 1 else 0,
         merge_layers=1 if h > 1 else 0,
-        expert_impl="per_expert" if method == "per_expert" else "auto",
+        expert_impl={"per_expert": "per_expert", "mhmoe_grouped": "grouped_mm"}.get(method, "auto"),
         expert_checkpoint_rows=16384 if method == "mhmoe_ckpt" else 0,
+        expert_gelu_approximate="tanh" if method == "mhmoe_tanh" else "none",
     )
     with torch.no_grad():  # a spread-out router, so every expert gets work (as after some training)
         for p in layer.router.parameters():
@@ -145,6 +283,10 @@ def build(method: str, cfg: dict[str, Any], dtype: torch.dtype, device: torch.de
     layer = layer.to(device, dtype)
     if method == "einsum":
         return CapacityEinsumMoE(layer, cfg["einsum_group"])
+    if method == "oracle":
+        return BalancedOracle(layer)
+    if method == "torchscale":
+        return TorchscaleMHMoE(layer)
     return layer
 
 
@@ -161,10 +303,14 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     def step() -> None:
         out = model(x)
-        y = out.output if hasattr(out, "output") else out
-        loss = (y * g).sum()
-        if hasattr(out, "aux_loss"):
-            loss = loss + out.aux_loss
+        aux = None
+        if isinstance(out, tuple):  # torchscale: (output, l_aux)
+            out, aux = out
+        elif hasattr(out, "output"):
+            out, aux = out.output, out.aux_loss
+        loss = (out * g).sum()
+        if aux is not None:
+            loss = loss + 0.01 * aux
         loss.backward()
         model.zero_grad(set_to_none=True)
         x.grad = None
@@ -191,8 +337,15 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     times.sort()
-    t = times[len(times) // 2]
-    return {**job, "time_s": t, "tokens_per_s": cfg["tokens"] / t, "peak_mb": peak, "all_times_s": times}
+    t = times[0]
+    return {
+        **job,
+        "time_s": t,
+        "spread": times[-1] / t - 1.0,
+        "tokens_per_s": cfg["tokens"] / t,
+        "peak_mb": peak,
+        "all_times_s": times,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -214,39 +367,89 @@ def run_job(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+LABELS = {
+    "mhmoe": "MH-MoE",
+    "dense": "dense",
+    "oracle": "oracle",
+    "torchscale": "torchscale",
+    "per_expert": "per-expert",
+    "einsum": "einsum",
+    "mhmoe_ckpt": "MH-MoE recompute",
+    "mhmoe_grouped": "MH-MoE grouped_mm",
+    "mhmoe_tanh": "MH-MoE tanh",
+}
+
+
+def merge_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (size, method): the fastest step over all rounds, the spread over all timed steps."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        c = r["cfg"]
+        key = (c["tokens"], c["heads"], c["experts"], c["top_k"], r["method"])
+        if "error" in r or "skipped" in r:
+            merged.setdefault(key, r)
+            continue
+        prev = merged.get(key)
+        if prev is None or "error" in prev or "skipped" in prev:
+            merged[key] = {**r, "rounds": 1}
+            continue
+        times = sorted(prev["all_times_s"] + r["all_times_s"])
+        merged[key] = {
+            **prev,
+            "time_s": times[0],
+            "spread": times[-1] / times[0] - 1.0,
+            "tokens_per_s": c["tokens"] / times[0],
+            "peak_mb": min(prev["peak_mb"], r["peak_mb"]),
+            "all_times_s": times,
+            "rounds": prev["rounds"] + 1,
+        }
+    return list(merged.values())
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    """One line per size: throughput of each method, MH-MoE's ratios and peak memories."""
+    """Two tables: throughput of each method with MH-MoE's ratios to the others; peak memory and its ratio to dense."""
     by_cfg: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in rows:
         c = r["cfg"]
-        by_cfg.setdefault((c["tokens"], c["heads"], c["experts"], c["top_k"]), {})[r["method"]] = r
-    head = (
-        "| tokens | h | E | k | F | MH-MoE tok/s | dense tok/s | per-expert tok/s | einsum tok/s | MoE/dense "
-        "| MoE/einsum | MoE/per-expert | peak MB MoE | peak MB dense | mem MoE/dense | ckpt tok/s | ckpt MB |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+        by_cfg.setdefault((c["tokens"], c["heads"], c["experts"], c["top_k"], c["dim"]), {})[r["method"]] = r
+    present = [m for m in METHODS if any(m in v for v in by_cfg.values())]
+    others = [m for m in present if m != "mhmoe"]
+
+    def ok(r: dict[str, Any] | None) -> bool:
+        return r is not None and "error" not in r and "skipped" not in r
 
     def tps(r: dict[str, Any] | None) -> str:
         if r is None:
             return "-"
-        return "err" if "error" in r else f"{r['tokens_per_s']:,.0f}"
+        if "skipped" in r:
+            return "skipped"
+        if "error" in r:
+            return "err"
+        return f"{r['tokens_per_s']:,.0f} (+{100 * r.get('spread', 0.0):.0f}%)"
 
-    def mb(r: dict[str, Any] | None) -> str:
-        return "-" if r is None or "error" in r else f"{r['peak_mb']:.0f}"
-
-    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str, inv: bool = False) -> str:
-        if not a or not b or "error" in a or "error" in b or not b[key]:
+    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> str:
+        if not ok(a) or not ok(b) or not b[key]:  # type: ignore[index]
             return "-"
-        return f"{(b[key] / a[key]) if inv else (a[key] / b[key]):.2f}x"
+        return f"{a[key] / b[key]:.2f}x"  # type: ignore[index]
 
-    for (n, h, E, k), m in sorted(by_cfg.items()):
-        moe, dense, pe, ein, ck = (m.get(x) for x in METHODS)
-        lines.append(
-            f"| {n} | {h} | {E} | {k} | {4 * 768 // k if not moe else 4 * moe['cfg']['dim'] // k} | {tps(moe)} "
-            f"| {tps(dense)} | {tps(pe)} | {tps(ein)} | {ratio(moe, dense, 'tokens_per_s')} "
-            f"| {ratio(moe, ein, 'tokens_per_s')} | {ratio(moe, pe, 'tokens_per_s')} "
-            f"| {mb(moe)} | {mb(dense)} | {ratio(moe, dense, 'peak_mb')} | {tps(ck)} | {mb(ck)} |"
-        )
+    head = "| tokens | h | E | k | F | " + " | ".join(f"{LABELS[m]} tok/s" for m in present)
+    head += "".join(f" | MoE/{LABELS[m]}" for m in others) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (n, h, E, k, d), m in sorted(by_cfg.items()):
+        moe = m.get("mhmoe")
+        cells = [str(n), str(h), str(E), str(k), str(4 * d // k)] + [tps(m.get(x)) for x in present]
+        cells += [ratio(moe, m.get(x), "tokens_per_s") for x in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    mem_methods = [x for x in present if x != "dense"]
+    head = "| tokens | h | E | k | " + " | ".join(f"{LABELS[x]} MB" for x in present)
+    head += "".join(f" | {LABELS[x]}/dense" for x in mem_methods) + " |"
+    lines += ["", "Peak memory of one step (MB) and its ratio to the dense block:", "", head]
+    lines.append("|" + "---|" * (head.count("|") - 1))
+    for (n, h, E, k, _), m in sorted(by_cfg.items()):
+        cells = [str(n), str(h), str(E), str(k)]
+        cells += [f"{m[x]['peak_mb']:.0f}" if ok(m.get(x)) else "-" for x in present]
+        cells += [ratio(m.get(x), m.get("dense"), "peak_mb") for x in mem_methods]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -260,7 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32])
     p.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
-    p.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up (median reported)")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up (minimum reported)")
+    p.add_argument("--rounds", type=int, default=1, help="cycles through all methods (minimum over all rounds)")
+    p.add_argument(
+        "--torchscale-max-tokens", type=int, default=4096, help="skip torchscale above this (its tensors are O(S^2))"
+    )
     p.add_argument("--einsum-group", type=int, default=2048, help="sub-tokens per GShard group (einsum baseline)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -283,20 +490,42 @@ def main(argv: list[str] | None = None) -> int:
         f"threads {a.threads or torch.get_num_threads()}, d={a.dim}, k*F=4d, forward+backward",
         flush=True,
     )
-    for cfg in grid(a):
-        for method in a.methods:
-            job = dict(method=method, cfg=cfg, device=a.device, dtype=a.dtype, iters=a.iters, threads=a.threads)
-            r = run_job(job, a.timeout)
-            rows.append(r)
-            msg = r.get("error") or f"{r['tokens_per_s']:,.0f} tok/s, peak {r['peak_mb']:.0f} MB"
-            print(f"  tokens={cfg['tokens']} h={cfg['heads']} E={cfg['experts']} k={cfg['top_k']} {method}: {msg}")
-            sys.stdout.flush()
+    have_torchscale = torchscale_available()
+    for rnd in range(a.rounds):
+        for cfg in grid(a):
+            for method in a.methods:
+                job = dict(method=method, cfg=cfg, device=a.device, dtype=a.dtype, iters=a.iters, threads=a.threads)
+                if method == "torchscale" and not have_torchscale:
+                    r = {**job, "skipped": "torchscale is not installed"}
+                elif method == "torchscale" and cfg["tokens"] > a.torchscale_max_tokens:
+                    r = {**job, "skipped": f"tokens > --torchscale-max-tokens {a.torchscale_max_tokens}"}
+                elif method == "torchscale" and cfg["top_k"] > 2:
+                    r = {**job, "skipped": "torchscale gates are top-1/top-2"}
+                else:
+                    r = run_job(job, a.timeout)
+                rows.append(r)
+                msg = r.get("error") or r.get("skipped")
+                if msg is None:
+                    msg = f"{r['tokens_per_s']:,.0f} tok/s, {r['time_s'] * 1e3:.0f} ms, peak {r['peak_mb']:.0f} MB"
+                c = cfg
+                print(f"  [{rnd + 1}/{a.rounds}] tokens={c['tokens']} h={c['heads']} E={c['experts']} k={c['top_k']} "
+                      f"{method}: {msg}", flush=True)  # fmt: skip
+    rows = merge_rounds(rows)
+    for r in rows:
+        if "skipped" in r and r["method"] == "torchscale":
+            print(f"note: torchscale skipped at tokens={r['cfg']['tokens']}: {r['skipped']}")
     print(format_rows(rows))
     print(f"total {time.time() - t_start:.0f} s")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = a.out.with_suffix(a.out.suffix + ".tmp")
-        tmp.write_text(json.dumps({"argv": sys.argv, "torch": torch.__version__, "rows": rows}, indent=1))
+        meta = {
+            "argv": sys.argv,
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+        meta["loadavg_end"] = os.getloadavg()
+        tmp.write_text(json.dumps({**meta, "rows": rows}, indent=1))
         os.replace(tmp, a.out)
         print(f"wrote {a.out}")
     return 0

@@ -93,9 +93,72 @@ def plan_dispatch(
     )
 
 
+class _Gather(torch.autograd.Function):
+    """``x[token_index]`` whose backward is a gather too: the sorted order is a permutation of the K*S
+    assignments, so the gradient of sub-token s is the sum of its K rows, found through ``inverse_A``.
+    (Autograd's ``index_select`` backward is a scatter-add with an index expanded to (A, C).)"""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x_SC: Tensor, token_index_A: Tensor, inverse_A: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(inverse_A)
+        ctx.S = x_SC.shape[0]
+        return x_SC.index_select(0, token_index_A)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g_AC: Tensor) -> tuple[Tensor, None, None]:
+        (inverse_A,) = ctx.saved_tensors
+        S = ctx.S
+        g_KSC = g_AC.index_select(0, inverse_A).view(-1, S, g_AC.shape[1])
+        return g_KSC.sum(0) if g_KSC.shape[0] > 1 else g_KSC[0], None, None
+
+
+class _Combine(torch.autograd.Function):
+    """``out[s] = sum_k g[s, k] * y[inverse[k*S + s]]``; every direction of it is a gather.
+
+    Backward gathers the output gradient once into sorted order, ``G = gout[token_index]`` (A, C), and
+    derives both gradients from it: ``dy = G * g_sorted`` and ``dg_sorted = rowsum(G * y)``. Nothing
+    of size (K, S, C) is saved; ``y`` is kept, which the expert function does not keep itself.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        y_AC: Tensor,
+        g_SK: Tensor,
+        token_index_A: Tensor,
+        inverse_A: Tensor,
+    ) -> Tensor:
+        S, K = g_SK.shape
+        y_KSC = y_AC.index_select(0, inverse_A).view(K, S, -1)
+        g_KS1 = g_SK.t().unsqueeze(-1)
+        out = y_KSC[0] * g_KS1[0]
+        for k in range(1, K):
+            out.addcmul_(y_KSC[k], g_KS1[k])
+        ctx.save_for_backward(y_AC, g_SK, token_index_A, inverse_A)
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, gout_SC: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None, None]:
+        y_AC, g_SK, token_index_A, inverse_A = ctx.saved_tensors
+        S, K = g_SK.shape
+        G_AC = gout_SC.index_select(0, token_index_A)
+        # sorted gates: g_sorted[inverse[a]] = g_flat[a] (a permutation, so a scatter without collisions)
+        g_A = torch.empty_like(g_SK.t().reshape(-1)).scatter_(0, inverse_A, g_SK.t().reshape(-1))
+        gy = G_AC * g_A[:, None] if ctx.needs_input_grad[0] else None
+        gg = None
+        if ctx.needs_input_grad[1]:
+            dg_A = (G_AC * y_AC).sum(-1)
+            gg = dg_A.index_select(0, inverse_A).view(K, S).t()
+        return gy, gg, None, None
+
+
 def gather_tokens(x_SC: Tensor, plan: DispatchPlan) -> Tensor:
-    """Rows of ``x`` in sorted (expert-major) order, (A, C). A gather: its backward is a scatter-add."""
-    return x_SC.index_select(0, plan.token_index_A)
+    """Rows of ``x`` in sorted (expert-major) order, (A, C). A gather, and its backward is one as well."""
+    return _Gather.apply(x_SC, plan.token_index_A, plan.inverse_A)
 
 
 def combine(y_AC: Tensor, gates_SK: Tensor, plan: DispatchPlan) -> Tensor:
@@ -104,7 +167,5 @@ def combine(y_AC: Tensor, gates_SK: Tensor, plan: DispatchPlan) -> Tensor:
     ``y_AC`` is in sorted order with zero rows for the non-computed tail; gates of non-kept
     assignments are zeroed too, so dropped choices contribute nothing (and get no gate gradient).
     """
-    S, K = gates_SK.shape
-    y_KSC = y_AC.index_select(0, plan.inverse_A).view(K, S, -1)
     g_SK = torch.where(plan.kept_SK, gates_SK, torch.zeros_like(gates_SK)).to(y_AC.dtype)
-    return torch.einsum("ksc,sk->sc", y_KSC, g_SK)
+    return _Combine.apply(y_AC, g_SK, plan.token_index_A, plan.inverse_A)

@@ -26,14 +26,23 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmoe.moe.dispatch import DispatchPlan
+from mmoe.moe.fused import GeluApprox, fused_gelu_ffn
 
 __all__ = ["GroupedExperts", "grouped_mm_supported"]
 
-ExpertImpl = Literal["auto", "grouped_mm", "segments"]
+ExpertImpl = Literal["auto", "fused", "grouped_mm", "segments"]
+
+# CUDA compute capabilities on which ``torch._grouped_mm`` is trusted: Hopper (9.x). On 10.x (Blackwell) its
+# weight gradient of an expert that receives no row is not reliably zero, and a wrong gradient of an empty
+# expert is silent; the layer takes the per-segment path there until that is fixed upstream.
+_GROUPED_MM_CUDA_CAPABILITY = ((9, 0), (10, 0))  # [min, max)
 
 
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device, widths: tuple[int, ...]) -> bool:
-    """Whether ``torch._grouped_mm`` can run these operands (dtype, device, 16-byte aligned rows)."""
+    """Whether ``torch._grouped_mm`` can run these operands (dtype, device, 16-byte aligned rows).
+
+    On CUDA only compute capability 9.x qualifies (see ``_GROUPED_MM_CUDA_CAPABILITY``).
+    """
     if not hasattr(torch, "_grouped_mm"):
         return False
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -42,7 +51,8 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, widths: tuple
     if device.type == "cpu":
         return dtype in (torch.float32, torch.bfloat16)
     if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+        lo, hi = _GROUPED_MM_CUDA_CAPABILITY
+        return dtype == torch.bfloat16 and lo <= torch.cuda.get_device_capability(device) < hi
     return False
 
 
@@ -71,9 +81,17 @@ class GroupedExperts(nn.Module):
             False for SwiGLU).
         inner_norm: a LayerNorm over F inside each expert (BEiT-3/Magneto sub-LN,
             ``fc2(LN(act(fc1 x)))``), needed to upcycle the dense Sub-LN FFN of BEiT-3 checkpoints.
-        impl: ``"auto"`` picks ``grouped_mm`` when supported, else ``"segments"``.
-        checkpoint_rows: > 0 recomputes the experts in backward, in chunks of this many sorted rows
-            (per expert segment on the ``segments`` path), trading one more expert forward for memory.
+        impl: ``"fused"`` (:func:`mmoe.moe.fused.fused_gelu_ffn`: one autograd node over cache-sized row
+            blocks, only the pre-activation kept; GELU without ``inner_norm``), ``"grouped_mm"``,
+            ``"segments"`` (one autograd-composed FFN per expert segment), or ``"auto"``: ``fused`` on CPU
+            where it applies (measured faster and leaner than ``grouped_mm``, docs/results/moe_cpu.md),
+            else ``grouped_mm`` when supported, else ``segments``.
+        checkpoint_rows: > 0 recomputes in backward what the forward would keep. On the ``fused`` path the
+            pre-activation is recomputed block by block (any value > 0; activation memory of the inputs
+            only, one more GEMM); on the others the experts run under activation checkpointing in chunks of
+            this many sorted rows (per expert segment on ``segments``), one more expert forward.
+        gelu_approximate: ``"none"`` (erf GELU, torchscale's and BEiT-3's) or ``"tanh"`` (the approximation
+            several MoE codebases use); GELU experts only.
     """
 
     def __init__(
@@ -88,12 +106,20 @@ class GroupedExperts(nn.Module):
         norm_eps: float = 1e-5,
         impl: ExpertImpl = "auto",
         checkpoint_rows: int = 0,
+        gelu_approximate: GeluApprox = "none",
     ) -> None:
         super().__init__()
         if activation not in ("gelu", "swiglu"):
             raise ValueError(f"GroupedExperts: activation={activation!r}; expected 'gelu' or 'swiglu'")
-        if impl not in ("auto", "grouped_mm", "segments"):
-            raise ValueError(f"GroupedExperts: impl={impl!r}; expected 'auto', 'grouped_mm' or 'segments'")
+        if impl not in ("auto", "fused", "grouped_mm", "segments"):
+            raise ValueError(f"GroupedExperts: impl={impl!r}; expected 'auto', 'fused', 'grouped_mm' or 'segments'")
+        if impl == "fused" and (activation != "gelu" or inner_norm):
+            raise ValueError(
+                f"GroupedExperts: impl='fused' runs GELU experts without inner_norm; got activation={activation!r}, "
+                f"inner_norm={inner_norm}"
+            )
+        if gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"GroupedExperts: gelu_approximate={gelu_approximate!r}; expected 'none' or 'tanh'")
         if num_experts < 1 or dim < 1 or hidden < 1:
             raise ValueError(
                 f"GroupedExperts: num_experts={num_experts}, dim={dim}, hidden={hidden}; expected all >= 1"
@@ -105,6 +131,10 @@ class GroupedExperts(nn.Module):
         self.impl = impl
         self.norm_eps = norm_eps
         self.checkpoint_rows = checkpoint_rows
+        self.gelu_approximate = gelu_approximate
+        # Rows per block of the fused path: a (512, F) fp32 block is 3 MiB at F = 1536, inside this CPU's L3
+        # share; 256-2048 measured within noise of each other (docs/results/moe_cpu.md).
+        self.fused_chunk = 512
         # Multiplies the expert weights' gradients (expert parallelism: 1/world to match DDP's mean).
         self.grad_scale = 1.0
         use_bias = (activation == "gelu") if bias is None else bias
@@ -142,11 +172,18 @@ class GroupedExperts(nn.Module):
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, activation={self.activation}, "
             f"bias={self.has_bias}, inner_norm={self.inner_norm}, impl={self.impl}"
+            + (f", gelu_approximate={self.gelu_approximate}" if self.gelu_approximate != "none" else "")
         )
 
     # ------------------------------------------------------------------ helpers
+    def use_fused(self, x: Tensor) -> bool:
+        """Whether the fused block path runs: asked for, or ``auto`` on CPU for plain GELU experts."""
+        if self.impl == "fused":
+            return True
+        return self.impl == "auto" and x.device.type == "cpu" and self.activation == "gelu" and not self.inner_norm
+
     def use_grouped_mm(self, x: Tensor) -> bool:
-        if self.impl == "segments":
+        if self.impl in ("segments", "fused"):
             return False
         ok = grouped_mm_supported(x.dtype, x.device, (self.dim, self.hidden))
         if self.impl == "grouped_mm" and not ok:
@@ -158,7 +195,7 @@ class GroupedExperts(nn.Module):
 
     def _act(self, h1: Tensor, h3: Tensor | None) -> Tensor:
         if self.activation == "gelu":
-            return F.gelu(h1)
+            return F.gelu(h1, approximate=self.gelu_approximate)
         return F.silu(h1) * h3
 
     # ------------------------------------------------------------------ fast paths
@@ -170,6 +207,21 @@ class GroupedExperts(nn.Module):
         equal FLOPs (each token's h sub-tokens each reach k experts of width F), are then never all
         alive at once. It costs one more forward of the experts.
         """
+        if self.use_fused(x_AC):
+            dtype = x_AC.dtype
+            b1 = self._param(self.b1, dtype) if self.b1 is not None else None
+            b2 = self._param(self.b2, dtype) if self.b2 is not None else None
+            return fused_gelu_ffn(
+                x_AC,
+                self._param(self.w1, dtype),
+                b1,
+                self._param(self.w2, dtype),
+                b2,
+                plan.counts_E.tolist(),  # the one host sync of this path
+                chunk=self.fused_chunk,
+                approximate=self.gelu_approximate,
+                recompute=self.checkpoint_rows > 0,
+            )
         if self.use_grouped_mm(x_AC):
             offs = plan.offsets_E
             A = x_AC.shape[0]

@@ -28,7 +28,7 @@ from mmoe.moe.router import build_router, losses_from_statistics, route_top_k, r
 
 __all__ = ["MHMoE", "MoEOutput", "RoutingRecord"]
 
-ExpertImplName = Literal["auto", "grouped_mm", "segments", "per_expert"]
+ExpertImplName = Literal["auto", "fused", "grouped_mm", "segments", "per_expert"]
 
 
 @dataclass
@@ -111,11 +111,13 @@ class MHMoE(nn.Module):
             channels C, producing exactly h sub-tokens per token; defaults kernel = stride = C).
         balance_bias_rate: > 0 enables aux-loss-free balancing (DeepSeek-V3): a per-expert bias
             added to the scores only for the top-k choice, updated by :meth:`update_routing_bias`.
-        expert_impl: ``"auto"``, ``"grouped_mm"``, ``"segments"`` (sorted dispatch) or
-            ``"per_expert"`` (the slow masked loop; reference and baseline).
-        expert_checkpoint_rows: > 0 recomputes the experts in backward in chunks of this many
-            assignments (activation checkpointing): at equal FLOPs the expert hidden activations are
-            h times a dense FFN's, so this is what brings peak memory near a dense block's.
+        expert_impl: ``"auto"``, ``"fused"``, ``"grouped_mm"``, ``"segments"`` (sorted dispatch; see
+            :class:`GroupedExperts`) or ``"per_expert"`` (the slow masked loop; reference and baseline).
+        expert_checkpoint_rows: > 0 recomputes in backward what the experts' forward would keep (the fused
+            path: the pre-activation, block by block; the others: activation checkpointing in chunks of
+            this many assignments). At equal FLOPs the expert hidden activations are h times a dense
+            FFN's, so this is what brings peak memory near a dense block's.
+        expert_gelu_approximate: ``"none"`` (erf GELU, default) or ``"tanh"`` for GELU experts.
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class MHMoE(nn.Module):
         balance_bias_rate: float = 0.0,
         expert_impl: ExpertImplName = "auto",
         expert_checkpoint_rows: int = 0,
+        expert_gelu_approximate: Literal["none", "tanh"] = "none",
     ) -> None:
         # The constructor arguments, so a layer can be rebuilt in another form (mmoe.moe.parallel).
         init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__", "dim", "num_experts")}
@@ -166,9 +169,10 @@ class MHMoE(nn.Module):
             raise ValueError(f"MHMoE: eval_capacity_fraction={eval_capacity_fraction}; expected in (0, 1] or None")
         if split not in ("reshape", "conv1d"):
             raise ValueError(f"MHMoE: split={split!r}; expected 'reshape' or 'conv1d'")
-        if expert_impl not in ("auto", "grouped_mm", "segments", "per_expert"):
+        if expert_impl not in ("auto", "fused", "grouped_mm", "segments", "per_expert"):
             raise ValueError(
-                f"MHMoE: expert_impl={expert_impl!r}; expected 'auto', 'grouped_mm', 'segments' or 'per_expert'"
+                f"MHMoE: expert_impl={expert_impl!r}; expected 'auto', 'fused', 'grouped_mm', 'segments' or "
+                "'per_expert'"
             )
         if balance_bias_rate < 0:
             raise ValueError(f"MHMoE: balance_bias_rate={balance_bias_rate}; expected >= 0")
@@ -218,6 +222,7 @@ class MHMoE(nn.Module):
             inner_norm=expert_inner_norm,
             impl="auto" if expert_impl == "per_expert" else expert_impl,
             checkpoint_rows=expert_checkpoint_rows,
+            gelu_approximate=expert_gelu_approximate,
         )
         self.merge = _linear_stack(dim, merge_layers)
         if balance_bias_rate > 0:
