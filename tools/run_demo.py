@@ -1,4 +1,4 @@
-"""``make demo``: the project's main job on built-in data, on CPU, in minutes (issue 5 "The demo").
+"""``make demo``: the project's main job on built-in data, on CPU, in minutes (README, Set-up).
 
 Steps (each skipped with a note when its component is missing, each reused when its output is already there, so
 running the demo twice is cheap and gives the same report):
@@ -249,7 +249,7 @@ class Demo:
             + ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items())
             + f"); this invocation took {total / 60:.1f} min (finished outputs are reused)."
         )
-        lines += ["", "## Masked multimodal pretraining (tiny_mhmoe, BEiT-3 objectives, SPEC.md 6)", ""]
+        lines += ["", "## Masked multimodal pretraining (tiny_mhmoe, BEiT-3 objectives, [B3] sec. 2.2)", ""]
         rows = _metrics(self.out / "pretrain")
         if rows:
             first, last = _first_last(rows, "train/loss")

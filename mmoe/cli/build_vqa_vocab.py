@@ -1,4 +1,4 @@
-"""``mmoe-vqa-vocab``: build the VQAv2 answer vocabulary (SPEC.md 7; [B3] sec. 4.1, as in ViLT/BEiT-3).
+"""``mmoe-vqa-vocab``: build the VQAv2 answer vocabulary ([B3] sec. 3.1, as in [ViLT] and BEiT-3).
 
 Every human answer of the given official annotation files (normally train2014 + val2014) is
 normalized like the official evaluator (``mmoe.metrics.vqa.normalize_answer``: punctuation, number

@@ -1,6 +1,6 @@
 """mmoe.data: files to batches (tokenizers, transforms, masking, webdataset shards, synthetic world).
 
-No model code lives here (ARCHITECTURE.md). Task datasets (vqa, nlvr2, captions, imagenet, coco) are
+No model code lives here (docs/interfaces.md, layout). Task datasets (vqa, nlvr2, captions, imagenet, coco) are
 imported from their own modules; the shard pipeline from ``mmoe.data.shards`` and the shapes world from
 ``mmoe.data.synthetic``. This package re-exports only the small shared building blocks.
 """

@@ -4,14 +4,14 @@ Two on-disk sources are read unchanged (nothing is downloaded):
 
 * the Karpathy split file ``dataset_coco.json`` ({"images": [{"split", "filepath", "filename", "cocoid",
   "sentences": [{"raw", ...}]}]}); splits ``train`` + ``restval`` train, ``val`` / ``test`` hold 5000 images each
-  ([B3] follows this split, SPEC.md 7). Image path = ``image_root / filepath / filename``.
+  ([Karpathy]; [B3] sec. 3.1 reports on this split). Image path = ``image_root / filepath / filename``.
 * official COCO caption annotations ``captions_{split}2014.json`` ({"images": [{"id", "file_name"}],
   "annotations": [{"image_id", "caption"}]}); image path = ``image_root / file_name``.
 
 Either gives :class:`CaptionRecord` lists; :func:`write_coco_references` turns any split into a COCO-format caption
 file so that evaluation (``mmoe.metrics.captions``) always reads the official format.
 
-Training batches follow BEiT-3's masked captioning ([B3] sec. 3.2; unilm ``beit3`` captioning): ``[BOS] caption
+Training batches follow BEiT-3's masked captioning ([B3] sec. 3.1; unilm ``beit3`` captioning): ``[BOS] caption
 [EOS]`` with 60-70% of the tokens after BOS replaced by [MASK] (EOS may be masked, so the model learns to stop);
 ``text_labels`` holds the original ids at masked positions and -100 elsewhere. Batch keys are those of
 docs/interfaces.md section 4 (``image``, ``text``, ``text_padding_mask``, ``text_labels``, ``image_id``).

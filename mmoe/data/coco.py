@@ -1,6 +1,6 @@
 """COCO instances (boxes and masks) for detection fine-tuning, read from the official JSON.
 
-SPEC.md section 7 (COCO detection). The files are read by torchvision's ``CocoDetection`` and turned into
+COCO detection ([B3] sec. 3.2, [COCO]). The files are read by torchvision's ``CocoDetection`` and turned into
 transforms-v2 targets by ``wrap_dataset_for_transforms_v2`` (``BoundingBoxes`` xyxy, ``Mask``), so flips,
 scale jitter and crops move boxes and masks together. On top of that this module
 

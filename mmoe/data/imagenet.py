@@ -1,6 +1,6 @@
 """ImageNet-1k classification data: ImageFolder layout, timm augmentation, class names, val sorting.
 
-SPEC.md section 7 (ImageNet): vision-only fine-tuning with RandAugment (``rand-m9-mstd0.5-inc1``), random
+ImageNet ([B3] sec. 3.2): vision-only fine-tuning with RandAugment (``rand-m9-mstd0.5-inc1``), random
 erasing 0.25, then Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 on the batch (done by the task, since it
 needs the whole batch) and top-1/top-5 evaluation. Layout (``torchvision.datasets.ImageFolder``)::
 
@@ -82,7 +82,7 @@ def imagenet_transform(
 ) -> Callable[[Any], Tensor]:
     """timm's ImageNet training transform (RandAugment, random erasing) or the resize + centre-crop eval one.
 
-    The defaults are the BEiT / BEiT-3 ImageNet fine-tuning recipe (SPEC.md 7); ``mean``/``std`` must be the
+    The defaults are the BEiT / BEiT-3 ImageNet fine-tuning recipe ([B3] sec. 3.2); ``mean``/``std`` must be the
     backbone's (``config.image_mean/std``, 0.5 for BEiT-3).
     """
     return build_transform(

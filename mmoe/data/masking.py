@@ -1,4 +1,4 @@
-"""Masking for BEiT-3 masked data modeling ([B3] sec. 2.3; SPEC.md 6).
+"""Masking for BEiT-3 masked data modeling ([B3] sec. 2.2).
 
 * Images: block-wise masking as in BEiT ([B3] follows BEiT/BEiT v2): rectangles of at least
   ``min_num_patches`` patches with aspect ratio log-uniform in ``[min_aspect, 1/min_aspect]`` are

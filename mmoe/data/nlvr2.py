@@ -1,4 +1,4 @@
-"""NLVR2 over the official JSONL and image pairs (SPEC.md 7; [B3] sec. 4.1; Suhr et al. 2019).
+"""NLVR2 over the official JSONL and image pairs ([B3] sec. 3.1; [NLVR2]: Suhr et al. 2019).
 
 Each JSONL line has ``identifier`` (``{split}-{set}-{pair}-{sentence}``), ``sentence`` and ``label``
 (``"True"``/``"False"``). The two images of an example are the files ``{split}-{set}-{pair}-img0.*``

@@ -13,7 +13,7 @@ Two tokenizers share one call convention, ``ids, padding_mask = tok(texts)``:
   embedding has 64010 rows, so ``vocab_size`` defaults to ``max(64010, mask_id + 1)``; it can be set
   explicitly for other models.
 
-Masked language modeling ([B3] sec. 2.3; SPEC.md 6) needs the ids of pad/mask/bos/eos so that
+Masked language modeling ([B3] sec. 2.2) needs the ids of pad/mask/bos/eos so that
 special tokens are never masked and never predicted; ``special_ids`` returns them.
 """
 

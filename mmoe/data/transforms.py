@@ -3,7 +3,7 @@
 BEiT-3 normalizes with mean = std = 0.5 per channel ([B3] released code, ``IMAGENET_INCEPTION_MEAN/STD``),
 so that is our default; ImageNet statistics are one argument away. Training uses timm's
 ``create_transform`` (random resized crop, horizontal flip, colour jitter, optional RandAugment and
-random erasing, SPEC.md 7 for ImageNet); evaluation either squashes the image to a square
+random erasing for ImageNet, [B3] sec. 3.2); evaluation either squashes the image to a square
 (``Resize((s, s))``, as unilm ``beit3`` does for VQA/NLVR2/captioning) or resizes the short side and
 centre-crops (``crop_pct``, the timm/ImageNet convention).
 

@@ -1,4 +1,4 @@
-"""VQAv2 over the official files (SPEC.md 7; [B3] sec. 4.1; VQAv2: Goyal et al. 2017).
+"""VQAv2 over the official files ([B3] sec. 3.1; [VQAv2]: Goyal et al. 2017).
 
 Inputs are the official ``v2_OpenEnded_mscoco_{subtype}_questions.json``,
 ``v2_mscoco_{subtype}_annotations.json`` (absent for test splits) and a COCO image folder with files

@@ -1,6 +1,6 @@
 """Ports of the official evaluators (leaf package: imports nothing else from mmoe but its own modules).
 
-``mmoe.metrics.vqa`` (VQA accuracy, SPEC.md 7), ``mmoe.metrics.nlvr2`` (accuracy and consistency) and the
+``mmoe.metrics.vqa`` (VQA accuracy, [VQAv2]), ``mmoe.metrics.nlvr2`` (accuracy and consistency) and the
 other evaluators live in their own modules; ``evaluate_vqa``, ``normalize_answer`` and ``evaluate_nlvr2`` are
 also reachable from here, imported lazily so that ``python -m mmoe.metrics.vqa`` runs its module only once.
 """

@@ -7,7 +7,7 @@ Gaussian length penalty sigma 6, clipped n-gram counts, x10) are pure Python; ME
 
 This module reproduces the tokenizer's effect in Python (:func:`ptb_tokenize`), so the pure-Python scorers run on any
 machine, and uses the real Java tokenizer and METEOR when ``java`` is on PATH. A metric that cannot be computed is
-reported as ``None`` and listed under ``"unavailable"``, never as 0 (SPEC.md 7, captioning; [B3] reports BLEU-4,
+reported as ``None`` and listed under ``"unavailable"``, never as 0 (docs/references.md [CIDEr]; [B3] reports BLEU-4,
 METEOR, CIDEr and SPICE on the Karpathy test split). SPICE downloads Stanford models at run time and is not offered.
 
 Scores are returned on pycocoevalcap's scale (BLEU in [0, 1], CIDEr-D around 1.2 for good models); papers print

@@ -1,6 +1,6 @@
 """COCO detection and instance-segmentation evaluation through the official pycocotools COCOeval.
 
-SPEC.md section 7 (COCO detection): boxes in results are ``[x, y, w, h]`` in original image pixels
+COCO detection ([COCO], pycocotools ``COCOeval``): boxes in results are ``[x, y, w, h]`` in original image pixels
 with the *original* COCO category ids; masks are compressed RLE whose ``counts`` is a ``str`` (the
 JSON form pycocotools writes and reads). This module
 

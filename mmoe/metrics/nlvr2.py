@@ -1,4 +1,4 @@
-"""NLVR2 accuracy and consistency (SPEC.md 7; the official ``lil-lab/nlvr`` ``nlvr2/eval/metrics.py``).
+"""NLVR2 accuracy and consistency ([NLVR2]; the official ``lil-lab/nlvr`` ``nlvr2/eval/metrics.py``).
 
 Algorithm of the official script, written here:
 

@@ -1,4 +1,4 @@
-"""VQA accuracy: a port of the official VQA evaluator (SPEC.md 7; GT-Vision-Lab ``vqaEval.py``).
+"""VQA accuracy: a port of the official VQA evaluator ([VQAv2]; GT-Vision-Lab ``vqaEval.py``).
 
 Written here from the published algorithm of the VQA challenge evaluator (Antol et al. 2015,
 Goyal et al. 2017), keeping its quirks so that numbers match the official tool:

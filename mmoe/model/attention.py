@@ -3,7 +3,7 @@
 Dimension legend: B batch, H attention heads, N query tokens, M key tokens (cached + new), Dh head width,
 D width.
 
-Layouts (SPEC.md 5): `multiway=True` is the released BEiT-3's *decoupled* attention (q/k/v/out projections
+Layouts ([B3] sec. 2.1): `multiway=True` is the released BEiT-3's *decoupled* attention (q/k/v/out projections
 and the sub-LN per modality; the softmax still runs over all tokens, so modalities fuse); `multiway=False`
 is the paper's *shared* attention ([B3] sec. 2.1). Output: out(LN_inner(attn(x))) (Magneto sub-LN).
 Masks are boolean, True = may attend, shaped (B, 1, N, M) so they broadcast over heads.
@@ -80,7 +80,7 @@ def manual_attention(
 
 
 class MultiwayAttention(nn.Module):
-    """Self-attention over the concatenated vision+text sequence (SPEC.md 5; torchscale MultiheadAttention)."""
+    """Self-attention over the concatenated vision+text sequence ([B3] sec. 2.1; torchscale MultiheadAttention)."""
 
     def __init__(
         self,
@@ -189,6 +189,6 @@ def causal_mask(num_queries: int, num_past: int, device: torch.device) -> torch.
 
 
 def rescale_(linear: nn.Linear, layer_id: int) -> None:
-    """Divide an output projection by sqrt(2 * layer_id) (BEiT `fix_init_weight`, SPEC.md 5)."""
+    """Divide an output projection by sqrt(2 * layer_id) ([BEiT] `fix_init_weight`, as BEiT-3)."""
     with torch.no_grad():
         linear.weight.div_(math.sqrt(2.0 * layer_id))

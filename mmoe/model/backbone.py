@@ -2,7 +2,7 @@
 
 Dimension legend: B batch, G vision tokens (CLS + patches), L text tokens, N = G + L, M keys (cached + new), D width.
 
-Sequence layout ([B3] sec. 2.1, SPEC.md 5): vision tokens first ([CLS, patches...]), then text. The number
+Sequence layout ([B3] sec. 2.1): vision tokens first ([CLS, patches...]), then text. The number
 of vision tokens is passed explicitly to every block. Returns features plus the routing records and the
 summed auxiliary loss of every MoE layer ([MH1] sec. 3.3). Offers timm's backbone contract
 (`forward_features`, `no_weight_decay`, `group_matcher`, `set_grad_checkpointing`).
@@ -105,13 +105,13 @@ class MultiwayTransformer(nn.Module):
             elif isinstance(module, MultiwayBlock) and isinstance(module.moe, nn.ModuleDict):
                 del module.moe["text"]
 
-    # ------------------------------------------------------------------ init (SPEC.md 5)
+    # ------------------------------------------------------------------ init ([B3] released code, [BEiT])
     def init_weights(self) -> None:
         """Normal(std) Linear/embeddings, unit LayerNorms, output projections of layer l divided by sqrt(2l).
 
         BEiT-3 uses timm's `trunc_normal_(std=0.02)` whose bounds are the absolute values +-2, i.e. 100 std: that
         is a plain normal in practice, and `normal_` is 5x faster on the large text embedding. MoE layers keep
-        the initialization `mmoe.moe` gives them ([MH1] sec. 3 / SPEC.md 1).
+        the initialization `mmoe.moe` gives them ([MH1] sec. 3, official MH-MoE code).
         """
         std = self.config.init_std
         init = nn.init.normal_
@@ -308,7 +308,7 @@ class MultiwayTransformer(nn.Module):
 
         The final norm carries timm's `(99999,)` tag, i.e. it joins the last block. Heads outside the backbone sit
         one level above (scale 1), so `mmoe.train.optim.param_groups` gives BEiT's lr * decay^(L + 1 - id)
-        (SPEC.md 7); timm's own `param_groups_layer_decay` (no heads) gives the last block scale 1 instead.
+        ([BEiT], [B3]); timm's own `param_groups_layer_decay` (no heads) gives the last block scale 1 instead.
         """
         return dict(
             stem=r"^(?:vision_embed|text_embed)",

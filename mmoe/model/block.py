@@ -3,7 +3,7 @@
 Dimension legend: B batch, L tokens (vision first), D width.
 
 x = x + drop_path(attn(LN_1(x)));  x = x + drop_path(ffn(LN_2(x)))   (pre-LN with Magneto sub-LN inside,
-SPEC.md 5). The FFN is a per-modality dense FFN, or every `moe.every`-th layer an `mmoe.moe.MHMoE` with one
+[B3] released code). The FFN is a per-modality dense FFN, or every `moe.every`-th layer an `mmoe.moe.MHMoE` with one
 expert pool shared by both modalities (default) or one per modality ([MH1] sec. 3, docs/interfaces.md 1).
 The pre-FFN norm stays per modality in both cases.
 """

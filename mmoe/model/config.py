@@ -1,6 +1,6 @@
 """Typed, keyword-only configuration of the Multiway Transformer backbone.
 
-`MultiwayConfig` describes a BEiT-3-style Multiway Transformer ([B3] sec. 2.1, SPEC.md 5);
+`MultiwayConfig` describes a BEiT-3-style Multiway Transformer ([B3] sec. 2.1);
 `MoEConfig` (optional, nested) turns every `every`-th FFN into a (multi-head) mixture-of-experts
 layer ([MH1] sec. 3, [MH2] sec. 2). Dense, SMoE, X-MoE and MH-MoE are therefore config choices,
 not separate classes. Both dataclasses check themselves in `__post_init__` and round-trip through
@@ -96,7 +96,7 @@ class MoEConfig:
 
 @dataclass(kw_only=True)
 class MultiwayConfig:
-    """Architecture of the Multiway Transformer backbone (SPEC.md 5, [B3] sec. 2.1).
+    """Architecture of the Multiway Transformer backbone ([B3] sec. 2.1 and its released code).
 
     Sizes: `dim`, `depth`, `num_heads` (attention heads), `ffn_dim`. Vision: `img_size`, `patch_size`,
     `patch_embed` ("linear": BEiT-3's patchify; "conv": the convolutional stem of Xiao et al. 2021, mmoe.model.embed);

@@ -1,7 +1,7 @@
 """Weight import: released BEiT-3 (torchscale `BEiT3`) and timm ViT checkpoints into `MultiwayTransformer`.
 
-Converters and weight metadata live apart from the architecture (STYLE.md 11). Name mapping for BEiT-3
-(SPEC.md 5; torchscale `BEiT3`, `Encoder`, `MultiheadAttention`, `FeedForwardNetwork`):
+Converters and weight metadata live apart from the architecture (docs/interfaces.md section 2). Name mapping for BEiT-3
+(docs/references.md [B3]; torchscale `BEiT3`, `Encoder`, `MultiheadAttention`, `FeedForwardNetwork`):
 
     text_embed.weight                                  -> text_embed.token_embed.weight
     vision_embed.proj.*                                -> vision_embed.patch_embed.proj.*

@@ -1,6 +1,6 @@
 """ViTDet-style detection on the Multiway Transformer: simple feature pyramid + torchvision R-CNN heads.
 
-SPEC.md section 7 (COCO detection), [B3] sec. 4.1 / [MH1] vision experiments: the plain (non-hierarchical)
+COCO detection ([B3] sec. 3.2; [MH1]'s vision experiments; docs/references.md [ViTDet]): the plain (non-hierarchical)
 backbone's last map at stride ``p`` (the patch size, 16 for base/large) feeds a *simple feature pyramid*
 (Li et al., "Exploring Plain Vision Transformer Backbones for Object Detection", 2022, sec. 3): stride 4 and 8
 by transposed convolutions, stride 16 as is, stride 32 by max-pooling, each followed by a 1x1 and a 3x3

@@ -1,4 +1,4 @@
-"""Vision and text embeddings of the Multiway Transformer (SPEC.md 5, [B3] sec. 2.1).
+"""Vision and text embeddings of the Multiway Transformer ([B3] sec. 2.1 and its released code).
 
 Dimension legend: B batch, P patches, G = 1 + P vision tokens (CLS first), L text tokens, D width.
 

@@ -1,6 +1,6 @@
 """Caption generation for BEiT-3-style masked captioning: greedy and beam search, with or without a key/value cache.
 
-BEiT-3 fine-tunes captioning as masked language modeling under a causal text mask ([B3] sec. 3.2, SPEC.md 7): the
+BEiT-3 fine-tunes captioning as masked language modeling under a causal text mask ([B3] sec. 3.1, unilm ``beit3``): the
 text attends causally to text and fully to the image, the image never attends to text. At inference the model
 predicts token t by putting a [MASK] query at text position t after the real prefix ``[BOS, y_1 .. y_{t-1}]`` and
 reading the prediction at the mask (unilm ``beit3`` captioning does the same).
@@ -99,7 +99,7 @@ class Backbone(Protocol):
 def caption_attention_mask(num_vision: int, num_text: int, device: torch.device | None = None) -> torch.Tensor:
     """``(Nv + T, Nv + T)`` bool, True = may attend: image <-> image, text -> image, text -> earlier text (causal).
 
-    The image does not attend to text (SPEC.md 7), so image features do not depend on the caption and can be cached.
+    The image does not attend to text ([B3] sec. 3.1), so image features do not depend on the caption and can be cached.
     """
     n = num_vision + num_text
     mask = torch.zeros(n, n, dtype=torch.bool, device=device)

@@ -1,4 +1,4 @@
-"""Task heads over the Multiway Transformer's token features (SPEC.md 7; [B3] sec. 3, unilm ``beit3``).
+"""Task heads over the Multiway Transformer's token features ([B3] sec. 3, unilm ``beit3``).
 
 Dimension legend: B batch, N tokens (vision first: [CLS, patches...], then text), D model width,
 C classes.
@@ -17,7 +17,7 @@ One ``ClassificationHead`` serves every classification fine-tuning task; only th
   scales the last layer's initial weights by ``init_scale = 0.001``.
 
 Init as in BEiT-3's heads: Linear weights truncated normal (std 0.02), biases 0, LayerNorm 1/0; the
-final Linear is then multiplied by ``init_scale``. No Lightning here (ARCHITECTURE.md).
+final Linear is then multiplied by ``init_scale``. No Lightning here (only ``mmoe.train`` imports it).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ __all__ = ["Pooler", "ClassificationHead", "Pooling", "pool_features"]
 
 Pooling = Literal["image_cls", "image_text_cls", "pair", "mean_patch"]
 
-# The SPEC.md 7 MLP shapes: hidden width multiplier (None = a single Linear) and whether an input LN leads.
+# unilm beit3 head shapes ([B3] sec. 3): hidden width multiplier (None = a single Linear), whether an input LN leads.
 _DEFAULT_HIDDEN_MULT: dict[str, int | None] = {"image_cls": 2, "image_text_cls": 2, "pair": 2, "mean_patch": None}
 _IN_MULT: dict[str, int] = {"image_cls": 1, "image_text_cls": 2, "pair": 4, "mean_patch": 1}
 
@@ -97,14 +97,14 @@ def pool_features(features_BND: torch.Tensor, num_vision_tokens: int, pooling: P
 
 
 class ClassificationHead(nn.Module):
-    """Pooling + MLP classifier (SPEC.md 7): one class for the VQA, NLVR2 and ImageNet heads.
+    """Pooling + MLP classifier ([B3] sec. 3): one class for the VQA, NLVR2 and ImageNet heads.
 
     Args:
         dim: backbone width D.
         num_classes: C (3129 answers for VQAv2, 2 for NLVR2, 1000 for ImageNet).
         pooling: ``"image_cls"``, ``"image_text_cls"``, ``"pair"`` or ``"mean_patch"``.
         hidden_mult: MLP hidden width as a multiple of D; ``None`` = a single Linear; ``"auto"`` = the
-            SPEC.md 7 shape for the pooling (2 for image_cls/image_text_cls/pair, None for mean_patch).
+            unilm beit3 shape for the pooling (2 for image_cls/image_text_cls/pair, None for mean_patch).
         norm_eps: LayerNorm epsilon (BEiT-3 uses 1e-5 for VQA/NLVR2, 1e-6 for ImageNet).
         init_scale: factor on the last Linear's initial weight and bias (BEiT-3 ImageNet: 0.001).
         dropout: dropout before the last Linear (0 in BEiT-3).

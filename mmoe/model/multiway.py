@@ -1,4 +1,4 @@
-"""Per-modality ("multiway") building blocks ([B3] sec. 2.1, SPEC.md 5).
+"""Per-modality ("multiway") building blocks ([B3] sec. 2.1).
 
 Dimension legend: B batch, L tokens (vision first, then text), D width, F FFN width.
 
@@ -65,7 +65,7 @@ def multiway_or_shared(make: Callable[[], nn.Module], multiway: bool) -> nn.Modu
 
 
 class DenseFFN(nn.Module):
-    """BEiT-3's FFN with Magneto sub-LN: fc2(LN(gelu(fc1(x)))) (SPEC.md 5; torchscale FeedForwardNetwork).
+    """BEiT-3's FFN with Magneto sub-LN: fc2(LN(gelu(fc1(x)))) ([Magneto]; torchscale FeedForwardNetwork).
 
     GELU runs in float32 as in the reference, so half-precision runs match it.
     """

@@ -1,4 +1,4 @@
-"""Expert parallelism for the MH-MoE layer over a torch.distributed process group (issue 10).
+"""Expert parallelism for the MH-MoE layer over a torch.distributed process group (docs/scaling.md).
 
 Dimension legend: S sub-tokens, K top-k, A = K*S assignments, C sub-token width, E experts,
 P expert-parallel (EP) group size, El = E/P experts per rank, R rows received by a rank.

@@ -1,4 +1,4 @@
-"""FLOPs/parameter parity calculator for SMoE vs MH-MoE ([MH2] arXiv 2411.16205 sec. 2; SPEC.md 3).
+"""FLOPs/parameter parity calculator for SMoE vs MH-MoE ([MH2] arXiv 2411.16205 sec. 2).
 
 Counts are multiply-adds (MACs) per token for one MoE layer, leading terms as in [MH2]:
 

@@ -2,7 +2,7 @@
 
 Dimension legend: S sub-tokens (= tokens * h), C router input width (= d/h), E experts, K top-k.
 
-References: SPEC.md section 2; GShard/Switch load balancing as implemented in torchscale
+References: docs/references.md (routing); GShard/Switch load balancing as implemented in torchscale
 ``component/xmoe/routing.py`` (``top1gating``/``top2gating``); X-MoE [XM] section 3 (low-dimensional
 cosine routing with a learnable temperature); ST-MoE router z-loss.
 
@@ -39,7 +39,7 @@ def _fp32_region(x: Tensor) -> torch.autocast:
 
 
 class LinearRouter(nn.Module):
-    """Linear router: ``logits = W x`` with ``W`` of shape (E, C), no bias (SPEC.md 2; torchscale ``wg``).
+    """Linear router: ``logits = W x`` with ``W`` of shape (E, C), no bias (official MH-MoE code; torchscale ``wg``).
 
     Returns float32 logits whatever the input dtype (float64 inputs stay float64 for reference tests).
     """
@@ -52,7 +52,7 @@ class LinearRouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # BEiT-3 style trunc-normal(0.02) (SPEC.md 5): small logits, so routing starts near uniform.
+        # BEiT-3 style trunc-normal(0.02) ([B3] released code): small logits, so routing starts near uniform.
         nn.init.trunc_normal_(self.weight, std=0.02)
 
     def forward(self, x_SC: Tensor) -> Tensor:
@@ -69,7 +69,7 @@ class XMoERouter(nn.Module):
     ``form="torchscale"``: ``logits_e = (P x) . w_e / |w_e|``, i.e. only the expert embeddings are
     normalized and there is no temperature (torchscale ``Top2Gate._cosine``). torchscale also
     rescales ``w`` in place to norm 1.5 on every call; we do not mutate parameters in forward
-    (STYLE.md 7), which leaves the logits unchanged because ``w`` is normalized anyway.
+    (no hidden state changes in forward), which leaves the logits unchanged because ``w`` is normalized anyway.
 
     Expert embeddings are initialised orthogonal with gain 0.32 as in torchscale. The projection
     width defaults to 16 (torchscale); [MH1] uses 16/h.
@@ -163,7 +163,7 @@ def route_top_k(
     renormalize: bool = False,
     selection_bias_E: Tensor | None = None,
 ) -> RouteResult:
-    """Softmax over experts, top-k on the probabilities, gate = chosen probability (SPEC.md 2).
+    """Softmax over experts, top-k on the probabilities, gate = chosen probability (official MH-MoE code).
 
     ``selection_bias_E`` (aux-loss-free balancing, DeepSeek-V3 style) shifts only which experts are
     chosen; gate values remain the unbiased probabilities. ``renormalize`` divides the k gates by
@@ -207,7 +207,7 @@ def losses_from_statistics(stats: Tensor, num_experts: int) -> tuple[Tensor, Ten
 def load_balance_loss(probs_SE: Tensor, first_ids_S: Tensor, valid_S: Tensor | None = None) -> Tensor:
     """GShard/Switch balance loss ``E * sum_e mean_prob_e * frac_first_e``; 1.0 at perfect balance.
 
-    Averages run over valid (non-padding) sub-tokens only (SPEC.md 2; torchscale averages over
+    Averages run over valid (non-padding) sub-tokens only ([Switch] loss without padding; torchscale averages over
     padding too, a known flaw). Counts use FIRST choices only, as torchscale's ``ce`` from ``mask1``.
     """
     stats = routing_statistics(probs_SE, first_ids_S, torch.zeros_like(probs_SE), valid_S)
