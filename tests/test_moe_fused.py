@@ -181,3 +181,27 @@ def test_auto_picks_fused_on_cpu_for_plain_gelu_only() -> None:
     assert not GroupedExperts(4, 8, 16, activation="swiglu").use_fused(x)
     assert not GroupedExperts(4, 8, 16, inner_norm=True).use_fused(x)
     assert not GroupedExperts(4, 8, 16, impl="grouped_mm").use_fused(x)
+
+
+@pytest.mark.parametrize("cap, ok", [((8, 0), False), ((9, 0), True), ((10, 0), False), ((12, 1), False)])
+def test_grouped_mm_on_cuda_only_for_compute_capability_9(monkeypatch, cap: tuple[int, int], ok: bool) -> None:
+    """Blackwell (10.x+) is refused until _grouped_mm's empty-expert weight gradient is reliable there."""
+    from mmoe.moe import experts
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("no torch._grouped_mm")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    assert experts.grouped_mm_supported(torch.bfloat16, torch.device("cuda", 0), (16, 32)) is ok
+    assert not experts.grouped_mm_supported(torch.float32, torch.device("cuda", 0), (16, 32))
+
+
+def test_layer_under_bf16_autocast_on_the_fused_path() -> None:
+    torch.manual_seed(0)
+    layer = MHMoE(D, 4, num_heads=4, expert_hidden=16)
+    x = torch.randn(2, 5, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    ref = layer(x).output
+    torch.testing.assert_close(out.output.float(), ref, rtol=5e-2, atol=5e-2)
+    out.output.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.experts.parameters())

@@ -38,7 +38,7 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-true", "bf16-master")
 
 
 def worker(
@@ -56,7 +56,9 @@ def worker(
 
     `precision` as Lightning names it: "fp32"; "bf16-mixed" (fp32 weights and AdamW, autocast to bf16: the
     matmuls run in bf16, their inputs cast every step); "bf16-true" (weights, activations and AdamW state
-    in bf16, no casts and no fp32 master copy).
+    in bf16, no casts and no fp32 master copy); "bf16-master" (weights and activations in bf16 as bf16-true,
+    AdamW on fp32 master copies: per step one cast of every gradient up and of every weight down, instead of
+    autocast's casts at every use).
     """
     import contextlib
 
@@ -69,13 +71,15 @@ def worker(
     dev = torch.device(device)
     rss0 = _rss_mib()
     model = create_model(name, img_size=img).to(dev).train()
-    if precision == "bf16-true":
+    if precision in ("bf16-true", "bf16-master"):
         model = model.to(torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    live = [p for p in model.parameters() if p.requires_grad]
+    master = [p.detach().float().clone().requires_grad_(True) for p in live] if precision == "bf16-master" else None
+    opt = torch.optim.AdamW(master if master is not None else model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     image = torch.randn(batch, 3, img, img, generator=g).to(dev)
-    if precision == "bf16-true":
+    if precision in ("bf16-true", "bf16-master"):
         image = image.to(torch.bfloat16)
 
     def autocast() -> contextlib.AbstractContextManager:
@@ -100,8 +104,15 @@ def worker(
         loss.backward()
         sync()
         t1 = time.perf_counter()
+        if master is not None:
+            for m, p in zip(master, live):
+                m.grad = p.grad.float() if p.grad is not None else None
+                p.grad = None
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if master is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(live, master)
         sync()
         return t1 - t0, time.perf_counter() - t1
 
