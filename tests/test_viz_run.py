@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from test_viz_helpers import StandInBackbone, red_expert
 
-from mmoe.viz.run import VizInput, collect_routing, load_inputs, report_json, write_comparison, write_report
+from mmoe.viz.capture import collect_routing
+from mmoe.viz.inputs import VizInput, load_inputs
+from mmoe.viz.report import report_json, write_comparison, write_report
 
 GRID = 4  # 32 px image, 8 px patches
 

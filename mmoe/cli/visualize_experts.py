@@ -21,11 +21,58 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from mmoe.viz.run import DEFAULT_THRESHOLD, visualize
+from mmoe.viz.capture import ModelRouting, collect_routing, resolve_model
+from mmoe.viz.inputs import load_inputs
+from mmoe.viz.report import DEFAULT_THRESHOLD, write_comparison, write_report
+
+
+def visualize(
+    checkpoint: str,
+    *,
+    out: str | Path,
+    image: str | Path | None = None,
+    text: str | None = None,
+    compare: str | None = None,
+    labels: Sequence[str] | None = None,
+    limit: int | None = 16,
+    batch_size: int = 8,
+    threshold: float = DEFAULT_THRESHOLD,
+    seed: int = 0,
+    layers: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The whole job of `mmoe-viz` as one call: read the inputs, run each model, write the reports.
+
+    `checkpoint` (and `compare`) is one of our Lightning checkpoints, an mmoe model file, or a
+    registered model name / YAML for a freshly initialized model. With `compare`, each model writes
+    to `out/<label>/` and the side-by-side figures go to `out/compare/`; otherwise everything goes to
+    `out/`. Returns {"reports": [experts.json per model], "compare": compare.json or None}.
+    """
+    specs = [checkpoint] + ([compare] if compare else [])
+    if labels is not None and len(labels) != len(specs):
+        raise ValueError(f"visualize: labels needs {len(specs)} names (one per model), got {list(labels)}")
+    inputs = load_inputs(image, text=text, limit=limit)
+    out = Path(out)
+    results: list[ModelRouting] = []
+    reports = []
+    for n, spec in enumerate(specs):
+        model, label = resolve_model(spec, seed=seed)
+        if labels is not None:
+            label = labels[n]
+        elif n == 1 and label == results[0].label:
+            label = f"{label}_2"
+        result = collect_routing(model, inputs, label=label, source=spec, batch_size=batch_size)
+        if not result.accumulator.layers:
+            raise ValueError(f"visualize: {spec}: the model has no MoE layers (a dense model); nothing to draw")
+        reports.append(write_report(result, out / label if compare else out, threshold=threshold, layers=layers))
+        results.append(result)
+    summary = write_comparison(results, out / "compare", threshold=threshold, layers=layers) if compare else None
+    return {"reports": reports, "compare": summary}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compare", help="a second checkpoint / model name drawn side by side on the same inputs")
     p.add_argument("--labels", nargs="+", help="display labels for the model (and the --compare model)")
-    p.add_argument("--image", help="an image file, a folder of images, or a webdataset shard (.tar)")
+    p.add_argument(
+        "--image", help="an image file, a folder of images, or a webdataset shard (.tar, pipe:CMD, http(s) URL)"
+    )
     p.add_argument("--text", help="text paired with every image (or alone, without --image)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--limit", type=int, default=16, help="at most this many images from a folder or shard (0 = all)")

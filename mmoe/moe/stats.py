@@ -1,13 +1,18 @@
-"""Routing statistics from :class:`~mmoe.moe.layer.RoutingRecord` s ([MH1] sec. 4 / Fig. 1; SPEC.md 4).
+"""Routing statistics from :class:`~mmoe.moe.layer.RoutingRecord` s ([MH1] sec. 4 / Fig. 1).
 
 - expert load: share of the kept (routed) assignments each expert receives;
 - activation ratio: share of experts whose load is at least a threshold ([MH1] Fig. 1a: SMoE 8.33%
   vs MH-MoE 90.71% of 32 experts activated);
 - sub-token diversity: distinct experts among one token's h sub-tokens' first choices (1..h), which
   gives the per-patch maps of [MH1] Fig. 1b / Fig. 8;
+- majority expert: the expert most of a token's sub-tokens chose (ties: larger summed gate, then lower id),
+  the colour of a patch in the majority maps;
 - dropped share: dropped assignments over all assignments of real sub-tokens (capacity mode).
 
 Padding never counts: records already exclude it from ``counts`` and mark it with id -1.
+
+These are the only implementations: the training logs (``mmoe.train``), the validation pictures and the
+``mmoe-viz`` reports (``mmoe.viz.records`` wraps them for numpy arrays) all call them, so they agree.
 
 :class:`RoutingTally` reduces each record to the counts and sums these need as it arrives, so a whole
 evaluation set is summarized in O(experts) memory instead of keeping every record (ids and gates of every
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +34,9 @@ __all__ = [
     "DEFAULT_ACTIVATION_THRESHOLD",
     "expert_load",
     "activation_ratio",
+    "activated_experts",
+    "distinct_experts",
+    "majority_expert",
     "token_diversity",
     "dropped_share",
     "summarize",
@@ -55,14 +64,53 @@ def activation_ratio(counts: Tensor, threshold: float = DEFAULT_ACTIVATION_THRES
     return float(((share >= threshold) & (share > 0)).to(torch.float64).mean())
 
 
+def activated_experts(counts: Tensor, threshold: float = DEFAULT_ACTIVATION_THRESHOLD) -> list[int]:
+    """Ids of the experts :func:`activation_ratio` counts as activated (load share >= ``threshold``, not idle)."""
+    share = expert_load(counts)
+    return [int(e) for e in torch.nonzero((share >= threshold) & (share > 0)).flatten()]
+
+
+def distinct_experts(first: Tensor) -> Tensor:
+    """(..., h) first choices -> (...) int64 number of distinct experts among the real sub-tokens.
+
+    The sub-token assignment diversity of [MH1] (1..h for top-1 routing); a padding sub-token (-1) does not
+    count, so an all-padding token gets 0.
+    """
+    first = torch.as_tensor(first)
+    srt, _ = torch.sort(first.reshape(-1, first.shape[-1]).to(torch.int64), dim=-1)
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    return (new & (srt >= 0)).sum(-1).reshape(first.shape[:-1])
+
+
+def majority_expert(first: Tensor, gates: Tensor | None = None) -> Tensor:
+    """(..., h) first choices -> (...) int64 expert most of a token's sub-tokens chose.
+
+    Ties go to the tied expert with the larger summed gate (when ``gates``, of the same shape, is given),
+    then to the lower expert id; gate sums are taken in float64. A token whose sub-tokens are all padding
+    (-1) gets -1.
+    """
+    first = torch.as_tensor(first)
+    ids_Nh = first.reshape(-1, first.shape[-1]).to(torch.int64)
+    valid_Nh = ids_Nh >= 0
+    num_experts = int(ids_Nh.max()) + 1 if bool(valid_Nh.any()) else 1
+    slot_Nh = ids_Nh.clamp(min=0)
+    votes_NE = torch.zeros(ids_Nh.shape[0], num_experts, dtype=torch.int64, device=ids_Nh.device)
+    votes_NE.scatter_add_(1, slot_Nh, valid_Nh.to(torch.int64))
+    w_Nh = torch.ones_like(ids_Nh, dtype=torch.float64) if gates is None else torch.as_tensor(gates)
+    w_Nh = torch.where(valid_Nh, w_Nh.reshape(ids_Nh.shape).to(torch.float64), 0.0)
+    mass_NE = torch.zeros(votes_NE.shape, dtype=torch.float64, device=ids_Nh.device).scatter_add_(1, slot_Nh, w_Nh)
+    # lexicographic: most votes, then most gate mass, then the lowest id (argmax returns the first maximum)
+    top_NE = votes_NE == votes_NE.max(dim=1, keepdim=True).values
+    mass_NE = torch.where(top_NE, mass_NE, float("-inf"))
+    best_NE = top_NE & (mass_NE == mass_NE.max(dim=1, keepdim=True).values)
+    out_N = torch.where(valid_Nh.any(dim=1), best_NE.to(torch.uint8).argmax(dim=1), -1)
+    return out_N.reshape(first.shape[:-1])
+
+
 def token_diversity(record: RoutingRecord) -> Tensor:
     """(B, L) int64: distinct experts among each token's h sub-tokens (first choices); 0 for padding."""
-    h = record.num_heads
-    first_Nh = record.expert_ids[:, 0].reshape(-1, h)
-    srt, _ = torch.sort(first_Nh, dim=1)
-    distinct_N = 1 + (srt[:, 1:] != srt[:, :-1]).sum(dim=1)
-    distinct_N = torch.where(first_Nh[:, 0] >= 0, distinct_N, torch.zeros_like(distinct_N))
-    return distinct_N.reshape(record.token_shape)
+    return distinct_experts(record.expert_ids[:, 0].reshape(-1, record.num_heads)).reshape(record.token_shape)
 
 
 def dropped_share(record: RoutingRecord) -> float:
@@ -72,38 +120,18 @@ def dropped_share(record: RoutingRecord) -> float:
     return dropped / total if total > 0 else 0.0
 
 
-def summarize(records: Iterable[RoutingRecord], *, threshold: float = DEFAULT_ACTIVATION_THRESHOLD) -> dict[str, float]:
-    """Pool several records of one layer (e.g. the batches of an evaluation set) into scalar metrics.
+def summarize(records: Iterable[RoutingRecord], *, threshold: float = DEFAULT_ACTIVATION_THRESHOLD) -> dict[str, Any]:
+    """Pool several records of one layer (e.g. the batches of an evaluation set) into its metrics.
 
-    Returns ``activation_ratio``, ``load_max`` and ``load_min`` (shares), ``diversity`` (mean over real
-    tokens), ``dropped_share``, ``num_tokens`` (real tokens) and ``num_experts``.
+    The one-call form of :class:`RoutingTally` (the same totals, the same numbers): see
+    :meth:`RoutingTally.metrics` for the keys.
     """
-    records = list(records)
-    if not records:
+    tally = RoutingTally()
+    for record in records:
+        tally.add(record)
+    if not tally.records:
         raise ValueError("summarize: got no RoutingRecord; expected at least one")
-    num_experts = records[0].num_experts
-    counts = torch.zeros(num_experts, dtype=torch.int64)
-    div_sum, n_tok, dropped, assigned = 0.0, 0, 0.0, 0.0
-    for r in records:
-        if r.num_experts != num_experts:
-            raise ValueError(f"summarize: records mix {num_experts} and {r.num_experts} experts; expected one layer")
-        counts += r.counts.detach().cpu().to(torch.int64)
-        div = token_diversity(r).cpu()
-        real = div > 0
-        div_sum += float(div[real].sum())
-        n_tok += int(real.sum())
-        dropped += float(r.dropped)
-        assigned += float(r.counts.sum()) + float(r.dropped)
-    load = expert_load(counts)
-    return {
-        "activation_ratio": activation_ratio(counts, threshold),
-        "load_max": float(load.max()),
-        "load_min": float(load.min()),
-        "diversity": div_sum / max(1, n_tok),
-        "dropped_share": dropped / assigned if assigned > 0 else 0.0,
-        "num_tokens": float(n_tok),
-        "num_experts": float(num_experts),
-    }
+    return tally.metrics(threshold=threshold)
 
 
 @dataclass
@@ -149,8 +177,9 @@ class RoutingTally:
             self.dropped += parts[3].to(device)
         self.records += 1
 
-    def metrics(self, *, threshold: float = DEFAULT_ACTIVATION_THRESHOLD) -> dict[str, float | list[float]]:
-        """``activation_ratio``, ``load`` (per expert), ``load_max``, ``diversity`` and ``dropped_share``."""
+    def metrics(self, *, threshold: float = DEFAULT_ACTIVATION_THRESHOLD) -> dict[str, Any]:
+        """``activation_ratio``, ``load`` (share per expert), ``load_max``, ``load_min``, ``diversity`` (mean over
+        real tokens), ``dropped_share``, ``num_tokens`` (real tokens) and ``num_experts``."""
         if self.counts is None:
             raise ValueError("RoutingTally.metrics: no record was added")
         counts = self.counts.cpu()
@@ -160,6 +189,9 @@ class RoutingTally:
             "activation_ratio": activation_ratio(counts, threshold),
             "load": load.tolist(),
             "load_max": float(load.max()),
+            "load_min": float(load.min()),
             "diversity": int(self.diversity_sum) / max(1, int(self.diversity_tokens)),
             "dropped_share": dropped / assigned if assigned > 0 else 0.0,
+            "num_tokens": float(int(self.diversity_tokens)),
+            "num_experts": float(counts.numel()),
         }

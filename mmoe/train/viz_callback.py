@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from mmoe.viz.capture import RoutedBatch, forward_routing, to_display
 from mmoe.viz.experts import draw_assignment, draw_load_heatmaps, draw_map_grid, figure_to_array
 from mmoe.viz.records import RoutingAccumulator, diversity, majority_expert, patch_gates, patch_grid
-from mmoe.viz.run import RoutedBatch, forward_routing, to_display
 
 _STREAM_ORDER = ("pair", "image")
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 import colorsys
 import io
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -30,6 +29,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from PIL import Image
+
+from mmoe.files import atomic_write
 
 PAD_COLOR = np.array([0.85, 0.85, 0.85])
 DEFAULT_ALPHA = 0.6
@@ -170,6 +171,14 @@ def draw_assignment(
     return fig, panels
 
 
+def _diversity_colorbar(fig: Figure, axes: Any, cmap: Any, num_heads: int, *, fraction: float = 0.04) -> None:
+    """The 1..h colour bar of the distinct-experts maps."""
+    norm = BoundaryNorm(np.arange(num_heads + 1) + 0.5, cmap.N)
+    cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, fraction=fraction, pad=0.02)
+    cb.set_ticks(np.arange(1, num_heads + 1))
+    cb.set_label("distinct experts per patch")
+
+
 def draw_diversity(
     image: np.ndarray, div: np.ndarray, num_heads: int, *, title: str = "", alpha: float = DEFAULT_ALPHA
 ) -> tuple[Figure, dict[str, np.ndarray]]:
@@ -180,10 +189,7 @@ def draw_diversity(
     axes = fig.subplots(1, 2, squeeze=False)
     _image_axis(axes[0, 0], panels["input"], "input")
     _image_axis(axes[0, 1], panels["diversity"], f"distinct experts (mean {float(np.mean(div)):.2f} of {num_heads})")
-    norm = BoundaryNorm(np.arange(num_heads + 1) + 0.5, cmap.N)
-    cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, fraction=0.05, pad=0.02)
-    cb.set_ticks(np.arange(1, num_heads + 1))
-    cb.set_label("distinct experts per patch")
+    _diversity_colorbar(fig, axes, cmap, num_heads, fraction=0.05)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig, panels
@@ -339,11 +345,7 @@ def draw_map_grid(
     if kind == "expert":
         expert_colorbar(fig, axes, num_classes, "majority expert")
     else:
-        _, cmap = diversity_colors(np.ones(1, dtype=np.int64), num_classes)
-        norm = BoundaryNorm(np.arange(num_classes + 1) + 0.5, cmap.N)
-        cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, fraction=0.04, pad=0.02)
-        cb.set_ticks(np.arange(1, num_classes + 1))
-        cb.set_label("distinct experts per patch")
+        _diversity_colorbar(fig, axes, diversity_colors(np.ones(1, dtype=np.int64), num_classes)[1], num_classes)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig, drawn
@@ -361,18 +363,8 @@ def axes_pixel_box(fig: Figure, ax: Axes) -> tuple[float, float, float, float]:
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write `fig` as a PNG atomically (temp name in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=fig.dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `fig` as a PNG atomically (`mmoe.files.atomic_write`: a killed run leaves no half picture)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi))
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:

@@ -1,27 +1,33 @@
 """Turn MoE routing records into per-patch and per-word expert assignments and load statistics.
 
-The MH-MoE layer ([MH1] sec. 3, SPEC.md 1-2) splits every token into h sub-tokens and routes each one
+The MH-MoE layer ([MH1] sec. 3) splits every token into h sub-tokens and routes each one
 to its own top-k experts. A `RoutingRecord` (docs/interfaces.md sec. 1) stores that as flat
 (S, K) arrays whose row ``i*h + j`` is sub-token j of token i, tokens flattened as ``b*L + l``. This
 module reshapes those rows back to (B, L, h, K), splits the sequence into its vision part (CLS then
 a grid of patches) and its text part, and reduces it to what the paper draws:
 
 - the expert each patch's sub-tokens chose and the majority expert ([MH1] Fig. 1b / Fig. 8),
-- the number of distinct experts a token's sub-tokens reach ([MH1] Fig. 8; SPEC.md 4),
+- the number of distinct experts a token's sub-tokens reach ([MH1] Fig. 8),
 - the share of routed sub-tokens per expert and the activation ratio ([MH1] Fig. 1a / Fig. 5).
 
-Everything here is numpy on CPU and duck-typed on the record fields, so it needs neither the model
-nor Lightning. Dimension legend: B batch, L tokens, h MoE heads, K top-k, E experts, gh x gw patch grid.
+The reductions themselves (load, activation ratio, diversity, majority expert, dropped share) are those of
+`mmoe.moe.stats`, the ones the training logs use; this module only reshapes and hands them numpy arrays, so
+the pictures and the logs show the same numbers. It needs neither the model nor Lightning.
+Dimension legend: B batch, L tokens, h MoE heads, K top-k, E experts, gh x gw patch grid.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
+
+from mmoe.moe import stats
 
 Pool = Literal["shared", "vision", "text"]
 
@@ -129,6 +135,7 @@ class LayerView:
         dropped: assignments dropped by capacity.
         vision: routing of the vision tokens [CLS, patches...] or None.
         text: routing of the text tokens or None.
+        record: the `RoutingRecord` itself (for `mmoe.moe.stats.RoutingTally`).
     """
 
     key: str
@@ -141,6 +148,7 @@ class LayerView:
     dropped: int
     vision: TokenRouting | None
     text: TokenRouting | None
+    record: Any
 
 
 def split_routing(routing: Mapping[str, Any], *, num_vision_tokens: int, num_text_tokens: int) -> list[LayerView]:
@@ -184,6 +192,7 @@ def split_routing(routing: Mapping[str, Any], *, num_vision_tokens: int, num_tex
                 dropped=int(_np(getattr(record, "dropped", 0))),
                 vision=vision,
                 text=text,
+                record=record,
             )
         )
     return views
@@ -211,93 +220,84 @@ def patch_gates(vision: TokenRouting, grid_size: tuple[int, int]) -> np.ndarray:
 
 
 def majority_expert(first: np.ndarray, gates: np.ndarray | None = None) -> np.ndarray:
-    """(..., h) first choices -> (...) the expert most of a token's sub-tokens chose.
+    """(..., h) first choices -> (...) the expert most of a token's sub-tokens chose (-1 for padding).
 
-    Ties go to the tied expert with the larger summed gate (when `gates` is given), then to the
-    lower expert id. Tokens whose sub-tokens are all padding get -1.
+    Ties go to the tied expert with the larger summed gate (when `gates` is given), then to the lower
+    expert id (`mmoe.moe.stats.majority_expert`).
     """
-    h = first.shape[-1]
-    flat = first.reshape(-1, h)
-    g = np.ones_like(flat, dtype=np.float64) if gates is None else gates.reshape(-1, h).astype(np.float64)
-    out = np.full(flat.shape[0], -1, dtype=np.int64)
-    for n in range(flat.shape[0]):
-        row = flat[n]
-        valid = row >= 0
-        if not valid.any():
-            continue
-        experts = np.unique(row[valid])
-        votes = np.array([(row == e).sum() for e in experts])
-        mass = np.array([g[n][row == e].sum() for e in experts])
-        # lexicographic: most votes, then most gate mass, then lowest id (np.unique is sorted ascending)
-        best = np.lexsort((-mass, -votes))[0]
-        out[n] = experts[best]
-    return out.reshape(first.shape[:-1])
+    g = None if gates is None else torch.from_numpy(np.asarray(gates))
+    return stats.majority_expert(torch.from_numpy(np.asarray(first)), g).numpy()
 
 
 def diversity(first: np.ndarray) -> np.ndarray:
-    """(..., h) first choices -> (...) number of distinct experts among a token's sub-tokens.
+    """(..., h) first choices -> (...) number of distinct experts among a token's real sub-tokens.
 
-    This is [MH1]'s sub-token assignment diversity (SPEC.md 4): 1..h for top-1 routing; padding
-    sub-tokens (-1) do not count, so an all-padding token gets 0.
+    [MH1]'s sub-token assignment diversity (`mmoe.moe.stats.distinct_experts`): 1..h for top-1 routing,
+    0 for an all-padding token.
     """
-    h = first.shape[-1]
-    flat = np.sort(first.reshape(-1, h), axis=-1)
-    valid = flat >= 0
-    new = np.ones_like(flat, dtype=bool)
-    new[:, 1:] = flat[:, 1:] != flat[:, :-1]
-    return (new & valid).sum(-1).reshape(first.shape[:-1])
+    return stats.distinct_experts(torch.from_numpy(np.asarray(first))).numpy()
 
 
 def load_share(counts: np.ndarray) -> np.ndarray:
-    """(E,) counts -> share of routed assignments per expert (sums to 1; zeros if nothing was routed)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    total = counts.sum()
-    return counts / total if total > 0 else np.zeros_like(counts)
+    """(E,) counts -> share of routed assignments per expert (`mmoe.moe.stats.expert_load`)."""
+    return stats.expert_load(torch.as_tensor(np.asarray(counts))).numpy()
 
 
 def activation_ratio(counts: np.ndarray, threshold: float) -> float:
-    """Share of experts whose load share is at least `threshold` ([MH1] Fig. 1a; SPEC.md 4).
+    """Share of experts whose load share is at least `threshold` ([MH1] Fig. 1a; `mmoe.moe.stats`).
 
     `threshold` is an absolute share of the layer's routed assignments (e.g. 0.01 = 1 %); an expert
     with no assignments is never activated, even at threshold 0.
     """
-    share = load_share(counts)
-    return float(((share >= threshold) & (share > 0)).mean()) if share.size else 0.0
+    return stats.activation_ratio(torch.as_tensor(np.asarray(counts)), threshold)
 
 
 @dataclass
 class LayerStats:
-    """Routing of one routing key accumulated over every input seen."""
+    """Routing of one routing key accumulated over every input seen.
 
-    key: str
-    layer: str
-    pool: Pool
-    num_experts: int
-    num_heads: int
-    top_k: int
-    counts: np.ndarray
+    `tally` holds the totals the training logs keep (`mmoe.moe.stats.RoutingTally`); the per-modality counts
+    and the mean diversity over image patches (CLS excluded) are what the pictures add.
+    """
+
+    view: LayerView  # the key's first view without its arrays: key, layer, pool, E, h, K
     counts_vision: np.ndarray
     counts_text: np.ndarray
-    dropped: int = 0
+    tally: stats.RoutingTally = field(default_factory=stats.RoutingTally)
     diversity_sum: float = 0.0
     diversity_tokens: int = 0
 
+    @property
+    def counts(self) -> np.ndarray:
+        """(E,) kept assignments per expert over everything added."""
+        return self.tally.counts.cpu().numpy()
+
+    @property
+    def num_experts(self) -> int:
+        return self.view.num_experts
+
+    @property
+    def num_heads(self) -> int:
+        return self.view.num_heads
+
     def to_json(self, threshold: float) -> dict[str, Any]:
-        share = load_share(self.counts)
+        v, m = self.view, self.tally.metrics(threshold=threshold)
         return {
-            "key": self.key,
-            "layer": self.layer,
-            "pool": self.pool,
-            "num_experts": self.num_experts,
-            "num_heads": self.num_heads,
-            "top_k": self.top_k,
+            "key": v.key,
+            "layer": v.layer,
+            "pool": v.pool,
+            "num_experts": v.num_experts,
+            "num_heads": v.num_heads,
+            "top_k": v.top_k,
             "counts": self.counts.tolist(),
             "counts_vision": self.counts_vision.tolist(),
             "counts_text": self.counts_text.tolist(),
-            "load": share.tolist(),
-            "activation_ratio": activation_ratio(self.counts, threshold),
-            "activated_experts": [int(e) for e in np.flatnonzero((share >= threshold) & (share > 0))],
-            "dropped": self.dropped,
+            "load": m["load"],
+            "activation_ratio": m["activation_ratio"],
+            "activated_experts": stats.activated_experts(self.tally.counts.cpu(), threshold),
+            "dropped": int(self.tally.dropped),
+            "dropped_share": m["dropped_share"],
+            "diversity": m["diversity"],
             "mean_patch_diversity": (self.diversity_sum / self.diversity_tokens) if self.diversity_tokens else None,
         }
 
@@ -318,15 +318,16 @@ class RoutingAccumulator:
             if st is None:
                 zeros = np.zeros(v.num_experts, dtype=np.int64)
                 st = LayerStats(
-                    v.key, v.layer, v.pool, v.num_experts, v.num_heads, v.top_k, zeros.copy(), zeros.copy(), zeros
+                    dataclasses.replace(v, counts=zeros.copy(), vision=None, text=None, record=None),
+                    zeros,
+                    zeros.copy(),
                 )
                 self.layers[v.key] = st
             elif st.num_experts != v.num_experts:
                 raise ValueError(
                     f"routing key {v.key!r}: {v.num_experts} experts, earlier batches had {st.num_experts}"
                 )
-            st.counts += v.counts
-            st.dropped += v.dropped
+            st.tally.add(v.record)
             if v.vision is not None:
                 st.counts_vision += v.vision.counts()
                 if grid_size is not None:

@@ -1,7 +1,7 @@
 """Which experts each word's sub-tokens go to: tables (markdown / JSON) and a picture.
 
-In MH-MoE every text token is split into h sub-tokens that are routed independently ([MH1] sec. 3;
-SPEC.md 1-2), so a word made of several BPE pieces reaches up to (pieces x h x k) experts. For
+In MH-MoE every text token is split into h sub-tokens that are routed independently ([MH1] sec. 3),
+so a word made of several BPE pieces reaches up to (pieces x h x k) experts. For
 each MoE layer this module lists, per token, the top-k experts and gates of every head, the word the
 token belongs to and the number of distinct first-choice experts; the picture is a (heads x tokens)
 grid per layer coloured by expert ([MH1] Fig. 1b drawn for text).
