@@ -8,9 +8,22 @@ import pytest
 import torch
 
 from mmoe.moe.dispatch import plan_dispatch
-from mmoe.moe.router import LinearRouter, XMoERouter, load_balance_loss, route_top_k, router_z_loss
+from mmoe.moe.router import (
+    LinearRouter,
+    XMoERouter,
+    losses_from_statistics,
+    route_top_k,
+    router_z_loss,
+    routing_statistics,
+)
 
 routing_ref = pytest.importorskip("torchscale.component.xmoe.routing", reason="torchscale is a test-only reference")
+
+
+def load_balance_loss(probs_SE: torch.Tensor, first_ids_S: torch.Tensor, valid_S: torch.Tensor | None = None):
+    """The balance term as the layer computes it (its sums, then the loss), from the probabilities alone."""
+    stats = routing_statistics(probs_SE, first_ids_S, torch.zeros_like(probs_SE), valid_S)
+    return losses_from_statistics(stats, probs_SE.shape[-1])[0]
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ __all__ = [
     "RouteResult",
     "build_router",
     "route_top_k",
-    "load_balance_loss",
     "router_z_loss",
     "routing_statistics",
     "losses_from_statistics",
@@ -197,21 +196,16 @@ def routing_statistics(
 
 
 def losses_from_statistics(stats: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """(balance, z) from :func:`routing_statistics` (possibly summed over ranks)."""
+    """(balance, z) from :func:`routing_statistics` (possibly summed over ranks).
+
+    balance is the GShard/Switch loss ``E * sum_e mean_prob_e * frac_first_e`` (1.0 at perfect balance), z the
+    ST-MoE z-loss. Averages run over valid (non-padding) sub-tokens only (torchscale averages over padding too,
+    a known flaw); counts use FIRST choices only, as torchscale's ``ce`` from ``mask1``.
+    """
     E = num_experts
     n = stats[2 * E].clamp(min=1.0)
     balance = E * ((stats[:E] / n) * (stats[E : 2 * E] / n)).sum()
     return balance, stats[2 * E + 1] / n
-
-
-def load_balance_loss(probs_SE: Tensor, first_ids_S: Tensor, valid_S: Tensor | None = None) -> Tensor:
-    """GShard/Switch balance loss ``E * sum_e mean_prob_e * frac_first_e``; 1.0 at perfect balance.
-
-    Averages run over valid (non-padding) sub-tokens only ([Switch] loss without padding; torchscale averages over
-    padding too, a known flaw). Counts use FIRST choices only, as torchscale's ``ce`` from ``mask1``.
-    """
-    stats = routing_statistics(probs_SE, first_ids_S, torch.zeros_like(probs_SE), valid_S)
-    return losses_from_statistics(stats, probs_SE.shape[-1])[0]
 
 
 def router_z_loss(logits_SE: Tensor, valid_S: Tensor | None = None) -> Tensor:
