@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SAMPLES
 
 from mmoe.data.captions import (
     CaptionCollator,
@@ -25,7 +26,7 @@ from mmoe.data.tokenizer import build_tokenizer
 from mmoe.data.transforms import build_transform
 from mmoe.metrics.captions import load_references
 
-COCO = Path(__file__).resolve().parents[1] / "datasets" / "samples" / "coco"
+COCO = SAMPLES / "coco"
 ANN = COCO / "annotations" / "captions_val2017.json"
 pytestmark = pytest.mark.skipif(not ANN.is_file(), reason="datasets/samples/coco is missing")
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import SAMPLES
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
@@ -13,10 +14,8 @@ from pycocoevalcap.rouge.rouge import Rouge
 import mmoe.metrics.captions as mc
 from mmoe.metrics.captions import evaluate_files, java_available, main, ptb_tokenize, score_captions
 
-SAMPLES = (
-    Path(__file__).resolve().parents[1] / "datasets" / "samples" / "coco" / "annotations" / "captions_val2017.json"
-)
-needs_samples = pytest.mark.skipif(not SAMPLES.is_file(), reason="datasets/samples/coco is missing")
+CAPTIONS = SAMPLES / "coco" / "annotations" / "captions_val2017.json"
+needs_samples = pytest.mark.skipif(not CAPTIONS.is_file(), reason="datasets/samples/coco is missing")
 needs_java = pytest.mark.skipif(not java_available(), reason="java is not on PATH (official PTB tokenizer/METEOR)")
 
 
@@ -45,7 +44,7 @@ def test_ptb_tokenize_matches_java_on_known_cases(text, expected):
 
 
 def _sample_refs() -> dict[int, list[str]]:
-    return mc.load_references(SAMPLES)
+    return mc.load_references(CAPTIONS)
 
 
 @needs_samples
@@ -152,8 +151,8 @@ def test_full_java_pipeline_with_meteor(tmp_path):
     refs = _sample_refs()
     res = [{"image_id": k, "caption": v[0]} for k, v in refs.items()]
     (tmp_path / "res.json").write_text(json.dumps(res))
-    out_java = evaluate_files(SAMPLES, tmp_path / "res.json", tokenizer="java", meteor=True)
-    out_py = evaluate_files(SAMPLES, tmp_path / "res.json", tokenizer="python", meteor=False)
+    out_java = evaluate_files(CAPTIONS, tmp_path / "res.json", tokenizer="java", meteor=True)
+    out_py = evaluate_files(CAPTIONS, tmp_path / "res.json", tokenizer="python", meteor=False)
     assert 0.0 < out_java["METEOR"] <= 1.0 and out_java["unavailable"] == [] and out_java["tokenizer"] == "java"
     for key in ("Bleu_4", "ROUGE_L", "CIDEr"):
         assert out_py[key] == pytest.approx(out_java[key], rel=0.01)

@@ -1,4 +1,4 @@
-"""Backbone behaviour: shapes, gradients, masks, checkpointing, save/load, timm contract (issue 3; STYLE.md 13-14)."""
+"""Backbone behaviour: shapes, gradients, masks, checkpointing, save/load, timm contract (docs/interfaces.md 2)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,7 @@ from mmoe.model.registry import get_config
 SMALL = dict(depth=2)  # two blocks: one dense, one MoE (every 2nd) keep tests at seconds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared, loaded CPU, OpenMP spinning costs 50x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _inputs(batch: int = 2, length: int = 7, size: int = 64, seed: int = 0):
@@ -252,7 +246,7 @@ def test_timm_contract_layer_decay():
     names = dict(model.named_parameters())
     assert nwd <= set(names)
     depth = model.config.depth
-    # layer ids (SPEC.md 7): embeddings 0, block i -> i + 1; the final norm joins the last block (timm's rule)
+    # layer ids ([BEiT] layer decay): embeddings 0, block i -> i + 1; the final norm joins the last block (timm's rule)
     ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
     assert ids["vision_embed.patch_embed.proj.weight"] == ids["text_embed.token_embed.weight"] == 0
     assert ids["vision_embed.pos_embed"] == 0 and ids["blocks.0.attn.q_proj.vision.weight"] == 1
@@ -316,7 +310,7 @@ def test_drop_path_is_stochastic_in_train_only():
 
 
 def test_init_follows_beit3_recipe():
-    """SPEC.md 5: std-0.02 Linear weights, zero biases, unit norms; output projections of layer l / sqrt(2l)."""
+    """BEiT-3 init: std-0.02 Linear weights, zero biases, unit norms; output projections of layer l / sqrt(2l)."""
     torch.manual_seed(0)
     model = create_model("tiny", depth=4, dim=256, ffn_dim=1024)
     blk0, blk3 = model.blocks[0], model.blocks[3]
@@ -327,7 +321,7 @@ def test_init_follows_beit3_recipe():
     assert abs(blk3.ffn.text.fc1.weight.std().item() - 0.02) < 2e-3
     assert torch.count_nonzero(blk3.ffn.text.fc1.bias) == 0 and torch.all(blk3.norm1.vision.weight == 1)
     moe_model = create_model("tiny_mhmoe", depth=2)
-    head = moe_model.blocks[1].moe.head[0].weight  # MH-MoE keeps its own Xavier init (SPEC.md 1)
+    head = moe_model.blocks[1].moe.head[0].weight  # MH-MoE keeps its own Xavier init ([MH1], official code)
     bound = (6 / (128 + 128)) ** 0.5 / 2**0.5
     assert head.abs().max() <= bound + 1e-6 and head.abs().max() > 0.8 * bound
 

@@ -7,17 +7,11 @@ import torch
 
 from mmoe.model import create_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _caption_mask(num_vision: int, num_text: int) -> torch.Tensor:
-    """Image attends to image only; text attends to the image and causally to text (SPEC.md 7, captioning)."""
+    """Image attends to image only; text attends to the image and causally to text ([B3] sec. 3.1, captioning)."""
     n = num_vision + num_text
     allow = torch.zeros(n, n, dtype=torch.bool)
     allow[:, :num_vision] = True
@@ -25,13 +19,19 @@ def _caption_mask(num_vision: int, num_text: int) -> torch.Tensor:
     return allow
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_mhmoe"])
-def test_cached_steps_equal_full_causal_forward(name):
+def _model_and_inputs(name: str, seed: int, text_len: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A 2-layer model in eval mode, a (2, 3, 64, 64) image and (2, ``text_len``) token ids drawn from ``seed``."""
     torch.manual_seed(0)
     model = create_model(name, depth=2).eval()
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     image = torch.randn(2, 3, 64, 64, generator=g)
-    text = torch.randint(0, 49408, (2, 6), generator=g)
+    text = torch.randint(0, 49408, (2, text_len), generator=g)
+    return model, image, text
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_mhmoe"])
+def test_cached_steps_equal_full_causal_forward(name):
+    model, image, text = _model_and_inputs(name, seed=0, text_len=6)
     nv = 65
     with torch.no_grad():
         full = model(image=image, text=text, attn_mask=_caption_mask(nv, 6)).features
@@ -50,11 +50,7 @@ def test_cached_steps_equal_full_causal_forward(name):
 
 
 def test_multi_token_step_is_causal_and_reorder_selects_rows():
-    torch.manual_seed(0)
-    model = create_model("tiny", depth=2).eval()
-    g = torch.Generator().manual_seed(1)
-    image = torch.randn(2, 3, 64, 64, generator=g)
-    text = torch.randint(0, 49408, (2, 5), generator=g)
+    model, image, text = _model_and_inputs("tiny", seed=1, text_len=5)
     nv = 65
     with torch.no_grad():
         full = model(image=image, text=text, attn_mask=_caption_mask(nv, 5)).features

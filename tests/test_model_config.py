@@ -1,4 +1,4 @@
-"""Config dataclasses, YAML round trip and the registry of named sizes (issue 3; STYLE.md 3-4, 14)."""
+"""Config dataclasses, YAML round trip and the registry of named sizes (docs/interfaces.md section 2)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,7 @@ import torch
 from mmoe.model import MoEConfig, MultiwayConfig, create_model, get_config, list_models
 from mmoe.model.registry import CONFIG_DIR
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 EXPECTED = {

@@ -1,4 +1,4 @@
-"""BEiT-3 / timm import and sparse upcycling (issue 3; STYLE.md 15).
+"""BEiT-3 / timm import and sparse upcycling ([Upcycle]; docs/references.md, reference code).
 
 Parity against torchscale's BEiT3 (installed as a test-only reference) at a tiny size with random weights.
 """
@@ -6,7 +6,6 @@ Parity against torchscale's BEiT3 (installed as a test-only reference) at a tiny
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,15 +20,8 @@ with warnings.catch_warnings():  # torchscale imports timm.models.layers (deprec
     from torchscale.architecture.config import EncoderConfig
     from torchscale.model.BEiT3 import BEiT3
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _beit3_args(**kw) -> EncoderConfig:

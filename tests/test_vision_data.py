@@ -1,4 +1,4 @@
-"""COCO instances and ImageNet folders for the vision tasks (issue 8): real samples and tmp_path fixtures."""
+"""COCO instances and ImageNet folders for the vision tasks: real samples and tmp_path fixtures."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, SAMPLES
 from PIL import Image
 
 from mmoe.data.coco import CategoryMap, CocoInstances, detection_collate, detection_transforms
@@ -22,18 +23,15 @@ from mmoe.data.imagenet import (
     sort_val_images,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-from samples import SHARED  # noqa: E402  (one definition of where shared data lives)
-
 
 @pytest.fixture(scope="module")
 def coco_sample() -> tuple[Path, Path]:
-    """(image folder, instances json) of real COCO val2017 images: datasets/samples, else shared/data."""
-    for root in (REPO / "datasets" / "samples" / "coco", SHARED / "coco-mini"):
-        ann = root / "annotations" / "instances_val2017.json"
-        if ann.is_file() and (root / "val2017").is_dir():
-            return root / "val2017", ann
-    pytest.skip("no COCO sample (datasets/samples/coco or ../shared/data/coco-mini)")
+    """(image folder, instances json) of the real COCO val2017 images in datasets/samples/coco."""
+    root = SAMPLES / "coco"
+    ann = root / "annotations" / "instances_val2017.json"
+    if not (ann.is_file() and (root / "val2017").is_dir()):
+        pytest.skip("no COCO sample (datasets/samples/coco)")
+    return root / "val2017", ann
 
 
 def _subset(coco_sample: tuple[Path, Path], tmp_path: Path, image_ids: list[int]) -> Path:
@@ -140,7 +138,7 @@ def test_empty_image_and_no_masks(tmp_path: Path) -> None:
 def test_class_names_come_from_timm() -> None:
     names = imagenet_class_names(["n01440764", "n02123045", "circle"])
     assert names == ["tench", "tabby", "circle"]
-    real = REPO / "datasets" / "samples" / "imagenet" / "val"
+    real = SAMPLES / "imagenet" / "val"
     if real.is_dir():  # the real sample images in the ImageFolder layout
         ds = ImageNetFolder(real, transform=imagenet_transform(False, image_size=32))
         assert len(ds) >= 1 and len(ds.class_names) == len(ds.classes)

@@ -1,4 +1,4 @@
-"""mmoe.metrics.detection against direct pycocotools calls on real COCO ground truth (issue 8)."""
+"""mmoe.metrics.detection against direct pycocotools calls on real COCO ground truth (datasets/samples)."""
 
 from __future__ import annotations
 
@@ -12,33 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import sample
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mmoe.metrics.detection import STAT_NAMES, encode_mask, evaluate_coco, main, to_coco_results
 
-REPO = Path(__file__).resolve().parents[1]
-from samples import SHARED  # noqa: E402  (one definition of where shared data lives)
-
-
-def _find(*candidates: Path) -> Path:
-    for path in candidates:
-        if path.is_file():
-            return path
-    pytest.skip(f"none of {[str(c) for c in candidates]} exists")
-
 
 @pytest.fixture(scope="module")
 def gt_file() -> Path:
-    samples = sorted((REPO / "datasets" / "samples").rglob("instances_val2017.json"))
-    return _find(*samples, SHARED / "coco-mini" / "annotations" / "instances_val2017.json")
+    return sample("instances_val2017.json")
 
 
 @pytest.fixture(scope="module")
 def fake_bbox_file() -> Path:
-    samples = sorted((REPO / "datasets" / "samples").rglob("instances_val2014_fakebbox100_results.json"))
-    return _find(*samples, SHARED / "cocoapi-results" / "instances_val2014_fakebbox100_results.json")
+    return sample("instances_val2014_fakebbox100_results.json")
 
 
 def _direct(gt_file: Path, results: list[dict], iou: str, img_ids: list[int] | None = None) -> np.ndarray:

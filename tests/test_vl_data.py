@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import find_sample
+from mmoe.train.task_data import NLVR2Collate, VQACollate, VQADataModule
 from PIL import Image
-from samples import find_sample
 
 from mmoe.data.nlvr2 import NLVR2Dataset, pair_prefix
 from mmoe.data.tokenizer import build_tokenizer
@@ -22,7 +23,6 @@ from mmoe.data.vqa import (
     load_answer_vocab,
     vqa_score,
 )
-from mmoe.train.task_data import NLVR2Collate, VQACollate, VQADataModule
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +155,9 @@ def test_build_vqa_vocab_tool(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def real_nlvr2() -> tuple[Path, Path]:
     dev = find_sample("tiny-dev.json")
-    img = find_sample("dev-850-0-img0.png")
+    img = find_sample("dev-850-0-img0.jpg")
     if dev is None or img is None:
-        pytest.skip("real NLVR2 pairs (allennlp-models tiny-dev.json and images) not found")
+        pytest.skip("NLVR2 samples (datasets/samples/nlvr2: tiny-dev.json and pair images) not found")
     return dev, img.parent
 
 
@@ -169,7 +169,7 @@ def test_nlvr2_dataset_on_real_pairs(real_nlvr2: tuple[Path, Path], tmp_path: Pa
     assert [it["labels"] for it in ds.items] == [int(x) for x in labels]
     item = ds[0]
     assert item["identifier"] == "dev-850-0-0" and pair_prefix(item["identifier"]) == "dev-850-0"
-    assert item["image"].size != item["image2"].size  # two different real photos
+    assert item["image"].size != item["image2"].size  # two different photos
     from mmoe.data.transforms import build_transform
 
     ds_t = NLVR2Dataset(str(dev), str(images), transform=build_transform(32, train=False))

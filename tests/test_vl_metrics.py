@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from samples import find_sample
+from helpers import find_sample
 
 from mmoe.metrics.nlvr2 import evaluate_nlvr2, read_jsonl, read_predictions_csv, sentence_key, write_predictions_csv
 from mmoe.metrics.nlvr2 import main as nlvr2_main
@@ -19,8 +19,6 @@ from mmoe.metrics.vqa import (
     question_accuracy,
 )
 from mmoe.metrics.vqa import main as vqa_main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- normalization rules
@@ -192,7 +190,7 @@ def test_real_vqa_sample_perfect_results_score_100(tmp_path: Path, capsys: pytes
     qpath = find_sample("vqa_v2_train2014_img458752_questions.json")
     apath = find_sample("vqa_v2_train2014_img458752_annotations.json")
     if qpath is None or apath is None:
-        pytest.skip("real VQA sample files not found (datasets/samples or the shared data folder)")
+        pytest.skip("real VQA sample files not found in datasets/samples")
     anns = json.loads(apath.read_text())["annotations"]
     res = [{"question_id": a["question_id"], "answer": a["multiple_choice_answer"]} for a in anns]
     (tmp_path / "r.json").write_text(json.dumps(res))
@@ -254,7 +252,7 @@ def test_nlvr2_accuracy_and_consistency() -> None:
 def test_nlvr2_cli_on_real_dev(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dev = find_sample("tiny-dev.json")
     if dev is None:
-        pytest.skip("allennlp NLVR2 tiny-dev.json not found")
+        pytest.skip("datasets/samples/nlvr2/tiny-dev.json not found")
     examples = read_jsonl(dev)
     csv_path = tmp_path / "preds.csv"
     write_predictions_csv(csv_path, [(e["identifier"], e["label"] == "True") for e in examples])
