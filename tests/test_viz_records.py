@@ -166,7 +166,7 @@ def test_agrees_with_moe_stats_on_a_real_layer():
 
 
 def test_viz_is_a_leaf_without_lightning_or_pyplot():
-    """docs/interfaces.md: mmoe.viz is a leaf that never imports Lightning; figures are made without pyplot's global state."""
+    """docs/interfaces.md: mmoe.viz never imports Lightning; figures are made without pyplot's global state."""
     import subprocess
     import sys
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from mmoe.files import IMAGE_EXTS, atomic_write_json, is_image_file
 
 __all__ = [
     "CaptionRecord",
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass(frozen=True)
@@ -143,13 +143,7 @@ def write_coco_references(records: Sequence[CaptionRecord], path: str | Path) ->
         "images": images,
         "annotations": anns,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, payload, indent=None)
 
 
 _DIGITS = re.compile(r"(\d+)(?!.*\d)")
@@ -168,9 +162,9 @@ def list_images(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"list_images: {path} is neither an image file nor a folder")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in path.iterdir() if is_image_file(p))
     if not files:
-        raise FileNotFoundError(f"list_images: no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
+        raise FileNotFoundError(f"list_images: no images ({', '.join(IMAGE_EXTS)}) in {path}")
     return files
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from mmoe.data.transforms import BEIT3_MEAN, BEIT3_STD, build_transform
+from mmoe.files import atomic_write
 
 __all__ = [
     "ImageNetFolder",
@@ -253,9 +254,8 @@ def sort_val_images(
         if mode == "move":
             os.replace(path, dest)
         elif mode == "copy":
-            tmp = dest.with_name(dest.name + ".tmp")
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
+            with path.open("rb") as src:
+                atomic_write(dest, lambda f, src=src: shutil.copyfileobj(src, f))
         else:
             if dest.is_symlink() or dest.exists():
                 dest.unlink()

@@ -22,13 +22,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mmoe.data.vqa import load_image
+from mmoe.files import is_image_file
 from mmoe.metrics.nlvr2 import read_jsonl
 
 __all__ = ["NLVR2Dataset", "pair_prefix", "index_images"]
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def pair_prefix(identifier: str) -> str:
@@ -48,9 +47,8 @@ def index_images(root: str | Path) -> dict[str, str]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() in IMAGE_EXTS:
-                out.setdefault(stem, os.path.join(dirpath, name))
+            if is_image_file(name):
+                out.setdefault(os.path.splitext(name)[0], os.path.join(dirpath, name))
     return out
 
 

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mmoe.files import atomic_write_json
 from mmoe.metrics.vqa import normalize_answer
 
 __all__ = [
@@ -101,11 +102,7 @@ def build_answer_vocab(annotation_lists: Iterable[Sequence[dict[str, Any]]], min
 
 def save_answer_vocab(path: str | Path, answers: Sequence[str], meta: dict[str, Any] | None = None) -> None:
     """Write ``{"answers": [...], "meta": {...}}`` atomically (the file travels with checkpoints)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"answers": list(answers), "meta": meta or {}}, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, {"answers": list(answers), "meta": meta or {}}, indent=1)
 
 
 def load_answer_vocab(path: str | Path) -> list[str]:

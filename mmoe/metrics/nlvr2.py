@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmoe.files import atomic_write_text
+
 __all__ = ["sentence_key", "evaluate_nlvr2", "read_predictions_csv", "write_predictions_csv", "read_jsonl", "main"]
 
 
@@ -107,16 +109,11 @@ def read_predictions_csv(path: str | Path) -> dict[str, str]:
 
 def write_predictions_csv(path: str | Path, predictions: Sequence[tuple[str, bool | str]]) -> None:
     """Write the official submission CSV (no header, ``True``/``False``), atomically."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        for ident, pred in predictions:
-            value = ("True" if pred else "False") if isinstance(pred, bool) else str(pred)
-            f.write(f"{ident},{value}\n")
-    os.replace(tmp, path)
+    lines = [
+        f"{ident},{('True' if pred else 'False') if isinstance(pred, bool) else str(pred)}\n"
+        for ident, pred in predictions
+    ]
+    atomic_write_text(path, "".join(lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
