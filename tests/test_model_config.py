@@ -80,16 +80,8 @@ def _active_ffn_macs(cfg: MultiwayConfig) -> int:
     if cfg.moe is None:
         return moe_cost(cfg.dim, 1, 1, cfg.ffn_dim, activation="gelu").flops_per_token
     m = cfg.moe
-    return moe_cost(
-        cfg.dim,
-        m.num_experts,
-        m.top_k,
-        m.expert_hidden,
-        num_heads=m.num_heads,
-        activation=m.activation,
-        head_layers=m.head_layers,
-        merge_layers=m.merge_layers,
-    ).flops_per_token
+    shape = dict(num_heads=m.num_heads, activation=m.activation, head_layers=m.head_layers, merge_layers=m.merge_layers)
+    return moe_cost(cfg.dim, m.num_experts, m.top_k, m.expert_hidden, **shape).flops_per_token
 
 
 @pytest.mark.parametrize("prefix", ["tiny", "base"])

@@ -243,16 +243,9 @@ def test_upcycled_replicas_match_dense_exactly():
     pad = torch.zeros(2, 6, dtype=torch.bool)
     pad[1, 4:] = True
     real = ~torch.cat([torch.zeros(2, 65, dtype=torch.bool), pad], 1)
-    moe = dict(
-        num_experts=4,
-        expert_hidden=512,
-        top_k=2,
-        num_heads=1,
-        head_layers=1,
-        merge_layers=1,
-        renormalize_gates=True,
-        pool="per_modality",
-    )
+    # h = 1 with full-width experts, renormalized gates and a pool per modality: upcycle's exact settings
+    moe = dict(num_experts=4, expert_hidden=512, top_k=2, num_heads=1, head_layers=1, merge_layers=1)
+    moe |= dict(renormalize_gates=True, pool="per_modality")
     per_modality = upcycle(dense, moe).eval()
     # exact=False keeps the shared pool: all copies of the V-FFN, so image-only inputs still match
     shared = upcycle(dense, {**moe, "pool": "shared"}, source="vision", exact=False).eval()
