@@ -15,16 +15,15 @@ like for like. Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from mmoe.data.tokenizer import build_tokenizer
+from mmoe.files import atomic_write_json
 from mmoe.model import create_model
 from mmoe.model.generation import SpecialIds, beam_search, greedy_search
 
@@ -140,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{c['same_tokens_as_no_cache']} |"
         )
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-        os.replace(tmp, out)
+        atomic_write_json(args.out, {"env": env, "rows": rows}, indent=1)
     return 0
 
 

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from mmoe.files import atomic_write_json
+
 SETS = {
     # (models, batch, image size, text length): the base set uses a short sequence (5x5 patches + 16 text tokens)
     "tiny": (["tiny_dense", "tiny_smoe", "tiny_xmoe", "tiny_mhmoe"], 8, 64, 32),
@@ -62,7 +61,6 @@ def worker(
     """
     import contextlib
 
-    sys.path.insert(0, str(ROOT))
     from mmoe.model import create_model
 
     if threads:
@@ -196,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--worker", name, "--batch", str(batch), "--img", str(img),
                "--text-len", str(text_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--threads", str(args.threads), "--precision", prec]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
             print(f"{name}: worker failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -234,11 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"device {results[0]['device']}, threads {results[0]['threads']}, peak mem = {results[0]['peak_mem_kind']}")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, path)
+        atomic_write_json(args.json, results, indent=2)
     return 0
 
 

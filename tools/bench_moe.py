@@ -58,11 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from mmoe.moe import MHMoE  # noqa: E402
+from mmoe.files import atomic_write_json
+from mmoe.moe import MHMoE
 
 METHODS = (
     "mhmoe",
@@ -517,16 +514,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_rows(rows))
     print(f"total {time.time() - t_start:.0f} s")
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.out.with_suffix(a.out.suffix + ".tmp")
         meta = {
             "argv": sys.argv,
             "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
         meta["loadavg_end"] = os.getloadavg()
-        tmp.write_text(json.dumps({**meta, "rows": rows}, indent=1))
-        os.replace(tmp, a.out)
+        atomic_write_json(a.out, {**meta, "rows": rows}, indent=1)
         print(f"wrote {a.out}")
     return 0
 

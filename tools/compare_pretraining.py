@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmoe.files import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["tiny_dense", "tiny_smoe", "tiny_xmoe", "tiny_mhmoe"]
 
@@ -120,10 +122,7 @@ def write_table(path: Path, results: dict[str, dict[str, Any]], meta: dict[str, 
         lines += ["", meta["budget_note"]]
     if meta.get("observations"):
         lines += ["", "## What this shows", ""] + [f"- {o}" for o in meta["observations"]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def observations(results: dict[str, dict[str, Any]]) -> list[str]:
