@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CONFIGS
 
 from mmoe.model import create_model
 from mmoe.model.generation import caption_attention_mask
 from mmoe.train.captioning import CaptioningTask, masked_caption_loss
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "configs" / "finetune" / "coco_captioning_synthetic.yaml"
+RECIPE = CONFIGS / "finetune" / "coco_captioning_synthetic.yaml"
 
 
 def test_masked_caption_loss_smoothing_and_drop_worst():
@@ -28,7 +28,7 @@ def test_masked_caption_loss_smoothing_and_drop_worst():
 
 
 def test_captioning_mask_in_the_real_backbone():
-    """Image features ignore the text; a text token ignores later tokens (SPEC.md 7)."""
+    """Image features ignore the text; a text token ignores later tokens ([B3] sec. 3.1)."""
     torch.manual_seed(0)
     model = create_model("tiny").eval()
     image = torch.randn(1, 3, 64, 64)

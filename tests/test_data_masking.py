@@ -1,4 +1,4 @@
-"""Block-wise image masking and BERT-style text masking (SPEC.md 6; [B3] sec. 2.3)."""
+"""Block-wise image masking and BERT-style text masking ([B3] sec. 2.2; [BEiT]; [BERT])."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""torch.compile readiness: the routing and dispatch trace without graph breaks (issue 10)."""
+"""torch.compile readiness: the routing and dispatch trace without graph breaks."""
 
 from __future__ import annotations
 

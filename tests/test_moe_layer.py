@@ -228,7 +228,7 @@ def test_head_merge_depth_and_ablation_switches() -> None:
     assert sum(isinstance(m, torch.nn.ReLU) for m in full.head.modules()) == 1
     head_only = MHMoE(D, 4, num_heads=4, head_layers=1, merge_layers=0)
     assert count(head_only, "head.") == D * D + D and count(head_only, "merge.") == 0
-    # SPEC.md 1 init: head Xavier gain 1/sqrt(2), merge gain 1, zero biases.
+    # [MH1] official-code init: head Xavier gain 1/sqrt(2), merge gain 1, zero biases.
     bound_head = (1 / math.sqrt(2)) * math.sqrt(6 / (2 * D))
     assert full.head[0].weight.abs().max() <= bound_head + 1e-6
     assert full.merge[0].weight.abs().max() > bound_head  # gain 1 reaches further (w.h.p.)

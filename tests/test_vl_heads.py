@@ -1,4 +1,4 @@
-"""mmoe.model.heads: pooling, SPEC.md 7 MLP shapes, BEiT-3 init, gradients."""
+"""mmoe.model.heads: pooling, the unilm beit3 MLP shapes ([B3] sec. 3), BEiT-3 init, gradients."""
 
 from __future__ import annotations
 
