@@ -29,6 +29,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from mmoe.metrics import add_scored_input
+
 __all__ = [
     "PTB_PUNCTUATIONS",
     "ptb_tokenize",
@@ -311,12 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m mmoe.metrics.captions --annotations A --results R``: print the scores as JSON."""
     p = argparse.ArgumentParser(description="COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D)")
     p.add_argument("--annotations", required=True, help="COCO captions_*.json or Karpathy dataset_coco.json")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--results", help='results JSON: [{"image_id": int, "caption": str}, ...]')
-    what.add_argument(
-        "--baseline-from",
-        metavar="TRAIN_ANNOTATIONS",
-        help="score a constant caption instead: the most frequent caption of this training file (see --baseline-top)",
+    add_scored_input(
+        p,
+        results='results JSON: [{"image_id": int, "caption": str}, ...]',
+        baseline="score a constant caption instead: the most frequent caption of this training file "
+        "(see --baseline-top)",
     )
     p.add_argument(
         "--baseline-top",

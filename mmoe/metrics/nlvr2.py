@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mmoe.files import atomic_write_text
+from mmoe.metrics import add_scored_input
 
 __all__ = ["sentence_key", "evaluate_nlvr2", "read_predictions_csv", "write_predictions_csv", "read_jsonl", "main"]
 
@@ -119,10 +120,12 @@ def write_predictions_csv(path: str | Path, predictions: Sequence[tuple[str, boo
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmoe.metrics.nlvr2", description=__doc__.splitlines()[0])
     parser.add_argument("--annotations", required=True, help="official NLVR2 JSONL, e.g. dev.json")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--predictions", help="CSV of identifier,prediction (True/False)")
-    what.add_argument(
-        "--baseline-from", metavar="TRAIN_JSONL", help="score the majority-label baseline of this training file instead"
+    add_scored_input(
+        parser,
+        flag="--predictions",
+        results="CSV of identifier,prediction (True/False)",
+        baseline="score the majority-label baseline of this training file instead",
+        metavar="TRAIN_JSONL",
     )
     args = parser.parse_args(argv)
     examples = read_jsonl(args.annotations)

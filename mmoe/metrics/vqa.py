@@ -40,6 +40,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmoe.metrics import add_scored_input
+
 __all__ = [
     "CONTRACTIONS",
     "MANUAL_MAP",
@@ -273,12 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmoe.metrics.vqa", description=__doc__.splitlines()[0])
     parser.add_argument("--questions", required=True, help="v2_OpenEnded_mscoco_*_questions.json")
     parser.add_argument("--annotations", required=True, help="v2_mscoco_*_annotations.json")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--results", help='results JSON: [{"question_id": int, "answer": str}]')
-    what.add_argument(
-        "--baseline-from",
-        metavar="TRAIN_ANNOTATIONS",
-        help="score a blind prior baseline built from these training annotations instead of a results file",
+    add_scored_input(
+        parser,
+        results='results JSON: [{"question_id": int, "answer": str}]',
+        baseline="score a blind prior baseline built from these training annotations instead of a results file",
     )
     parser.add_argument(
         "--baseline-by",
