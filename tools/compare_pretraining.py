@@ -207,12 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"--trainer.val_check_interval={args.steps}", f"--checkpoint.every_n_train_steps={args.steps}",
                 f"--seed_everything={args.seed}", "--model.init_args.image_target=codebook",
                 f"--model.init_args.codebook={codebook}",
-                f"--data.init_args.image_shards=[{s}/image/train-*.tar]",
-                f"--data.init_args.text_shards=[{s}/text/train-*.tar]",
-                f"--data.init_args.pair_shards=[{s}/pair/train-*.tar]",
-                f"--data.init_args.val_image_shards=[{s}/image/val-*.tar]",
-                f"--data.init_args.val_text_shards=[{s}/text/val-*.tar]",
-                f"--data.init_args.val_pair_shards=[{s}/pair/val-*.tar]",
+                *(f"--data.init_args.{pre}{kind}_shards=[{s}/{kind}/{split}-*.tar]"
+                  for pre, split in (("", "train"), ("val_", "val")) for kind in ("image", "text", "pair")),
                 f"--data.init_args.batch_size={args.batch_size}", f"--data.init_args.val_steps={args.val_steps}",
                 f"--data.init_args.seed={args.seed}", f"--data.init_args.steps_per_epoch={args.steps}",
             ]  # fmt: skip
