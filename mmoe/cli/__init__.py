@@ -13,3 +13,24 @@ Each module has ``main(argv=None) -> int`` (the exit status) and also runs as ``
 Training itself is the ``mmoe`` command (``mmoe.train.cli``). In a source checkout ``tools/<module>.py`` is a
 wrapper running the same ``main``.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["entry_point"]
+
+
+def entry_point(run: Callable[[list[str] | None], Any], command: str) -> Callable[[list[str] | None], int]:
+    """``main`` of a command whose ``run(argv)`` does the work and returns its summary (tests call ``run``).
+
+    A failure raises (argparse's ``SystemExit(2)``, or the error itself), so a returning ``run`` means exit 0.
+    """
+
+    def main(argv: list[str] | None = None) -> int:
+        run(argv)
+        return 0
+
+    main.__doc__ = f"Entry point of the ``{command}`` console script; exit status 0 when ``run`` returns."
+    return main

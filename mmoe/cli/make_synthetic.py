@@ -13,6 +13,7 @@ import argparse
 import json
 import time
 
+from mmoe.cli import entry_point
 from mmoe.data.synthetic import make_world
 
 
@@ -57,10 +58,7 @@ def run(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mmoe-synthetic`` console script; exit status 0 when the world is written."""
-    run(argv)
-    return 0
+main = entry_point(run, "mmoe-synthetic")
 
 
 if __name__ == "__main__":
