@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
-from torch.utils.data import Dataset
 
-from mmoe.data.vqa import load_image
+from mmoe.data.vqa import AnnotatedDataset, load_image
 from mmoe.files import is_image_file
 from mmoe.metrics.nlvr2 import read_jsonl
 
@@ -52,7 +51,7 @@ def index_images(root: str | Path) -> dict[str, str]:
     return out
 
 
-class NLVR2Dataset(Dataset):
+class NLVR2Dataset(AnnotatedDataset):
     """Map-style NLVR2 dataset; items are dicts for ``NLVR2Collate`` (mmoe.train.task_data).
 
     Args:
@@ -63,6 +62,9 @@ class NLVR2Dataset(Dataset):
         with_labels: emit ``labels`` (set False for unlabelled test files).
     """
 
+    item_name = "NLVR2 example"
+    items_name = "examples"
+
     def __init__(
         self,
         annotations: str,
@@ -72,13 +74,10 @@ class NLVR2Dataset(Dataset):
         on_missing: Literal["skip", "error"] = "skip",
         with_labels: bool = True,
     ) -> None:
-        if on_missing not in ("skip", "error"):
-            raise ValueError(f"NLVR2Dataset: on_missing={on_missing!r}; expected 'skip' or 'error'")
+        super().__init__(on_missing)
         self.annotations, self.image_root = annotations, image_root
-        self.transform, self.on_missing, self.with_labels = transform, on_missing, with_labels
-        self.skipped: list[tuple[str, str]] = []
+        self.transform, self.with_labels = transform, with_labels
         images = index_images(image_root)
-        self.items: list[dict[str, Any]] = []
         for n, ex in enumerate(read_jsonl(annotations)):
             for key in ("identifier", "sentence") + (("label",) if with_labels else ()):
                 if key not in ex:
@@ -97,17 +96,7 @@ class NLVR2Dataset(Dataset):
                     raise ValueError(f"NLVR2 {annotations}: example {ident} label {ex['label']!r}; expected True/False")
                 item["labels"] = int(label == "true")
             self.items.append(item)
-        if self.skipped:
-            preview = "; ".join(f"{i}: {r}" for i, r in self.skipped[:5])
-            log.warning("NLVR2Dataset: skipped %d examples with missing images (%s)", len(self.skipped), preview)
-
-    def _missing(self, ident: str, reason: str) -> None:
-        if self.on_missing == "error":
-            raise FileNotFoundError(f"NLVR2 example {ident}: {reason}")
-        self.skipped.append((ident, reason))
-
-    def __len__(self) -> int:
-        return len(self.items)
+        self._report_skipped()
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.items[index]

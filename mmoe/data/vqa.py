@@ -49,6 +49,7 @@ __all__ = [
     "holdout_image_keys",
     "coco_image_name",
     "load_image",
+    "AnnotatedDataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,40 @@ def load_image(path: str) -> Image.Image:
         return im.convert("RGB")
 
 
-class VQADataset(Dataset):
+class AnnotatedDataset(Dataset):
+    """A map-style dataset whose ``items`` are read from annotation files up front (VQAv2, NLVR2).
+
+    An item whose image is missing is dropped and reported in ``skipped`` (``on_missing="skip"``, training) or
+    raises (``"error"``, evaluation). Subclasses name their items for the messages (``item_name``, e.g.
+    ``"VQA question"``) and call ``_report_skipped()`` once the items are read.
+    """
+
+    item_name = "item"
+    items_name = "items"
+
+    def __init__(self, on_missing: OnMissing) -> None:
+        if on_missing not in ("skip", "error"):
+            raise ValueError(f"{type(self).__name__}: on_missing={on_missing!r}; expected 'skip' or 'error'")
+        self.on_missing: OnMissing = on_missing
+        self.skipped: list[tuple[Any, str]] = []  # (item id, reason)
+        self.items: list[dict[str, Any]] = []
+
+    def _missing(self, ident: Any, reason: str) -> None:
+        if self.on_missing == "error":
+            raise FileNotFoundError(f"{self.item_name} {ident}: {reason}")
+        self.skipped.append((ident, reason))
+
+    def _report_skipped(self) -> None:
+        if self.skipped:
+            preview = "; ".join(f"{i}: {r}" for i, r in self.skipped[:5])
+            name = type(self).__name__
+            log.warning("%s: skipped %d %s with missing images (%s)", name, len(self.skipped), self.items_name, preview)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class VQADataset(AnnotatedDataset):
     """Map-style VQAv2 dataset; items are dicts for ``VQACollate`` (mmoe.train.task_data).
 
     Item keys: ``image`` (transformed), ``question`` (str), ``question_id`` (int) and, when the source
@@ -178,6 +212,9 @@ class VQADataset(Dataset):
         check_files: look for every image file at construction (cheap: one directory listing per folder).
     """
 
+    item_name = "VQA question"
+    items_name = "questions"
+
     def __init__(
         self,
         files: VQAFiles | Sequence[VQAFiles],
@@ -189,20 +226,14 @@ class VQADataset(Dataset):
         on_missing: OnMissing = "skip",
         check_files: bool = True,
     ) -> None:
-        if on_missing not in ("skip", "error"):
-            raise ValueError(f"VQADataset: on_missing={on_missing!r}; expected 'skip' or 'error'")
+        super().__init__(on_missing)
         self.files = [files] if isinstance(files, VQAFiles) else list(files)
         self.answer_vocab = list(answer_vocab) if answer_vocab is not None else None
         self.answer_to_id = {a: i for i, a in enumerate(self.answer_vocab or [])}
         self.transform = transform
-        self.on_missing: OnMissing = on_missing
-        self.skipped: list[tuple[int, str]] = []  # (question_id, reason)
-        self.items: list[dict[str, Any]] = []
         for f in self.files:
             self.items.extend(self._read_source(f, include_images, exclude_images, check_files))
-        if self.skipped:
-            preview = "; ".join(f"question {q}: {r}" for q, r in self.skipped[:5])
-            log.warning("VQADataset: skipped %d questions with missing images (%s)", len(self.skipped), preview)
+        self._report_skipped()
 
     def _read_source(
         self,
@@ -242,14 +273,6 @@ class VQADataset(Dataset):
                 item["answers"] = [str(a["answer"]) for a in answers_by_qid[qid]["answers"]]
             out.append(item)
         return out
-
-    def _missing(self, qid: int, reason: str) -> None:
-        if self.on_missing == "error":
-            raise FileNotFoundError(f"VQA question {qid}: {reason}")
-        self.skipped.append((qid, reason))
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def targets(self, answers: Sequence[str]) -> torch.Tensor:
         """(C,) soft-score vector of one question (answers outside the vocabulary are dropped)."""
