@@ -111,15 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = bench(
-        args.model,
-        batch=args.batch,
-        lengths=args.lengths,
-        beams=args.beams,
-        repeats=args.repeats,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
+    opts = vars(args)
+    rows = bench(args.model, **{k: opts[k] for k in ("batch", "lengths", "beams", "repeats", "image_size", "seed")})
     env = {
         "model": args.model,
         "torch": torch.__version__,
