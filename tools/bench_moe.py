@@ -287,17 +287,7 @@ def build(method: str, cfg: dict[str, Any], dtype: torch.dtype, device: torch.de
     return layer
 
 
-def run_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """Build one (size, method), measure peak memory of one step and the median step time."""
-    torch.manual_seed(0)
-    device = torch.device(job["device"])
-    dtype = getattr(torch, job["dtype"])
-    cfg = job["cfg"]
-    model = build(job["method"], cfg, dtype, device)
-    x = torch.randn(1, cfg["tokens"], cfg["dim"], device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn_like(x)
-    cuda = device.type == "cuda"
-
+def _make_step(model: nn.Module, x: Tensor, g: Tensor) -> Any:
     def step() -> None:
         out = model(x)
         aux = None
@@ -312,37 +302,67 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
         model.zero_grad(set_to_none=True)
         x.grad = None
 
+    return step
+
+
+def _timed(step: Any, cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _result(job: dict[str, Any], times: list[float], peak: float | None) -> dict[str, Any]:
+    times = sorted(times)
+    out: dict[str, Any] = {**job, "peak_mb": peak, "all_times_s": times}
+    if times:
+        out.update(time_s=times[0], spread=times[-1] / times[0] - 1.0, tokens_per_s=job["cfg"]["tokens"] / times[0])
+    return out
+
+
+def run_worker(job: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
+    """One (size, method): peak memory of one step, then ``iters`` timed steps.
+
+    With ``job["methods"]`` (interleaved mode) all those methods are built in this one process and timed in
+    turn, one step each per cycle, so that the load of a shared machine hits them alike; no memory is read
+    (the driver measures it in separate single-method processes with ``iters = 0``).
+    """
+    torch.manual_seed(0)
+    device = torch.device(job["device"])
+    dtype = getattr(torch, job["dtype"])
+    cfg = job["cfg"]
+    cuda = device.type == "cuda"
+    x = torch.randn(1, cfg["tokens"], cfg["dim"], device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn_like(x)
+    if job.get("methods"):
+        steps = {}
+        for m in job["methods"]:
+            torch.manual_seed(0)
+            steps[m] = _make_step(build(m, cfg, dtype, device), x, g)
+            steps[m]()  # warm-up
+        times: dict[str, list[float]] = {m: [] for m in steps}
+        for _ in range(job["iters"]):
+            for m, step in steps.items():
+                times[m].append(_timed(step, cuda))
+        base = {k: v for k, v in job.items() if k != "methods"}
+        return [_result({**base, "method": m}, t, None) for m, t in times.items()]
+    step = _make_step(build(job["method"], cfg, dtype, device), x, g)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
+        base_mb = torch.cuda.memory_allocated() / 2**20
     else:
-        base = _rss_mb("VmRSS")
+        base_mb = _rss_mb("VmRSS")
     step()  # warm-up, also the memory measurement
     if cuda:
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20 - base
+        peak = torch.cuda.max_memory_allocated() / 2**20 - base_mb
     else:
-        peak = _rss_mb("VmHWM") - base
-    times = []
-    for _ in range(job["iters"]):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    t = times[0]
-    return {
-        **job,
-        "time_s": t,
-        "spread": times[-1] / t - 1.0,
-        "tokens_per_s": cfg["tokens"] / t,
-        "peak_mb": peak,
-        "all_times_s": times,
-    }
+        peak = _rss_mb("VmHWM") - base_mb
+    return _result(job, [_timed(step, cuda) for _ in range(job["iters"])], peak)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -353,7 +373,7 @@ def grid(a: argparse.Namespace) -> list[dict[str, Any]]:
     return cfgs
 
 
-def run_job(job: dict[str, Any], timeout: float) -> dict[str, Any]:
+def run_job(job: dict[str, Any], timeout: float) -> Any:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ})
@@ -374,6 +394,7 @@ LABELS = {
     "mhmoe_ckpt": "MH-MoE recompute",
     "mhmoe_grouped": "MH-MoE grouped_mm",
     "mhmoe_tanh": "MH-MoE tanh",
+    "interleaved": "interleaved",
 }
 
 
@@ -396,7 +417,7 @@ def merge_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "time_s": times[0],
             "spread": times[-1] / times[0] - 1.0,
             "tokens_per_s": c["tokens"] / times[0],
-            "peak_mb": min(prev["peak_mb"], r["peak_mb"]),
+            "peak_mb": min((v for v in (prev["peak_mb"], r["peak_mb"]) if v is not None), default=None),
             "all_times_s": times,
             "rounds": prev["rounds"] + 1,
         }
@@ -425,7 +446,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         return f"{r['tokens_per_s']:,.0f} (+{100 * r.get('spread', 0.0):.0f}%)"
 
     def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> str:
-        if not ok(a) or not ok(b) or not b[key]:  # type: ignore[index]
+        if not ok(a) or not ok(b) or a.get(key) is None or not b.get(key):  # type: ignore[union-attr]
             return "-"
         return f"{a[key] / b[key]:.2f}x"  # type: ignore[index]
 
@@ -444,7 +465,9 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     lines.append("|" + "---|" * (head.count("|") - 1))
     for (n, h, E, k, _), m in sorted(by_cfg.items()):
         cells = [str(n), str(h), str(E), str(k)]
-        cells += [f"{m[x]['peak_mb']:.0f}" if ok(m.get(x)) else "-" for x in present]
+        cells += [
+            f"{m[x]['peak_mb']:.0f}" if ok(m.get(x)) and m[x].get("peak_mb") is not None else "-" for x in present
+        ]
         cells += [ratio(m.get(x), m.get("dense"), "peak_mb") for x in mem_methods]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -462,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up (minimum reported)")
     p.add_argument("--rounds", type=int, default=1, help="cycles through all methods (minimum over all rounds)")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time all methods of a size in one process, one step each in turn (steadier ratios on a busy "
+        "machine); peak memory is still read in one process per method",
+    )
     p.add_argument(
         "--torchscale-max-tokens", type=int, default=4096, help="skip torchscale above this (its tensors are O(S^2))"
     )
@@ -488,25 +517,57 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     have_torchscale = torchscale_available()
+
+    def skip_reason(method: str, cfg: dict[str, Any]) -> str | None:
+        if method != "torchscale":
+            return None
+        if not have_torchscale:
+            return "torchscale is not installed"
+        if cfg["tokens"] > a.torchscale_max_tokens:
+            return f"tokens > --torchscale-max-tokens {a.torchscale_max_tokens}"
+        if cfg["top_k"] > 2:
+            return "torchscale gates are top-1/top-2"
+        return None
+
+    def report(rnd: int, r: dict[str, Any]) -> None:
+        c = r["cfg"]
+        msg = r.get("error") or r.get("skipped")
+        if msg is None:
+            msg = f"{r['tokens_per_s']:,.0f} tok/s, {r['time_s'] * 1e3:.0f} ms" if r.get("time_s") else "timed apart"
+            msg += f", peak {r['peak_mb']:.0f} MB" if r.get("peak_mb") is not None else ""
+        print(f"  [{rnd + 1}/{a.rounds}] tokens={c['tokens']} h={c['heads']} E={c['experts']} k={c['top_k']} "
+              f"{r['method']}: {msg}", flush=True)  # fmt: skip
+
+    peaks: dict[tuple, float] = {}
     for rnd in range(a.rounds):
         for cfg in grid(a):
+            job0 = dict(cfg=cfg, device=a.device, dtype=a.dtype, iters=a.iters, threads=a.threads)
+            runnable = []
             for method in a.methods:
-                job = dict(method=method, cfg=cfg, device=a.device, dtype=a.dtype, iters=a.iters, threads=a.threads)
-                if method == "torchscale" and not have_torchscale:
-                    r = {**job, "skipped": "torchscale is not installed"}
-                elif method == "torchscale" and cfg["tokens"] > a.torchscale_max_tokens:
-                    r = {**job, "skipped": f"tokens > --torchscale-max-tokens {a.torchscale_max_tokens}"}
-                elif method == "torchscale" and cfg["top_k"] > 2:
-                    r = {**job, "skipped": "torchscale gates are top-1/top-2"}
+                why = skip_reason(method, cfg)
+                if why:
+                    rows.append({**job0, "method": method, "skipped": why})
+                    report(rnd, rows[-1])
                 else:
-                    r = run_job(job, a.timeout)
+                    runnable.append(method)
+            if not a.interleave:
+                for method in runnable:
+                    rows.append(run_job({**job0, "method": method}, a.timeout))
+                    report(rnd, rows[-1])
+                continue
+            for method in runnable:  # memory: one process per method, one step, once
+                key = (cfg["tokens"], cfg["heads"], cfg["experts"], cfg["top_k"], method)
+                if key not in peaks:
+                    r = run_job({**job0, "method": method, "iters": 0}, a.timeout)
+                    peaks[key] = r.get("peak_mb", float("nan"))
+            res = run_job({**job0, "method": "interleaved", "methods": runnable}, a.timeout * len(runnable))
+            if isinstance(res, dict):  # the interleaved process failed: the error for every method
+                res = [{**res, "method": m} for m in runnable]
+            for r in res:
+                key = (cfg["tokens"], cfg["heads"], cfg["experts"], cfg["top_k"], r["method"])
+                r["peak_mb"] = peaks.get(key)
                 rows.append(r)
-                msg = r.get("error") or r.get("skipped")
-                if msg is None:
-                    msg = f"{r['tokens_per_s']:,.0f} tok/s, {r['time_s'] * 1e3:.0f} ms, peak {r['peak_mb']:.0f} MB"
-                c = cfg
-                print(f"  [{rnd + 1}/{a.rounds}] tokens={c['tokens']} h={c['heads']} E={c['experts']} k={c['top_k']} "
-                      f"{method}: {msg}", flush=True)  # fmt: skip
+                report(rnd, r)
     rows = merge_rounds(rows)
     for r in rows:
         if "skipped" in r and r["method"] == "torchscale":
