@@ -40,17 +40,9 @@ def run(argv: list[str] | None = None) -> dict:
     p.add_argument("--shard-maxcount", type=int, default=1000, help="samples per shard")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    summary = make_world(
-        args.out,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        image_size=args.image_size,
-        seed=args.seed,
-        nlvr2_sets=tuple(args.nlvr2_sets) if args.nlvr2_sets else None,
-        vqa_noise=args.vqa_noise,
-        shards=args.shards,
-        shard_maxcount=args.shard_maxcount,
-    )
+    names = ("num_train", "num_val", "image_size", "seed", "vqa_noise", "shards", "shard_maxcount")
+    world = {k: getattr(args, k) for k in names}
+    summary = make_world(args.out, nlvr2_sets=tuple(args.nlvr2_sets) if args.nlvr2_sets else None, **world)
     print(json.dumps(summary["splits"], indent=1))
     if "shards" in summary:
         print(json.dumps(summary["shards"], indent=1))
