@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from mmoe.moe import MHMoE
 
-_spec = importlib.util.spec_from_file_location("bench_moe", Path(__file__).parents[1] / "tools" / "bench_moe.py")
+_spec = importlib.util.spec_from_file_location("bench_moe", REPO / "tools" / "bench_moe.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)  # type: ignore[union-attr]
 

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import CONFIGS
 
 from mmoe.train.cli import ConfigError, config_error_cause
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "configs" / "pretrain" / "tiny_mhmoe.yaml"
+RECIPE = CONFIGS / "pretrain" / "tiny_mhmoe.yaml"
 
 
 def _mmoe(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -18,12 +18,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers import CONFIGS, REPO
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from mmoe.train.cli import MMoECLI, build_cli
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
 RECIPES = sorted(p for sub in ("pretrain", "finetune", "demo") for p in (CONFIGS / sub).rglob("*.yaml") if p.is_file())
 MODEL_YAMLS = sorted((CONFIGS / "model").glob("*.yaml"))
 

@@ -252,13 +252,13 @@ def test_tool_end_to_end_on_tiny_model_with_hand_set_router(tmp_path):
 def test_tool_compare_fresh_models(tmp_path):
     """--model NAME (fresh) with --compare NAME2 on the real tiny SMoE and MH-MoE."""
     pytest.importorskip("mmoe.model")
-    import pathlib
+    from helpers import SAMPLES
 
     from mmoe.model import list_models
 
     if not {"tiny_smoe", "tiny_mhmoe"} <= set(list_models()):
         pytest.skip("tiny_smoe / tiny_mhmoe not registered")
-    img = pathlib.Path(__file__).resolve().parents[1] / "datasets" / "samples" / "coco" / "val2017"
+    img = SAMPLES / "coco" / "val2017"
     if not img.is_dir():  # real COCO samples when the repo has them, else a noise image
         img = tmp_path / "noise.png"
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(img)
