@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from mmoe.files import atomic_write
 from mmoe.viz.capture import RoutedBatch, forward_routing, to_display
 from mmoe.viz.experts import draw_assignment, draw_load_heatmaps, draw_map_grid, figure_to_array
 from mmoe.viz.records import RoutingAccumulator, diversity, majority_expert, patch_gates, patch_grid
@@ -77,13 +78,9 @@ class ExpertVisualizationCallback(Callback):
             raise ValueError(f"ExpertVisualizationCallback: every_n_val_steps must be >= 1, got {every_n_val_steps}")
         if max_images < 1:
             raise ValueError(f"ExpertVisualizationCallback: max_images must be >= 1, got {max_images}")
-        self.every_n_val_steps = int(every_n_val_steps)
-        self.max_images = int(max_images)
-        self.tag = tag
-        self.log_heads = log_heads
-        self.log_diversity = log_diversity
-        self.save_dir = save_dir
-        self.include_sanity_check = include_sanity_check
+        self.every_n_val_steps, self.max_images = int(every_n_val_steps), int(max_images)
+        self.tag, self.save_dir, self.include_sanity_check = tag, save_dir, include_sanity_check
+        self.log_heads, self.log_diversity = log_heads, log_diversity
         self.val_steps = 0
         self.logged: list[int] = []  # global steps at which pictures were logged
 
@@ -133,9 +130,9 @@ class ExpertVisualizationCallback(Callback):
             from PIL import Image
 
             folder = Path(self.save_dir) / f"step{step:08d}_val{self.val_steps:06d}"
-            folder.mkdir(parents=True, exist_ok=True)
             for name, arr in pictures.items():
-                Image.fromarray(arr).save(folder / (name.replace("/", "_") + ".png"))
+                path = folder / (name.replace("/", "_") + ".png")
+                atomic_write(path, lambda f, arr=arr: Image.fromarray(arr).save(f, format="PNG"))
         self.logged.append(step)
 
     @staticmethod
