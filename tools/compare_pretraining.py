@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmoe.files import atomic_write_text
+from mmoe.files import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["tiny_dense", "tiny_smoe", "tiny_xmoe", "tiny_mhmoe"]
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "observations": observations(results),
         "budget_note": args.note,
     }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    atomic_write_json(out / "results.json", {"meta": meta, "results": results}, indent=1)
     write_table(Path(args.table), results, meta)
     print(f"[compare] table written to {args.table}")
     return results

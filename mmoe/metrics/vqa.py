@@ -40,6 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmoe.files import atomic_write_json
 from mmoe.metrics import add_scored_input
 
 __all__ = [
@@ -309,9 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     per_question = out.pop("perQuestion")
     if args.per_question is not None:
-        args.per_question.parent.mkdir(parents=True, exist_ok=True)
         # JSON object keys are strings: question ids as str(int), in the order of the annotations
-        args.per_question.write_text(json.dumps({str(k): v for k, v in per_question.items()}) + "\n")
+        atomic_write_json(args.per_question, {str(k): v for k, v in per_question.items()}, indent=None)
     json.dump(out, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0

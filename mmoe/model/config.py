@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from mmoe.files import atomic_write_text
+
 AttentionKind = Literal["decoupled", "shared"]
 AttnImpl = Literal["sdpa", "manual"]
 PatchEmbedKind = Literal["linear", "conv"]
@@ -254,7 +256,7 @@ class MultiwayConfig:
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
 
     @classmethod
