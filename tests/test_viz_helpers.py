@@ -7,30 +7,12 @@ expert (t + j) % E. So a test that paints patches knows exactly which expert eac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-try:  # the real record once mmoe.moe has it; the same fields otherwise (docs/interfaces.md sec. 1)
-    from mmoe.moe import RoutingRecord as _RealRecord
-except Exception:  # pragma: no cover - depends on what has landed
-    _RealRecord = None
-
-
-@dataclass
-class _StandInRecord:
-    expert_ids: torch.Tensor
-    gates: torch.Tensor
-    kept: torch.Tensor
-    counts: torch.Tensor
-    dropped: torch.Tensor
-    num_tokens: int
-    num_heads: int
-    num_experts: int
-    top_k: int
-    token_shape: tuple[int, int]
+from mmoe.moe import RoutingRecord
 
 
 def make_record(expert_ids_BLhK: np.ndarray, num_experts: int, gates_BLhK: np.ndarray | None = None):
@@ -42,7 +24,7 @@ def make_record(expert_ids_BLhK: np.ndarray, num_experts: int, gates_BLhK: np.nd
     ids_t = torch.from_numpy(ids.reshape(b * seq * h, k))
     kept = ids_t >= 0
     counts = torch.bincount(ids_t[kept], minlength=num_experts)
-    fields = dict(
+    return RoutingRecord(
         expert_ids=ids_t,
         gates=torch.from_numpy(np.asarray(gates_BLhK, dtype=np.float32).reshape(b * seq * h, k)),
         kept=kept,
@@ -54,12 +36,6 @@ def make_record(expert_ids_BLhK: np.ndarray, num_experts: int, gates_BLhK: np.nd
         top_k=k,
         token_shape=(b, seq),
     )
-    if _RealRecord is not None:
-        try:
-            return _RealRecord(**fields)
-        except TypeError:
-            pass
-    return _StandInRecord(**fields)
 
 
 def red_expert(red: float, head: int, num_experts: int) -> int:

@@ -195,7 +195,6 @@ def _force_routing(model: torch.nn.Module, targets: dict[int, list[int]]) -> Non
 
 def test_tool_end_to_end_on_tiny_model_with_hand_set_router(tmp_path):
     """mmoe-viz on the real tiny backbone, saved as a Lightning checkpoint with forced routing."""
-    pytest.importorskip("mmoe.model")
     import dataclasses
 
     from mmoe.model import create_model
@@ -251,7 +250,6 @@ def test_tool_end_to_end_on_tiny_model_with_hand_set_router(tmp_path):
 @pytest.mark.slow
 def test_tool_compare_fresh_models(tmp_path):
     """--model NAME (fresh) with --compare NAME2 on the real tiny SMoE and MH-MoE."""
-    pytest.importorskip("mmoe.model")
     from helpers import SAMPLES
 
     from mmoe.model import list_models
