@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import io
 import json
 import tarfile
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,12 +18,9 @@ import torch
 from PIL import Image
 
 from mmoe.data.masking import IGNORE_INDEX, BlockMaskGenerator
-from mmoe.data.shards import (
-    ShardStream,
+from mmoe.data.shard_reader import ShardStream, StreamConfig, StreamLoader, expand_patterns
+from mmoe.data.shard_writer import (
     ShardWriter,
-    StreamConfig,
-    StreamLoader,
-    expand_patterns,
     iter_coco_captions,
     iter_image_folder,
     iter_pair_list,
@@ -134,7 +136,41 @@ def test_never_a_half_shard(tmp_path: Path) -> None:
     assert (tmp_path / "again/train-000000.tar").read_bytes() == (tmp_path / "train-000000.tar").read_bytes()
 
 
-def test_reader_skips_and_counts_corrupt_samples(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _http_server(folder: Path) -> Iterator[str]:
+    """A file server for ``folder`` on 127.0.0.1 (a free port), in a thread, shut down on exit; yields its URL."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.timeout = 10
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+        pass
+
+
+@contextlib.contextmanager
+def _shard_urls(folder: Path, names: str, source: str) -> Iterator[str]:
+    """The URL pattern of ``folder/names`` read as a local file, through ``pipe:cat`` or from a local HTTP server."""
+    if source == "local":
+        yield str(folder / names)
+    elif source == "pipe":
+        yield f"pipe:cat {folder / names}"
+    else:
+        with _http_server(folder) as base:
+            yield f"{base}/{names}"
+
+
+@pytest.mark.parametrize("source", ["local", "pipe", "http"])
+def test_reader_skips_and_counts_corrupt_samples(tmp_path: Path, source: str) -> None:
     good = _jpeg()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -177,9 +213,10 @@ def test_reader_skips_and_counts_corrupt_samples(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(raw3)) as tar:
         cut = tar.getmember("i.jpg").offset_data + len(good) // 2
     (tmp_path / "bad-000003.tar").write_bytes(raw3[:cut])
-    ds = _stream({"pair": StreamConfig("pair", [str(tmp_path / "bad-*.tar")], 0.5)}, train=False, batch_size=8)
-    loader = StreamLoader(ds, num_workers=0)
-    batches = list(loader)
+    with _shard_urls(tmp_path, "bad-{000000..000003}.tar", source) as urls:
+        ds = _stream({"pair": StreamConfig("pair", [urls], 0.5)}, train=False, batch_size=8)
+        loader = StreamLoader(ds, num_workers=0)
+        batches = list(loader)
     texts = [t for b in batches for t in _texts(b["pair"])]
     assert sorted(texts) == ["a red square", "another red square", "complete before the cut"]
     sk = loader.skipped
@@ -193,6 +230,29 @@ def test_pattern_matching_nothing_is_an_error(tmp_path: Path) -> None:
     assert expand_patterns([str(tmp_path / "x-{000000..000000}.tar")]) == [str(tmp_path / "x-000000.tar")]
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         expand_patterns([str(tmp_path / "x-*.tar"), str(tmp_path / "nothing-here-*.tar")])
+    # streamed URLs: braces expand, globs and existence are not checked; other schemes name the pipe: form
+    assert expand_patterns("pipe:cat /d/x-{0..1}.tar") == ["pipe:cat /d/x-0.tar", "pipe:cat /d/x-1.tar"]
+    assert expand_patterns(["https://h/x-{0..1}*.tar"]) == ["https://h/x-0*.tar", "https://h/x-1*.tar"]
+    with pytest.raises(ValueError, match="pipe:aws s3 cp"):
+        expand_patterns("s3://bucket/x-{0..1}.tar")
+
+
+@pytest.mark.parametrize("source", ["pipe", "http"])
+def test_streamed_shards_read_like_local_ones(tmp_path: Path, source: str) -> None:
+    """``pipe:`` and http shards give the batches local files give, in training too (2 workers, 2 ranks)."""
+    shards = _text_shards(tmp_path)
+    (shards / "sizes.json").unlink()  # served folders need no index
+    local = {"text": StreamConfig("text", [str(shards / "train-{000000..000007}.tar")], 0.15)}
+    with _shard_urls(shards, "train-{000000..000007}.tar", source) as urls:
+        streamed = {"text": StreamConfig("text", [urls], 0.15)}
+        for kw in ({"train": False, "rank": 1, "world_size": 2}, {"train": True, "num_batches": 4, "seed": 5}):
+            want = [_texts(b["text"]) for b in StreamLoader(_stream(local, **kw), num_workers=2)]
+            got = [_texts(b["text"]) for b in StreamLoader(_stream(streamed, **kw), num_workers=2)]
+            assert got == want and len(want) >= 3
+        missing = urls.replace("train-{000000..000007}", "train-{000000,999999}")
+        loader = StreamLoader(_stream({"text": StreamConfig("text", [missing], 0.15)}, train=False))
+        assert sum(b["text"]["text"].shape[0] for b in loader) == 5  # the missing shard is counted, not fatal
+        assert loader.skipped == {"corrupt_shard": 1}
 
 
 @pytest.mark.parametrize("per_shard", [5, 40])  # 8 shards (split by shard) or 1 shard (split by sample)

@@ -171,17 +171,17 @@ def test_value_errors_stop_before_training(tmp_path: Path, capsys: pytest.Captur
 _RECORDER = textwrap.dedent(
     """
     import json, os
-    import mmoe.data.shards as shards
+    import mmoe.data.shard_reader as shards
     from lightning.pytorch import Callback
 
-    _orig = shards._iter_tar
+    _orig = shards.read_shard
     READ = []
 
     def _recording(url, counters):
         READ.append(os.path.basename(os.path.dirname(url)) + "/" + os.path.basename(url))
         yield from _orig(url, counters)
 
-    shards._iter_tar = _recording
+    shards.read_shard = _recording
 
     class RecordShards(Callback):
         def __init__(self, out: str) -> None:

@@ -1,4 +1,4 @@
-"""``mmoe-shards``: write webdataset shards for pretraining (thin CLI over ``mmoe.data.shards``).
+"""``mmoe-shards``: write webdataset shards for pretraining (thin CLI over ``mmoe.data.shard_writer``).
 
 Sources (one per call; the stream kind decides what a sample needs):
 
@@ -26,7 +26,7 @@ import argparse
 import sys
 import time
 
-from mmoe.data.shards import (
+from mmoe.data.shard_writer import (
     SkipReport,
     iter_coco_captions,
     iter_image_folder,

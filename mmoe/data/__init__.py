@@ -1,8 +1,9 @@
 """mmoe.data: files to batches (tokenizers, transforms, masking, webdataset shards, synthetic world).
 
 No model code lives here (docs/interfaces.md, layout). Task datasets (vqa, nlvr2, captions, imagenet, coco) are
-imported from their own modules; the shard pipeline from ``mmoe.data.shards`` and the shapes world from
-``mmoe.data.synthetic``. This package re-exports only the small shared building blocks.
+imported from their own modules; the offline shard writer from ``mmoe.data.shard_writer``, the training-time
+shard reader from ``mmoe.data.shard_reader`` and the shapes world from ``mmoe.data.synthetic``. This package
+re-exports only the small shared building blocks.
 """
 
 from mmoe.data.masking import IGNORE_INDEX, BlockMaskGenerator, mask_tokens

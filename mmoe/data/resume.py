@@ -16,7 +16,7 @@ on other batches than the uninterrupted run would have. Three things make the re
   the batches the training loop has taken in the current epoch (``fit_progress``), not the batches produced; on
   resume the sampler starts ``consumed * batch_size`` samples into the epoch's order.
 
-The pretraining stream (``mmoe.data.shards.ShardStream``) uses the same seeds and ``fit_progress``; it skips
+The pretraining stream (``mmoe.data.shard_reader.ShardStream``) uses the same seeds and ``fit_progress``; it skips
 forward by its own means (see its docstring).
 """
 

@@ -28,13 +28,23 @@ import math
 import os
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mmoe.data.shard_writer import (
+    RawSample,
+    StreamKind,
+    iter_coco_captions,
+    iter_image_folder,
+    iter_text_files,
+    write_shards,
+)
+from mmoe.files import atomic_write_bytes
 
 __all__ = [
     "COLORS",
@@ -47,6 +57,7 @@ __all__ = [
     "render_scene",
     "sample_scene",
     "vqa_for_scene",
+    "write_world_shards",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star")
@@ -410,11 +421,8 @@ def _nlvr2_statement(rng: random.Random) -> _Statement:
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    # no fsync: the world is regenerated from its seed, only a half-written file must never appear
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -574,6 +582,31 @@ def _write_text(out: Path, split: str, num: int, seed: int) -> dict[str, int]:
     return {"text_docs": num}
 
 
+def write_world_shards(world_dir: str | os.PathLike[str], *, maxcount: int = 1000) -> dict[str, Any]:
+    """Shards of a written shapes world: ``shards/{pair,image,text}/{split}-NNNNNN.tar`` per split.
+
+    The pair stream comes from the COCO captions (all 5 captions of an image in ``key.json``), the image
+    stream from the ImageFolder set, the text stream from the text corpus; each goes through
+    ``mmoe.data.shard_writer.write_shards`` (validation, ``sizes.json``, ``{split}-skipped.json``).
+    Returns the samples written per ``"{stream}/{split}"``.
+    """
+    root = Path(world_dir)
+    out: dict[str, Any] = {}
+    for split in ("train", "val"):
+        ann = root / "coco" / "annotations" / f"captions_{split}2014.json"
+        if not ann.exists():
+            continue
+        sources: dict[StreamKind, Iterator[RawSample]] = {
+            "pair": iter_coco_captions(ann, root / "coco" / f"{split}2014"),
+            "image": iter_image_folder(root / "imagenet" / split),
+            "text": iter_text_files([root / "text" / f"{split}.txt"]),
+        }
+        for kind, samples in sources.items():
+            rep = write_shards(samples, root / "shards" / kind, kind=kind, prefix=split, maxcount=maxcount)
+            out[f"{kind}/{split}"] = rep.written
+    return out
+
+
 def make_world(
     out_dir: str | os.PathLike[str],
     *,
@@ -595,7 +628,7 @@ def make_world(
         seed: the same seed gives byte-identical files.
         nlvr2_sets: (train, val) number of NLVR2 sets of 4 pairs; default ``ceil(num/4)`` each.
         vqa_noise: probability that one of the 10 VQA annotators gives another valid answer.
-        shards: also write webdataset shards under ``shards/{pair,image,text}`` (``mmoe.data.shards``).
+        shards: also write webdataset shards under ``shards/{pair,image,text}`` (``write_world_shards``).
         shard_maxcount: samples per shard when ``shards`` is set.
 
     Returns:
@@ -624,8 +657,6 @@ def make_world(
         stats.update(_write_text(out, split, num, seed))
         summary["splits"][split] = stats
     if shards:
-        from mmoe.data.shards import write_world_shards
-
         summary["shards"] = write_world_shards(out, maxcount=shard_maxcount)
     _atomic_bytes(out / "world.json", json.dumps(summary, indent=1).encode("utf-8"))
     return summary
