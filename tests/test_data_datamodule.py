@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmoe.data.synthetic import make_world
-from mmoe.train.datamodule import PretrainDataModule
+from mmoe.train.data.pretraining import PretrainDataModule
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_cli_parses_yaml(tmp_path: Path, world: Path) -> None:
         "image_shards: ['" + str(world / "shards/image/train-*.tar") + "']\n"
         "pair_shards: ['" + str(world / "shards/pair/train-{000000..000003}.tar") + "']\n"
         "mode: alternate\nbatch_size: 4\nimage_size: 32\npatch_size: 8\nnum_workers: 0\nsteps_per_epoch: 2\n"
-        "crop_scale: [0.5, 1.0]\nmean: [0.5, 0.5, 0.5]\n"
+        "train_scale: [0.5, 1.0]\nimage_mean: [0.5, 0.5, 0.5]\n"
     )
     parser = ArgumentParser()
     parser.add_class_arguments(PretrainDataModule, "data")

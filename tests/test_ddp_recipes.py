@@ -208,7 +208,7 @@ def test_tiny_pretraining_with_expert_parallelism(
 def test_expert_parallel_callback_without_a_process_group() -> None:
     """One process: nothing to shard by default; an explicit ep_size > 1 is an error naming the strategy."""
     from mmoe.train.expert_parallel import ExpertParallel
-    from mmoe.train.pretrain import MaskedPretraining
+    from mmoe.train.pretraining import MaskedPretraining
 
     module = MaskedPretraining(backbone="tiny_mhmoe", backbone_overrides={"depth": 2})
     cb = ExpertParallel()

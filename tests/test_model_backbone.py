@@ -237,6 +237,26 @@ def test_load_from_lightning_checkpoint(tmp_path):
         load_backbone_weights(create_model("tiny", depth=2, dim=64, ffn_dim=256), model.state_dict())
 
 
+def test_create_model_init_from_resamples_and_rebuilds(tmp_path):
+    """The one builder: name + init_from loads weights at another img_size; None + init_from rebuilds the file's."""
+    torch.manual_seed(0)
+    model = create_model("tiny_mhmoe", **SMALL)
+    save_model(model, tmp_path / "m.pt")
+    bigger = create_model("tiny_mhmoe", init_from=tmp_path / "m.pt", **{**SMALL, "img_size": 96})
+    assert bigger.vision_embed.pos_embed.shape == (1, 145, 128)
+    own = model.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in bigger.state_dict().items() if k != "vision_embed.pos_embed")
+    again = create_model(init_from=tmp_path / "m.pt")
+    assert again.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    vision = create_model("tiny_mhmoe", init_from=tmp_path / "m.pt", modalities=["vision"], **SMALL)
+    assert not vision.config.has_text
+    with pytest.raises(ValueError, match="missing keys"):
+        create_model("tiny_mhmoe", init_from=tmp_path / "m.pt", depth=4)
+    with pytest.raises(ValueError, match="init_from"):
+        create_model()
+
+
 def test_timm_contract_layer_decay():
     from timm.models import group_parameters
     from timm.optim import param_groups_layer_decay

@@ -109,7 +109,7 @@ def _vl_batch(batch: int = 2, length: int = 5) -> dict[str, torch.Tensor]:
     ],
 )
 def test_classification_tasks_leave_no_parameter_without_gradient(kind: str, kwargs: dict) -> None:
-    from mmoe.train.tasks import ClassificationTask
+    from mmoe.train.classification import ClassificationTask
 
     task = ClassificationTask(backbone="tiny_mhmoe", backbone_overrides={"img_size": 32}, **kwargs)
     batch = _vl_batch()
@@ -124,7 +124,7 @@ def test_classification_tasks_leave_no_parameter_without_gradient(kind: str, kwa
 @pytest.mark.parametrize("pooling", ["image_text_cls", "pair"])
 def test_vlffn_blocks_in_image_text_tasks_leave_no_parameter_without_gradient(pooling: str) -> None:
     """A dense backbone with a VL-FFN top block: image-text input never reaches that block's V-FFN and L-FFN."""
-    from mmoe.train.tasks import ClassificationTask
+    from mmoe.train.classification import ClassificationTask
 
     overrides = {"img_size": 32, "vlffn_layers": 1}
     task = ClassificationTask(
@@ -150,7 +150,7 @@ def test_vlffn_blocks_in_image_text_tasks_leave_no_parameter_without_gradient(po
 
 def test_imagenet_task_from_a_pretraining_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A full backbone file into the vision-only ImageNet task (name given or rebuilt from the file)."""
-    from mmoe.train.tasks import ClassificationTask
+    from mmoe.train.classification import ClassificationTask
 
     full = create_model("tiny_mhmoe", img_size=32)
     save_model(full, tmp_path / "pre.pt")
@@ -177,7 +177,7 @@ def test_imagenet_task_from_a_pretraining_checkpoint(tmp_path: Path, caplog: pyt
 
 
 def test_detection_task_leaves_no_parameter_without_gradient() -> None:
-    from mmoe.train.vision import DetectionTask
+    from mmoe.train.detection import DetectionTask
 
     task = DetectionTask(
         backbone="tiny_mhmoe",
@@ -204,7 +204,7 @@ def test_detection_task_leaves_no_parameter_without_gradient() -> None:
 
 
 def test_faster_rcnn_builds_no_mask_head() -> None:
-    from mmoe.train.vision import DetectionTask
+    from mmoe.train.detection import DetectionTask
 
     task = DetectionTask(
         backbone="tiny",

@@ -10,7 +10,7 @@ import torch
 from mmoe.moe import MHMoE
 from mmoe.moe import stats as S
 from mmoe.moe.stats import RoutingTally
-from mmoe.train.pretrain import MaskedPretraining, routing_metrics, routing_tally_metrics, tally_routing
+from mmoe.train.pretraining import MaskedPretraining, routing_metrics, routing_tally_metrics, tally_routing
 
 
 def _full_record_metrics(records_by_layer: dict, threshold: float) -> tuple[dict[str, float], dict[str, torch.Tensor]]:

@@ -33,6 +33,7 @@ SCRIPTS = {
     "mmoe-viz": "mmoe.cli.visualize_experts:main",
     "mmoe-vqa-vocab": "mmoe.cli.build_vqa_vocab:main",
     "mmoe-codebook": "mmoe.cli.build_visual_codebook:main",
+    "mmoe-migrate": "mmoe.train.compat:main",
 }
 
 

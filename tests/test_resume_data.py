@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from mmoe.data.resume import ResumableLoader, seeded_rng
 from mmoe.data.synthetic import make_world
-from mmoe.train.datamodule import PretrainDataModule
+from mmoe.train.data.pretraining import PretrainDataModule
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def _dm(world: Path, **kw) -> PretrainDataModule:
         num_workers=0,
         steps_per_epoch=7,
         shuffle_buffer=5,
-        crop_scale=(0.5, 1.0),  # random crops, flips and jitter: per-sample seeds must cover them
+        train_scale=(0.5, 1.0),  # random crops, flips and jitter: per-sample seeds must cover them
         color_jitter=0.4,
         hflip=0.5,
     )
@@ -223,22 +223,23 @@ def test_seeded_dataset_is_not_bypassed_by_a_batched_getitems() -> None:
 
 def _task_modules(world: Path) -> dict[str, object]:
     """Every map-style training data module, on the shapes world, with random augmentation switched on."""
-    from mmoe.train.captioning import CaptioningDataModule
-    from mmoe.train.task_data import NLVR2DataModule
-    from mmoe.train.vision import CocoDetectionDataModule, ImageNetDataModule
+    from mmoe.train.data.coco_captioning import CaptioningDataModule
+    from mmoe.train.data.coco_detection import CocoDetectionDataModule
+    from mmoe.train.data.imagenet import ImageNetDataModule
+    from mmoe.train.data.nlvr2 import NLVR2DataModule
 
     coco = world / "coco"
     return {
         "imagenet": ImageNetDataModule(
-            train_dir=str(world / "imagenet" / "train"),
-            val_dir=str(world / "imagenet" / "val"),
+            train_images=str(world / "imagenet" / "train"),
+            val_images=str(world / "imagenet" / "val"),
             image_size=32,
             batch_size=4,
             num_workers=0,
         ),
         "nlvr2": NLVR2DataModule(
             train_annotations=str(world / "nlvr2" / "train.json"),
-            train_image_root=str(world / "nlvr2" / "images" / "train"),
+            train_images=str(world / "nlvr2" / "images" / "train"),
             image_size=32,
             batch_size=4,
             hflip=0.5,

@@ -80,7 +80,7 @@ def _pretrain_args(world: Path, root: Path) -> list[str]:
         "--data.init_args.num_workers=2",
         "--data.init_args.shuffle_buffer=5",
         f"--data.init_args.steps_per_epoch={STEPS_PER_EPOCH}",
-        "--data.init_args.crop_scale=[0.5, 1.0]",  # random crops and flips: per-sample seeds must cover them
+        "--data.init_args.train_scale=[0.5, 1.0]",  # random crops and flips: per-sample seeds must cover them
         "--data.init_args.color_jitter=0.2",
     ]
 

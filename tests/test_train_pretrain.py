@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmoe.train.pretrain import (
-    MaskedPretraining,
-    assign_codes,
-    load_codebook,
-    normalize_patches,
-    patchify,
-    routing_metrics,
-    save_codebook,
-)
+from mmoe.data.codebook import assign_codes, load_codebook, normalize_patches, patchify, save_codebook
+from mmoe.train.pretraining import MaskedPretraining, routing_metrics
 
 B, L = 2, 10
 
@@ -118,6 +111,19 @@ def test_checkpoint_carries_backbone_config() -> None:
     assert ckpt["mmoe_config"]["depth"] == 2 and ckpt["mmoe_config"]["moe"]["num_experts"] == 8
     with pytest.raises(ValueError, match="on_nonfinite"):
         MaskedPretraining(backbone="tiny_dense", on_nonfinite="ignore")  # type: ignore[arg-type]
+
+
+def test_init_from_at_another_image_size(tmp_path: Path) -> None:
+    """Pretraining starts from a checkpoint of another img_size: the position table is resampled, as in fine-tuning."""
+    from mmoe.model import create_model, save_model
+
+    save_model(create_model("tiny_dense", depth=2), tmp_path / "m.pt")
+    m = MaskedPretraining(
+        backbone="tiny_dense", backbone_overrides={"depth": 2, "img_size": 32}, init_from=str(tmp_path / "m.pt")
+    )
+    assert m.backbone.config.img_size == 32 and m.backbone.vision_embed.pos_embed.shape[1] == 1 + 16
+    losses, _, _ = m.stream_losses(_batch(img=32, patches=16))
+    assert all(torch.isfinite(v) for v in losses.values())
 
 
 def test_mismatched_pair_mlm_measures_image_use() -> None:

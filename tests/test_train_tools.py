@@ -73,8 +73,8 @@ def test_compare_summary_and_table(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_build_codebook_from_shards(tmp_path: Path) -> None:
+    from mmoe.data.codebook import load_codebook
     from mmoe.data.synthetic import make_world
-    from mmoe.train.pretrain import load_codebook
 
     make_world(tmp_path / "w", num_train=16, num_val=4, image_size=64, seed=0, shards=True, shard_maxcount=8)
     out = tmp_path / "cb.pt"

@@ -92,7 +92,7 @@ def test_detection_one_step_and_eval(world: Path, tmp_path: Path) -> None:
 
 
 def test_imagenet_one_step(world: Path, tmp_path: Path) -> None:
-    pytest.importorskip("mmoe.train.tasks")
+    pytest.importorskip("mmoe.train.classification")
     # the full recipe's augmentation path (imagenet.yaml): Mixup/CutMix in the task, RandAugment + erasing in the data
     override = _override(
         tmp_path,
@@ -101,8 +101,8 @@ def test_imagenet_one_step(world: Path, tmp_path: Path) -> None:
             "mixup": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0},
         },
         {
-            "train_dir": str(world / "imagenet" / "train"),
-            "val_dir": str(world / "imagenet" / "val"),
+            "train_images": str(world / "imagenet" / "train"),
+            "val_images": str(world / "imagenet" / "val"),
             "auto_augment": "rand-m9-mstd0.5-inc1",
             "re_prob": 0.25,
             "image_size": 32,
@@ -125,4 +125,4 @@ def test_shipped_vision_recipes_parse(name: str, capsys: pytest.CaptureFixture[s
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("mmoe.train.")
-    assert printed["data"]["class_path"].startswith("mmoe.train.vision.")
+    assert printed["data"]["class_path"].startswith("mmoe.train.data.")

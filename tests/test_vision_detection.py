@@ -106,8 +106,8 @@ def test_state_dict_layout_matches_task_convention() -> None:
 
 
 def test_detection_task_layer_decay_groups() -> None:
+    from mmoe.train.detection import DetectionTask
     from mmoe.train.optim import param_groups
-    from mmoe.train.vision import DetectionTask
 
     task = DetectionTask(
         backbone="tiny",

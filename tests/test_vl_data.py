@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import find_sample
-from mmoe.train.task_data import NLVR2Collate, VQACollate, VQADataModule
 from PIL import Image
 
 from mmoe.data.nlvr2 import NLVR2Dataset, pair_prefix
@@ -23,6 +22,8 @@ from mmoe.data.vqa import (
     load_answer_vocab,
     vqa_score,
 )
+from mmoe.train.data.nlvr2 import NLVR2Collate
+from mmoe.train.data.vqav2 import VQACollate, VQADataModule
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,17 @@ def test_vilt_split(tmp_path: Path) -> None:
     vocab = tmp_path / "vocab.json"
     vocab.write_text(json.dumps({"answers": ["0", "1", "2"]}))
     dm = VQADataModule(
-        train=[train], val=[val], answer_vocab=str(vocab), split="vilt", holdout_images=2, image_size=16, batch_size=2
+        train_questions=train.questions,
+        train_annotations=train.annotations,
+        train_images=train.image_dir,
+        val_questions=[val.questions],
+        val_annotations=[val.annotations],
+        val_images=[val.image_dir],
+        answer_vocab=str(vocab),
+        split="vilt",
+        holdout_images=2,
+        image_size=16,
+        batch_size=2,
     )
     dm.setup("fit")
     train_ids = sorted(it["question_id"] for it in dm.datasets["train"].items)

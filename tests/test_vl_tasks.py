@@ -55,21 +55,19 @@ def _override(tmp: Path, world: Path, task: str) -> Path:
     model = {"init_args": {"backbone_overrides": {"img_size": 32, "drop_path": 0.0}}}
     if task == "vqa":
 
-        def files(split: str) -> list[dict[str, str]]:
-            return [
-                {
-                    "questions": str(vqa / f"v2_OpenEnded_mscoco_{split}2014_questions.json"),
-                    "annotations": str(vqa / f"v2_mscoco_{split}2014_annotations.json"),
-                    "image_dir": str(coco / f"{split}2014"),
-                }
-            ]
+        def files(stage: str, split: str) -> dict[str, str]:
+            return {
+                f"{stage}_questions": str(vqa / f"v2_OpenEnded_mscoco_{split}2014_questions.json"),
+                f"{stage}_annotations": str(vqa / f"v2_mscoco_{split}2014_annotations.json"),
+                f"{stage}_images": str(coco / f"{split}2014"),
+            }
 
         model["init_args"]["label_vocab"] = str(vqa / "answer_vocab.json")
         data = {
             "init_args": {
-                "train": files("train"),
-                "val": files("val"),
-                "test": files("val"),
+                **files("train", "train"),
+                **files("val", "val"),
+                **files("test", "val"),
                 "answer_vocab": str(vqa / "answer_vocab.json"),
                 "image_size": 32,
                 "batch_size": 4,
@@ -81,11 +79,11 @@ def _override(tmp: Path, world: Path, task: str) -> Path:
         data = {
             "init_args": {
                 "train_annotations": str(n / "train.json"),
-                "train_image_root": str(n / "images" / "train"),
+                "train_images": str(n / "images" / "train"),
                 "val_annotations": str(n / "val.json"),
-                "val_image_root": str(n / "images" / "val"),
+                "val_images": str(n / "images" / "val"),
                 "test_annotations": str(n / "val.json"),
-                "test_image_root": str(n / "images" / "val"),
+                "test_images": str(n / "images" / "val"),
                 "image_size": 32,
                 "batch_size": 4,
                 "eval_batch_size": 64,
@@ -179,8 +177,8 @@ def test_shipped_recipes_parse(name: str, capsys: pytest.CaptureFixture[str]) ->
         _cli(["fit", "--config", str(FINETUNE / name), "--print_config"])
     assert exc.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"] == "mmoe.train.tasks.ClassificationTask"
-    assert printed["data"]["class_path"].startswith("mmoe.train.task_data.")
+    assert printed["model"]["class_path"] == "mmoe.train.classification.ClassificationTask"
+    assert printed["data"]["class_path"].startswith("mmoe.train.data.")
 
 
 def test_task_loss_rows_checkpoint_and_init_from(tmp_path: Path) -> None:
@@ -188,7 +186,7 @@ def test_task_loss_rows_checkpoint_and_init_from(tmp_path: Path) -> None:
     import torch.nn.functional as F
 
     from mmoe.model import save_model
-    from mmoe.train.tasks import ClassificationTask
+    from mmoe.train.classification import ClassificationTask
 
     vocab = tmp_path / "answers.json"
     save_answer_vocab(vocab, ["yes", "no", "2"])

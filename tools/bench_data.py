@@ -30,7 +30,7 @@ import torch
 
 from mmoe.data.shards import iter_coco_captions, iter_image_folder, iter_text_files, write_shards
 from mmoe.data.synthetic import make_world
-from mmoe.train.datamodule import PretrainDataModule
+from mmoe.train.data.pretraining import PretrainDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -89,7 +89,7 @@ def bench_model(
     model: str, patterns: dict[str, list[str]], setting: dict[str, int], batch_size: int, steps: int
 ) -> dict[str, Any]:
     """Training step time (forward, backward, AdamW) of MaskedPretraining on real pipeline batches."""
-    from mmoe.train.pretrain import MaskedPretraining
+    from mmoe.train.pretraining import MaskedPretraining
 
     module = MaskedPretraining(backbone=model)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)

@@ -182,29 +182,24 @@ class Demo:
             if not ok:
                 return None
         coco = world / "coco"
-        split = {
-            "train": [
-                {
-                    "questions": str(vqa / "v2_OpenEnded_mscoco_train2014_questions.json"),
-                    "annotations": str(vqa / "v2_mscoco_train2014_annotations.json"),
-                    "image_dir": str(coco / "train2014"),
-                }
-            ],
-            "val": [
-                {
-                    "questions": str(vqa / "v2_OpenEnded_mscoco_val2014_questions.json"),
-                    "annotations": str(vqa / "v2_mscoco_val2014_annotations.json"),
-                    "image_dir": str(coco / "val2014"),
-                }
-            ],
+        train = {
+            "questions": str(vqa / "v2_OpenEnded_mscoco_train2014_questions.json"),
+            "annotations": str(vqa / "v2_mscoco_train2014_annotations.json"),
+            "images": str(coco / "train2014"),
         }
+        val = {
+            "questions": str(vqa / "v2_OpenEnded_mscoco_val2014_questions.json"),
+            "annotations": str(vqa / "v2_mscoco_val2014_annotations.json"),
+            "images": str(coco / "val2014"),
+        }
+        stages = (("train", train), ("val", val), ("test", val))
+        files = [f"--data.init_args.{stage}_{k}={v}" for stage, d in stages for k, v in d.items()]
         cmd = [
             sys.executable, "-m", "mmoe.train.cli", "fit", f"--config={VQA_RECIPE}",
             f"--trainer.default_root_dir={root}", f"--trainer.max_steps={self.vqa_steps}",
             f"--trainer.val_check_interval={self.vqa_steps}", f"--checkpoint.every_n_train_steps={self.vqa_steps}",
             f"--model.init_args.label_vocab={vocab}", f"--data.init_args.answer_vocab={vocab}",
-            f"--data.init_args.train={json.dumps(split['train'])}", f"--data.init_args.val={json.dumps(split['val'])}",
-            f"--data.init_args.test={json.dumps(split['val'])}", f"--seed_everything={self.seed}",
+            *files, f"--seed_everything={self.seed}",
         ]  # fmt: skip
         if ckpt is not None:
             cmd.append(f"--model.init_args.init_from={ckpt}")

@@ -1,9 +1,10 @@
-"""``mmoe-codebook``: build a visual codebook: k-means over normalized patch pixels of a shard set (SPEC.md 6, issue 5).
+"""``mmoe-codebook``: build a visual codebook: k-means over normalized patch pixels of a shard set ([B3] sec. 2.2).
 
 BEiT-3 predicts discrete visual tokens (BEiT v2 VQ-KD codes) for masked patches; that tokenizer is an outside
-checkpoint. This tool makes a self-contained stand-in: the k-means centroids of per-patch normalized pixels
-(``mmoe.train.pretrain.normalize_patches``), so ``MaskedPretraining(image_target="codebook", codebook=...)`` trains
-masked image modeling as classification over codes and reports image perplexity next to text perplexity.
+checkpoint. This command makes a self-contained stand-in: the k-means centroids of per-patch normalized pixels.
+The format, the k-means and the code assignment are library code (``mmoe.data.codebook``); this file only reads
+the patches and writes the file, which ``MaskedPretraining(image_target="codebook", codebook=...)`` reads to train
+masked image modeling as classification over codes and report image perplexity next to text perplexity.
 
 Images go through the pretraining data module's evaluation transform (resize + center crop, the same
 normalization), so the patches are those the model sees::
@@ -19,11 +20,13 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from mmoe.train.datamodule import PretrainDataModule
-from mmoe.train.pretrain import normalize_patches, patchify, save_codebook
+from mmoe.data import codebook
+from mmoe.data.codebook import normalize_patches, patchify, save_codebook
+from mmoe.train.data.pretraining import PretrainDataModule
 
 
 def collect_patches(
@@ -56,32 +59,12 @@ def collect_patches(
     return torch.cat(chunks)
 
 
-def kmeans(
-    x_NC: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, chunk: int = 65536
-) -> tuple[torch.Tensor, float]:
-    """Lloyd's k-means with k-means++ seeding; returns (centroids (k, C), mean squared distance to the centroid)."""
-    n = x_NC.shape[0]
-    if n < k:
-        raise SystemExit(f"mmoe-codebook: {n} patches is fewer than --codes {k}; read more images")
-    g = torch.Generator().manual_seed(seed)
-    x = x_NC.float()
-    centroids = x[torch.randint(n, (1,), generator=g)]
-    d2 = torch.cdist(x, centroids).pow(2).squeeze(1)
-    for _ in range(1, k):  # k-means++: next centroid with probability proportional to squared distance
-        idx = torch.multinomial(d2 / d2.sum(), 1, generator=g)
-        centroids = torch.cat([centroids, x[idx]])
-        d2 = torch.minimum(d2, (x - x[idx]).pow(2).sum(-1))
-    inertia = float("nan")
-    for _ in range(iters):
-        assign = torch.cat([torch.cdist(x[i : i + chunk], centroids).argmin(-1) for i in range(0, n, chunk)])
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).float()
-        empty = counts == 0
-        centroids = torch.where(empty[:, None], centroids, sums / counts.clamp(min=1)[:, None])
-        if empty.any():  # re-seed empty clusters on random points
-            centroids[empty] = x[torch.randint(n, (int(empty.sum()),), generator=g)]
-        inertia = float((x - centroids[assign]).pow(2).sum(-1).mean())
-    return centroids, inertia
+def kmeans(x_NC: torch.Tensor, k: int, **kwargs: Any) -> tuple[torch.Tensor, float]:
+    """:func:`mmoe.data.codebook.kmeans`; too few patches for ``--codes`` end the command with its message."""
+    try:
+        return codebook.kmeans(x_NC, k, **kwargs)
+    except ValueError as err:
+        raise SystemExit(f"mmoe-codebook: {err} (--codes {k})") from None
 
 
 def run(argv: list[str] | None = None) -> dict:

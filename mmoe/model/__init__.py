@@ -9,8 +9,8 @@ from mmoe.model.attention import KVCache
 from mmoe.model.backbone import BackboneOutput, MultiwayTransformer
 from mmoe.model.config import MoEConfig, MultiwayConfig
 from mmoe.model.convert import beit3_config_from_state_dict, convert_beit3_state_dict, convert_timm_vit_state_dict
-from mmoe.model.io import load_backbone_weights, load_model, save_model
-from mmoe.model.registry import create_model, get_config, list_models
+from mmoe.model.io import load_backbone_weights, save_model
+from mmoe.model.registry import create_model, get_config, list_models, load_model
 from mmoe.model.upcycling import upcycle
 
 __all__ = [

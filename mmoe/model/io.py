@@ -1,42 +1,29 @@
 """Saving and loading backbones (docs/interfaces.md section 2).
 
 File format: `{"format": "mmoe", "config": MultiwayConfig.to_dict(), "state_dict": ...}`, written atomically
-(temporary name, then `os.replace`) and read with `torch.load(weights_only=True)`. `load_model` also reads our
+(`mmoe.files.atomic_torch_save`) and read with `torch.load(weights_only=True)`. `load_model` also reads our
 Lightning checkpoints, whose module stored `checkpoint["mmoe_config"]` and keeps the backbone under `backbone.`.
+The one builder every caller uses, `create_model(name | yaml | config, init_from=...)`, lives in
+`mmoe.model.registry` and reads weights through the functions here.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from mmoe.files import atomic_torch_save
 from mmoe.model.backbone import MultiwayTransformer
 from mmoe.model.config import MultiwayConfig
 from mmoe.model.embed import resample_vision_pos_embed
 
 FORMAT = "mmoe"
 log = logging.getLogger(__name__)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the target folder, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_model(model: MultiwayTransformer, path: str | Path, *, extra: dict[str, Any] | None = None) -> None:
@@ -55,14 +42,22 @@ def load_checkpoint_file(path: str | Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_checkpoint(path: str | Path) -> tuple[MultiwayConfig, dict[str, torch.Tensor]]:
-    """Config and backbone state dict from an mmoe model file or one of our Lightning checkpoints."""
+def read_checkpoint(
+    path: str | Path | Mapping[str, Any], *, name: str | None = None
+) -> tuple[MultiwayConfig, dict[str, torch.Tensor]]:
+    """Config and backbone state dict from an mmoe model file or one of our Lightning checkpoints.
+
+    `path` may also be the already loaded checkpoint object (a mapping; `name` labels it in errors), for callers
+    that need other weights of the same file and read it once.
+    """
+    if isinstance(path, Mapping):
+        return parse_checkpoint(path, name or "<checkpoint>")
     return parse_checkpoint(load_checkpoint_file(path), path)
 
 
 def parse_checkpoint(ckpt: Any, path: str | Path) -> tuple[MultiwayConfig, dict[str, torch.Tensor]]:
     """:func:`read_checkpoint` on an already loaded object (for callers that also need its other weights)."""
-    if not isinstance(ckpt, dict):
+    if not isinstance(ckpt, Mapping):
         raise ValueError(f"load_model: {path} holds a {type(ckpt).__name__}, expected a dict")
     if ckpt.get("format") == FORMAT:
         return MultiwayConfig.from_dict(ckpt["config"], source=f"{path}:config"), ckpt["state_dict"]
@@ -79,19 +74,6 @@ def parse_checkpoint(ckpt: Any, path: str | Path) -> tuple[MultiwayConfig, dict[
     )
 
 
-def load_model(path: str | Path, *, strict: bool = True, **overrides: Any) -> MultiwayTransformer:
-    """Rebuild the backbone saved in `path`; `overrides` change the config (e.g. `img_size=384`, `drop_path=0.1`).
-
-    Position tables are resampled when the image size changes (timm `resample_abs_pos_embed`).
-    """
-    config, state = read_checkpoint(path)
-    if overrides:
-        config = config.replace(**overrides)
-    model = MultiwayTransformer(config)
-    load_backbone_weights(model, state, strict=strict)
-    return model
-
-
 def adapt_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fit position tables of `state` to `model`: resample the vision grid, cut or extend text positions.
 
@@ -99,22 +81,21 @@ def adapt_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     """
     state = dict(state)
     own = model.state_dict()
+
+    def other_length(key: str) -> bool:  # a table of the same width whose length differs
+        return (
+            key in state
+            and key in own
+            and state[key].shape[-1] == own[key].shape[-1]
+            and state[key].shape != own[key].shape
+        )
+
     key = "vision_embed.pos_embed"
-    if (
-        key in state
-        and key in own
-        and state[key].shape != own[key].shape
-        and state[key].shape[-1] == own[key].shape[-1]
-    ):
+    if other_length(key):
         grid = model.vision_embed.grid_size  # type: ignore[union-attr]
         state[key] = resample_vision_pos_embed(state[key], grid)
     key = "text_embed.pos_embed"
-    if (
-        key in state
-        and key in own
-        and state[key].shape != own[key].shape
-        and state[key].shape[-1] == own[key].shape[-1]
-    ):
+    if other_length(key):
         src, dst = state[key], own[key].clone()
         rows = min(src.shape[1], dst.shape[1])
         dst[:, :rows] = src[:, :rows].to(dst.dtype)

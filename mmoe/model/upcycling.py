@@ -36,8 +36,9 @@ from torch import nn
 
 from mmoe.model.backbone import MultiwayTransformer
 from mmoe.model.config import MoEConfig, MultiwayConfig
-from mmoe.model.io import load_backbone_weights, load_model
+from mmoe.model.io import load_backbone_weights
 from mmoe.model.multiway import DenseFFN
+from mmoe.model.registry import load_model
 
 UpcycleMode = Literal["replicate", "split"]
 UpcycleSource = Literal["alternate", "vision", "text"]

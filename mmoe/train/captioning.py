@@ -1,6 +1,6 @@
-"""COCO captioning with BEiT-3-style masked fine-tuning: the LightningModule and its LightningDataModule.
+"""COCO captioning with BEiT-3-style masked fine-tuning (the data: ``mmoe.train.data.coco_captioning``).
 
-Training ([B3] sec. 3.2, SPEC.md 7; unilm ``beit3`` ``BEiT3ForCaptioning``): image + ``[BOS] caption [EOS]`` go
+Training ([B3] sec. 3.2; unilm ``beit3`` ``BEiT3ForCaptioning``): image + ``[BOS] caption [EOS]`` go
 through the Multiway Transformer under the captioning mask (text attends causally to text and fully to the image,
 the image does not attend to text); 60-70% of the caption tokens after BOS are replaced by [MASK] and predicted by
 a linear LM head with label smoothing 0.1. Optionally, after ``drop_worst_after`` steps the worst
@@ -14,40 +14,22 @@ results format ``[{"image_id", "caption"}]``.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Sequence
-from dataclasses import asdict, is_dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
-from mmoe.data.captions import (
-    CaptionCollator,
-    CaptionDataset,
-    CaptionRecord,
-    ImageListDataset,
-    list_images,
-    load_caption_records,
-    references_of,
-    write_coco_references,
-)
-from mmoe.data.resume import ResumableTrainData
 from mmoe.data.tokenizer import build_tokenizer
-from mmoe.data.transforms import BEIT3_MEAN, BEIT3_STD, build_transform
+from mmoe.files import atomic_write_json
 from mmoe.metrics.captions import score_captions
-from mmoe.model import create_model
 from mmoe.model.generation import GenerationConfig, SpecialIds, caption_attention_mask, generate, num_vision_tokens
-from mmoe.model.io import load_backbone_weights, load_checkpoint_file, parse_checkpoint
-from mmoe.train.optim import OptimConfig, configure_optimizers
+from mmoe.train.base import TaskModule, gather_objects
+from mmoe.train.optim import OptimConfig
 
-__all__ = ["CaptioningTask", "CaptioningDataModule", "masked_caption_loss", "write_results"]
+__all__ = ["CaptioningTask", "masked_caption_loss", "write_results"]
 
 
 def masked_caption_loss(
@@ -69,34 +51,12 @@ def masked_caption_loss(
     return loss_M.mean()
 
 
-def _atomic_write_json(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-    return path
-
-
 def write_results(captions: dict[int, str], path: str | Path) -> Path:
     """Write ``{image_id: caption}`` in the official results format ``[{"image_id", "caption"}]`` (atomically)."""
-    return _atomic_write_json([{"image_id": int(k), "caption": v} for k, v in sorted(captions.items())], path)
+    return atomic_write_json(path, [{"image_id": int(k), "caption": v} for k, v in sorted(captions.items())], indent=1)
 
 
-def _gather_dict(d: dict[int, str]) -> dict[int, str]:
-    """Merge per-rank predictions under DDP (a no-op on one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return d
-    parts: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, d)
-    merged: dict[int, str] = {}
-    for p in parts:
-        merged.update(p)
-    return merged
-
-
-class CaptioningTask(pl.LightningModule):
+class CaptioningTask(TaskModule):
     """BEiT-3-style masked captioning over a Multiway Transformer (see the module docstring).
 
     Args:
@@ -127,7 +87,6 @@ class CaptioningTask(pl.LightningModule):
         optim: OptimConfig | dict[str, Any] | None = None,
         results_path: str | None = None,
     ) -> None:
-        super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"CaptioningTask: label_smoothing must be in [0, 1), got {label_smoothing}")
         if not 0.0 <= drop_worst_ratio < 1.0:
@@ -136,19 +95,15 @@ class CaptioningTask(pl.LightningModule):
             raise ValueError(f"CaptioningTask: drop_worst_after must be >= 0 or null, got {drop_worst_after}")
         if isinstance(generation, dict):  # from a checkpoint's hyper_parameters or a plain dict
             generation = GenerationConfig(**generation)
-        if isinstance(optim, dict):
-            optim = OptimConfig(**optim)
+        # Decoding settings and the results path are left out of the hyper-parameters: `mmoe predict/test
+        # --ckpt_path` would otherwise replace their command-line values with the training run's.
+        super().__init__(
+            optim=optim,
+            default_optim=OptimConfig(lr=4e-5, weight_decay=0.05),
+            hparams_ignore=("generation", "val_generate", "results_path"),
+        )
         self.generation = generation or GenerationConfig()
-        self.optim = optim or OptimConfig(lr=4e-5, weight_decay=0.05)
-        # Under LightningCLI the parsed config (with "_class_path") is stored, so `--ckpt_path` re-parses it.
-        # Decoding settings and the results path are left out: `mmoe predict/test --ckpt_path` would otherwise
-        # replace their command-line values with the training run's. Dataclasses are stored as dicts so that
-        # checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["generation", "val_generate", "results_path"])
-        value = self.hparams.get("optim")
-        if is_dataclass(value) and not isinstance(value, type):
-            self.hparams["optim"] = asdict(value)
-        self.backbone = create_model(backbone, **(backbone_overrides or {}))
+        ckpt = self.init_backbone(backbone, backbone_overrides, init_from)
         self.backbone.freeze_mask_token_()  # captioning masks text, never image patches ([B3] sec. 2.2, 4.2)
         self.backbone.freeze_unpaired_ffns_()  # training sequences are image + text: VL-FFN blocks skip V/L-FFN
         cfg = self.backbone.config
@@ -168,15 +123,12 @@ class CaptioningTask(pl.LightningModule):
             )
         self.special = SpecialIds.from_tokenizer(self.tokenizer)
         self._predictions: dict[int, str] = {}
-        if init_from:
-            self._init_from(init_from)
+        if ckpt is not None:
+            self._init_lm_head(ckpt)
 
     # ------------------------------------------------------------------ weights
-    def _init_from(self, path: str) -> None:
-        full = load_checkpoint_file(path)  # read once: backbone and LM head
-        _, state = parse_checkpoint(full, path)
-        load_backbone_weights(self.backbone, state, strict=True)
-        sd = full.get("state_dict", {})
+    def _init_lm_head(self, ckpt: Mapping[str, Any]) -> None:
+        sd = ckpt.get("state_dict", {})
         # A captioning checkpoint has `lm_head.`; a MaskedPretraining one has `mlm_head.`, the same masked-token
         # predictor over the same vocabulary, so it is a better start than a random head.
         for prefix in ("lm_head.", "mlm_head."):
@@ -203,9 +155,6 @@ class CaptioningTask(pl.LightningModule):
                 f"CaptioningTask: data.max_text_len={tok.max_len} exceeds the backbone's max_text_len="
                 f"{self.backbone.config.max_text_len}"
             )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmoe_config"] = self.backbone.config.to_dict()
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -283,7 +232,7 @@ class CaptioningTask(pl.LightningModule):
     def _score(self, stage: str) -> None:
         if self.trainer.sanity_checking or not self._predictions:
             return
-        preds = _gather_dict(self._predictions)
+        preds = dict(gather_objects(list(self._predictions.items())))
         self._predictions = {}
         dm = self.trainer.datamodule
         refs = dm.references(stage) if dm is not None and hasattr(dm, "references") else {}
@@ -315,151 +264,8 @@ class CaptioningTask(pl.LightningModule):
         return [{"image_id": int(i), "caption": c} for i, c in zip(ids, caps)]
 
     def on_predict_epoch_end(self) -> None:
-        preds = _gather_dict(self._predictions)
+        preds = dict(gather_objects(list(self._predictions.items())))
         self._predictions = {}
         if self.trainer.is_global_zero:
             path = write_results(preds, self._results_file("predict"))
             print(f"mmoe predict: wrote {len(preds)} captions to {path}")
-
-    # ------------------------------------------------------------------ optim
-    def configure_optimizers(self) -> dict[str, Any]:
-        return configure_optimizers(self, self.optim)
-
-
-class CaptioningDataModule(ResumableTrainData, pl.LightningDataModule):
-    """COCO caption data from the Karpathy split file or official caption annotations (``mmoe.data.captions``).
-
-    ``*_annotations`` are a ``dataset_coco.json`` (Karpathy; ``*_split`` picks the split, ``train`` adds
-    ``restval``) or a ``captions_*.json``; ``*_images`` is the image root (Karpathy: the COCO root holding
-    ``train2014/`` and ``val2014/``; COCO file: the folder of its ``file_name``s, default = Karpathy root
-    ``train_images``). ``predict_images`` is a folder of images or one image for ``mmoe predict``.
-    The tokenizer must match the model's (``tokenizer``, ``tokenizer_path``, ``max_text_len``).
-    """
-
-    def __init__(
-        self,
-        *,
-        train_annotations: str | None = None,
-        train_images: str | None = None,
-        val_annotations: str | None = None,
-        val_images: str | None = None,
-        test_annotations: str | None = None,
-        test_images: str | None = None,
-        predict_images: str | None = None,
-        train_split: str = "train",
-        val_split: str = "val",
-        test_split: str = "test",
-        tokenizer: str = "openclip",
-        tokenizer_path: str | None = None,
-        max_text_len: int = 32,
-        image_size: int = 224,
-        mean: Sequence[float] = BEIT3_MEAN,
-        std: Sequence[float] = BEIT3_STD,
-        train_scale: Sequence[float] = (0.5, 1.0),
-        hflip: float = 0.0,
-        color_jitter: float | None = None,
-        auto_augment: str | None = None,
-        mask_ratio: Sequence[float] = (0.6, 0.7),
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        max_train_images: int | None = None,
-        max_eval_images: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        if len(mask_ratio) != 2:
-            raise ValueError(f"CaptioningDataModule: mask_ratio must be (low, high), got {list(mask_ratio)}")
-        self.tokenizer = build_tokenizer(tokenizer, max_len=max_text_len, path=tokenizer_path)
-        self.records: dict[str, list[CaptionRecord]] = {}
-        self.datasets: dict[str, Any] = {}
-
-    def _records(self, stage: str) -> list[CaptionRecord]:
-        if stage in self.records:
-            return self.records[stage]
-        hp = self.hparams
-        ann = getattr(hp, f"{stage}_annotations")
-        if not ann:
-            raise ValueError(f"CaptioningDataModule: {stage}_annotations is not set (needed for {stage})")
-        root = getattr(hp, f"{stage}_images") or hp.train_images or str(Path(ann).parent)
-        recs = load_caption_records(ann, root, getattr(hp, f"{stage}_split"))
-        limit = hp.max_train_images if stage == "train" else hp.max_eval_images
-        if limit is not None:
-            recs = recs[:limit]
-        if not recs:
-            raise ValueError(f"CaptioningDataModule: {ann} has no images for split {getattr(hp, f'{stage}_split')!r}")
-        self.records[stage] = recs
-        return recs
-
-    def references(self, stage: str) -> dict[int, list[str]]:
-        """``{image_id: [reference captions]}`` of a stage (``val``/``test``) for scoring."""
-        return references_of(self._records(stage))
-
-    def write_references(self, stage: str, path: str | Path) -> Path:
-        """The stage's references as a COCO caption file (for ``python -m mmoe.metrics.captions``)."""
-        return write_coco_references(self._records(stage), path)
-
-    def _transform(self, train: bool):
-        hp = self.hparams
-        return build_transform(
-            hp.image_size,
-            train=train,
-            mean=hp.mean,
-            std=hp.std,
-            scale=hp.train_scale,
-            hflip=hp.hflip,
-            color_jitter=hp.color_jitter,
-            auto_augment=hp.auto_augment,
-        )
-
-    def setup(self, stage: str | None = None) -> None:
-        hp = self.hparams
-        if stage in (None, "fit"):
-            self.datasets["train"] = CaptionDataset(self._records("train"), self._transform(True), per_caption=True)
-        if stage in (None, "fit", "validate") and hp.val_annotations:
-            self.datasets["val"] = CaptionDataset(self._records("val"), self._transform(False), per_caption=False)
-        if stage in (None, "test"):
-            self.datasets["test"] = CaptionDataset(self._records("test"), self._transform(False), per_caption=False)
-        if stage == "predict":
-            if not hp.predict_images:
-                raise ValueError("CaptioningDataModule: predict_images (a folder or an image file) is not set")
-            self.datasets["predict"] = ImageListDataset(list_images(hp.predict_images), self._transform(False))
-
-    def _loader(self, name: str, train: bool) -> DataLoader:
-        hp = self.hparams
-        ds = self.datasets[name]
-        collate = CaptionCollator(
-            self.tokenizer, ratio=(float(hp.mask_ratio[0]), float(hp.mask_ratio[1])), seed=None if train else hp.seed
-        )
-        if train:  # order from (seed, epoch), per-sample seeds, position kept in checkpoints (mmoe.data.resume)
-            return self.resumable_train_loader(
-                ds,
-                batch_size=hp.batch_size,
-                collate_fn=collate,
-                num_workers=hp.num_workers,
-                seed=hp.seed,
-                drop_last=len(ds) >= hp.batch_size,
-                persistent_workers=hp.num_workers > 0,
-            )
-        return DataLoader(
-            ds,
-            batch_size=hp.eval_batch_size or hp.batch_size,
-            shuffle=False,
-            num_workers=hp.num_workers,
-            collate_fn=collate,
-            persistent_workers=hp.num_workers > 0,
-            generator=torch.Generator().manual_seed(0),  # worker seeds without drawing from the global RNG
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", False) if "val" in self.datasets else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", False)

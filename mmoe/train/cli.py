@@ -1,4 +1,4 @@
-"""The ``mmoe`` console script: Lightning's ``LightningCLI`` in subclass mode (issue 5, docs/interfaces.md section 5).
+"""The ``mmoe`` console script: Lightning's ``LightningCLI`` in subclass mode (docs/interfaces.md section 5).
 
 ``mmoe fit --config configs/pretrain/tiny_mhmoe.yaml`` (also ``validate``, ``test``, ``predict``). Any of our
 LightningModules / LightningDataModules is picked by ``class_path`` in YAML and its constructor signature is
@@ -21,6 +21,11 @@ such as ``create_model: unknown model ...`` or ``optim.lr=-1.0 must be ...``) en
 ``mmoe: error: <key>: <cause>``, and exit status 2, instead of jsonargparse's nested report and Python's chained
 tracebacks (80-110 lines, the cause in the middle). ``--traceback`` (anywhere on the command line) or
 ``MMOE_TRACEBACK=1`` shows the full traceback instead. Errors raised once training runs are not touched.
+
+Configs and checkpoints written before ``mmoe.train`` moved to one file per task and dataset still load: the
+class paths and data-module argument names of ``--config`` files (a run's saved ``config.yaml`` too), of
+``--model``/``--data`` values and of the hyper-parameters read from ``--ckpt_path`` are mapped to the current
+ones (:mod:`mmoe.train.compat`; ``mmoe-migrate`` rewrites the files for good).
 """
 
 from __future__ import annotations
@@ -34,14 +39,17 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from mmoe.train.callbacks import AtomicCheckpointIO, PlainProgress, RNGState, StepTimer
+from mmoe.train.compat import migrate_class_path, migrate_config, migrate_hparams
 
-__all__ = ["ConfigError", "MMoECLI", "build_cli", "main", "next_version"]
+__all__ = ["ConfigError", "MMoECLI", "build_cli", "main", "migrate_args", "next_version"]
 
 DEFAULT_ROOT = "runs/mmoe"
 TRACEBACK_FLAG = "--traceback"
@@ -113,6 +121,41 @@ def _stdout_is_tty() -> bool:
         return False
 
 
+_CLASS_KEYS = ("--model", "--data", "--model.class_path", "--data.class_path")
+
+
+def _migrated_config_arg(value: str) -> str:
+    """A ``--config`` value: a file naming old class paths becomes the migrated YAML text (jsonargparse reads both)."""
+    path = Path(value)
+    if not path.is_file():
+        return value
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    new = migrate_config(data)
+    return value if new == data else yaml.safe_dump(new, sort_keys=False)
+
+
+def migrate_args(argv: list[str]) -> list[str]:
+    """Command-line arguments with old class paths mapped (``--config`` files, ``--model``/``--data`` values)."""
+    out: list[str] = []
+    pending: str | None = None  # the option whose value is the next argument
+    for arg in argv:
+        if pending is not None:
+            out.append(_migrated_config_arg(arg) if pending == "--config" else migrate_class_path(arg))
+            pending = None
+            continue
+        key, eq, value = arg.partition("=")
+        key = "--config" if key == "-c" else key
+        if key == "--config" or key in _CLASS_KEYS:
+            if not eq:
+                out.append(arg)
+                pending = key
+                continue
+            value = _migrated_config_arg(value) if key == "--config" else migrate_class_path(value)
+            arg = f"{arg.partition('=')[0]}={value}"
+        out.append(arg)
+    return out
+
+
 class MMoECLI(LightningCLI):
     """LightningCLI with mmoe's run-folder layout and default callbacks (see the module docstring)."""
 
@@ -140,6 +183,25 @@ class MMoECLI(LightningCLI):
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             raise ConfigError(config_error_cause(err)) from err
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's re-parse of the checkpoint's module hyper-parameters, with old class paths mapped first."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        hparams = migrate_hparams(ckpt.get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        except ArgumentError as err:
+            raise ConfigError(f"--ckpt_path {ckpt_path}: {config_error_cause(err)}") from err
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a constructor's refusal becomes a :class:`ConfigError` (see ``main``)."""
@@ -205,6 +267,10 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> MMoECLI:
     A configuration refused before training raises :class:`ConfigError` (``main`` prints it in one line).
     """
     _quiet_known_noise()
+    if args is None:  # Lightning reads sys.argv itself (and warns when both are given)
+        sys.argv[1:] = migrate_args(sys.argv[1:])
+    else:
+        args = migrate_args(list(args))
     return MMoECLI(
         LightningModule,
         LightningDataModule,

@@ -1,4 +1,4 @@
-"""BEiT-3 masked multimodal pretraining on one shared Multiway (MH-)MoE backbone ([B3] sec. 2.2, SPEC.md 6).
+"""BEiT-3 masked multimodal pretraining on one shared Multiway (MH-)MoE backbone ([B3] sec. 2.2).
 
 BEiT-3 pretrains with a single objective, masked data modeling, on three kinds of data at once: masked language
 modeling (MLM) on monomodal text and on the text of image-text pairs, and masked image modeling (MIM) on monomodal
@@ -10,8 +10,8 @@ Image targets (``image_target``):
 
 - ``"pixels"`` (default): the per-patch normalized pixels of the masked patches (MAE-style ``norm_pix``), MSE loss.
   Needs nothing outside this project. BEiT-3 itself predicts BEiT v2 VQ-KD codes, which need that tokenizer.
-- ``"codebook"``: discrete codes from a k-means codebook over normalized patch pixels
-  (``mmoe-codebook``); cross-entropy over codes, so image perplexity ``exp(CE)`` can be reported
+- ``"codebook"``: discrete codes from a k-means codebook over normalized patch pixels (``mmoe.data.codebook``,
+  built by ``mmoe-codebook``); cross-entropy over codes, so image perplexity ``exp(CE)`` can be reported
   next to text perplexity, as [MH1] Table 4's "masked multimodal perplexity".
 
 Dimension legend: B batch, L text length, P patches per image, D width, V text vocabulary, K codebook size,
@@ -22,105 +22,29 @@ Batches (docs/interfaces.md section 4): ``{"image": sub, "text": sub, "pair": su
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from mmoe.model import create_model, load_model
-from mmoe.train.optim import OptimConfig, configure_optimizers
+from mmoe.data.codebook import assign_codes, load_codebook, normalize_patches, patchify
+from mmoe.train.base import TaskModule
+from mmoe.train.optim import OptimConfig
 
-__all__ = [
-    "MaskedPretraining",
-    "patchify",
-    "normalize_patches",
-    "load_codebook",
-    "save_codebook",
-    "assign_codes",
-    "routing_metrics",
-    "tally_routing",
-    "routing_tally_metrics",
-    "STREAMS",
-]
+__all__ = ["MaskedPretraining", "routing_metrics", "tally_routing", "routing_tally_metrics", "STREAMS"]
 
 STREAMS = ("image", "text", "pair")
-CODEBOOK_FORMAT = "mmoe-visual-codebook"
-
-
-# ---------------------------------------------------------------------------------------------------------- targets
-def patchify(image_B3HW: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, P, patch_size^2 * C), patches in row-major grid order (the backbone's token order)."""
-    if image_B3HW.ndim != 4 or image_B3HW.shape[-1] % patch_size or image_B3HW.shape[-2] % patch_size:
-        raise ValueError(
-            f"patchify: expected (B, C, H, W) with H, W divisible by patch_size={patch_size}, "
-            f"got {tuple(image_B3HW.shape)}"
-        )
-    return rearrange(image_B3HW, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
-
-
-def normalize_patches(patches_BPC: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-patch zero mean, unit variance (MAE's ``norm_pix_loss``): targets ignore a patch's brightness/contrast."""
-    x = patches_BPC.float()
-    mean = x.mean(dim=-1, keepdim=True)
-    var = x.var(dim=-1, keepdim=True, unbiased=False)
-    return (x - mean) / (var + eps).sqrt()
-
-
-def save_codebook(path: str | os.PathLike[str], centroids_KC: torch.Tensor, *, patch_size: int, **meta: Any) -> None:
-    """Write a codebook file atomically: ``{"format", "centroids" (K, C) float32, "patch_size", "meta"}``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    payload = {
-        "format": CODEBOOK_FORMAT,
-        "centroids": centroids_KC.detach().float().cpu().contiguous(),
-        "patch_size": int(patch_size),
-        "meta": {str(k): v for k, v in meta.items()},
-    }
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_codebook(path: str | os.PathLike[str], *, patch_size: int | None = None) -> torch.Tensor:
-    """Read a codebook written by :func:`save_codebook`; returns the (K, C) centroids."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"codebook file {path} does not exist (build one with mmoe-codebook --out {path})")
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or data.get("format") != CODEBOOK_FORMAT:
-        raise ValueError(f"codebook file {path}: expected a dict with format={CODEBOOK_FORMAT!r}")
-    centroids = data["centroids"]
-    if not isinstance(centroids, torch.Tensor) or centroids.ndim != 2:
-        raise ValueError(f"codebook file {path}: 'centroids' must be a (K, C) tensor")
-    if patch_size is not None and int(data.get("patch_size", -1)) != patch_size:
-        raise ValueError(
-            f"codebook file {path}: built for patch_size={data.get('patch_size')}, the backbone uses {patch_size}"
-        )
-    return centroids.float()
-
-
-def assign_codes(patches_MC: torch.Tensor, centroids_KC: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid (squared L2) of each normalized patch; (M, C) -> (M,) int64."""
-    x = patches_MC.float()
-    c = centroids_KC.to(x.device, torch.float32)
-    dist_MK = (x * x).sum(-1, keepdim=True) - 2.0 * x @ c.t() + (c * c).sum(-1)[None, :]
-    return dist_MK.argmin(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------- routing
 def routing_metrics(
     records_by_layer: Mapping[str, list[Any]], *, threshold: float | None = None, per_expert: bool = False
 ) -> dict[str, float]:
-    """Per-layer routing statistics over one or more forward passes ([MH1] sec. 4.4 / Fig. 1, SPEC.md 4).
+    """Per-layer routing statistics over one or more forward passes ([MH1] sec. 4.4 / Fig. 1).
 
     ``records_by_layer`` maps a layer key (``layer3``, ``layer3.vision``) to the RoutingRecords of that layer from
     several streams; counts are summed, diversity averaged over the non-padding tokens of all of them. Returns
@@ -164,20 +88,21 @@ def routing_tally_metrics(
 
 
 # ---------------------------------------------------------------------------------------------------------- module
-class MaskedPretraining(LightningModule):
+class MaskedPretraining(TaskModule):
     """Masked data modeling (MLM + MIM) over image, text and pair streams on one backbone ([B3] sec. 2.2).
 
     Args:
         backbone: registered model name (``configs/model/*.yaml``) or a model YAML path.
         backbone_overrides: fields of ``MultiwayConfig`` to override (``moe: {...}`` merges into the MoE block),
             e.g. ``{"drop_path": 0.1, "moe": {"z_loss_weight": 0.001}}``.
-        init_from: an mmoe model file or one of our Lightning checkpoints to start the backbone from.
+        init_from: an mmoe model file or one of our Lightning checkpoints to start the backbone from (position
+            tables are resampled to this backbone's ``img_size``, as in fine-tuning).
         optim: AdamW + warm-up/cosine settings (:class:`mmoe.train.optim.OptimConfig`).
         image_target: ``"pixels"`` (normalized pixels, MSE) or ``"codebook"`` (k-means codes, cross-entropy).
         codebook: path of the codebook file (required for ``image_target="codebook"``).
         mlm_weight / mim_weight: weights of the text and image losses in the sum.
         aux_loss_scale: multiplies the backbone's aux loss, which already carries the MoE config's per-layer
-            weights (load balance 0.01, z-loss ``moe.z_loss_weight``) summed over layers (SPEC.md 2).
+            weights (load balance 0.01, z-loss ``moe.z_loss_weight``) summed over layers ([MH1] sec. 3.3).
         on_nonfinite: ``"raise"`` stops with an error naming the step and stream; ``"skip"`` skips the batch
             (single-process only: a skipped step on one DDP rank would desynchronize the gradient all-reduce).
         activation_threshold: load share above which an expert counts as activated (``None`` = mmoe.moe.stats's
@@ -203,10 +128,6 @@ class MaskedPretraining(LightningModule):
         log_routing_every: int = 1,
         eval_grounding: bool = True,
     ) -> None:
-        super().__init__()
-        optim = optim if optim is not None else OptimConfig()
-        if isinstance(optim, dict):
-            optim = OptimConfig(**optim)
         if image_target not in ("pixels", "codebook"):
             raise ValueError(f"MaskedPretraining: image_target={image_target!r}, expected 'pixels' or 'codebook'")
         if image_target == "codebook" and not codebook:
@@ -218,10 +139,7 @@ class MaskedPretraining(LightningModule):
                 raise ValueError(f"MaskedPretraining: {name}={value!r} must be a finite number >= 0")
         if log_routing_every < 0:
             raise ValueError(f"MaskedPretraining: log_routing_every={log_routing_every} must be >= 0")
-        # Hyper-parameters are stored as plain containers so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["optim"])
-        self.hparams["optim"] = dataclasses.asdict(optim)
-        self.optim = optim
+        super().__init__(optim=optim)
         self.image_target = image_target
         self.mlm_weight, self.mim_weight, self.aux_loss_scale = mlm_weight, mim_weight, aux_loss_scale
         self.on_nonfinite = on_nonfinite
@@ -229,9 +147,7 @@ class MaskedPretraining(LightningModule):
         self.log_routing_every = log_routing_every
         self.eval_grounding = eval_grounding
 
-        self.backbone = create_model(backbone, **(backbone_overrides or {}))
-        if init_from:
-            self._load_backbone(init_from)
+        self.init_backbone(backbone, backbone_overrides, init_from)
         cfg = self.backbone.config
         self.patch_size = cfg.patch_size
         dim = cfg.dim
@@ -256,23 +172,6 @@ class MaskedPretraining(LightningModule):
         self._val_sums: dict[str, list[float]] = {}
         self._last_counts: dict[str, int] = {}
 
-    # ------------------------------------------------------------------ set-up
-    def _load_backbone(self, path: str) -> None:
-        source = load_model(path)
-        missing, unexpected = self.backbone.load_state_dict(source.state_dict(), strict=False)
-        if unexpected or missing:
-            raise ValueError(
-                f"MaskedPretraining: init_from={path}: backbone mismatch, missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]}"
-            )
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return configure_optimizers(self, self.optim)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # docs/interfaces.md section 7: lets mmoe.model.load_model rebuild the backbone from this checkpoint.
-        checkpoint["mmoe_config"] = dataclasses.asdict(self.backbone.config)
-
     # ------------------------------------------------------------------ losses
     def _mlm(self, text_feats_BLD: torch.Tensor, labels_BL: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Cross-entropy on masked text positions only ([B3] sec. 2.2); returns (loss, number of targets)."""
@@ -286,7 +185,7 @@ class MaskedPretraining(LightningModule):
     def _mim(
         self, patch_feats_BPD: torch.Tensor, image_B3HW: torch.Tensor, mask_BP: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
-        """Loss on masked patches only: MSE to normalized pixels, or CE to codebook codes (SPEC.md 6)."""
+        """Loss on masked patches only: MSE to normalized pixels, or CE to codebook codes (module docstring)."""
         n = int(mask_BP.sum())
         if n == 0:
             return patch_feats_BPD.sum() * 0.0, 0

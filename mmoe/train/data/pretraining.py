@@ -1,8 +1,8 @@
-"""Pretraining DataModule: three webdataset streams for BEiT-3 masked data modeling ([B3] sec. 2.3, SPEC.md 6).
+"""Pretraining DataModule: three webdataset streams for BEiT-3 masked data modeling ([B3] sec. 2.3).
 
 BEiT-3 pretrains on monomodal images (masked image modeling, 40% block-wise masks), monomodal text
 (masked language modeling, 15%) and image-text pairs (50% of the text masked, plus the image mask),
-in batches of equal parts. This module wires ``mmoe.data.shards.ShardStream`` into Lightning:
+in batches of equal parts. This module wires ``mmoe.data.shard_reader.ShardStream`` into Lightning:
 
 * every argument is a plain type, so ``LightningCLI`` parses it from YAML (shard patterns are lists
   of strings, ratios are floats);
@@ -12,7 +12,7 @@ in batches of equal parts. This module wires ``mmoe.data.shards.ShardStream`` in
 * ``state_dict``/``load_state_dict`` (saved in Lightning checkpoints) hold the seed, the pass, the batches of
   it the fit loop consumed, the workers' raw-sample cursors, samples seen per stream and skip counts: a run
   resumed from a checkpoint at an epoch end starts the next pass, one resumed mid-epoch continues the pass with
-  exactly the batches the uninterrupted run would have trained on (``mmoe.data.shards.StreamLoader``);
+  exactly the batches the uninterrupted run would have trained on (``mmoe.data.shard_reader.StreamLoader``);
 * skipped samples are counted per reason, logged after every pass and exposed by ``data_stats()``
   (``MaskedPretraining`` or a callback can log them).
 """
@@ -26,7 +26,7 @@ from lightning.pytorch import LightningDataModule
 
 from mmoe.data.masking import BlockMaskGenerator
 from mmoe.data.resume import fit_progress
-from mmoe.data.shards import ShardStream, StreamConfig, StreamLoader
+from mmoe.data.shard_reader import ShardStream, StreamConfig, StreamLoader
 from mmoe.data.tokenizer import Tokenizer, build_tokenizer
 from mmoe.data.transforms import build_transform
 
@@ -51,8 +51,8 @@ class PretrainDataModule(LightningDataModule):
         image_mask_ratio, min_mask_patches, mask_min_aspect: block-wise masking (0.4, 16, 0.3 in [B3]/BEiT).
         text_mask_ratio, pair_text_mask_ratio: BERT masking ratios for text-only (0.15) and pair (0.5) text.
         tokenizer, tokenizer_path: ``"openclip"`` or ``"sentencepiece"`` (with the ``.spm`` path).
-        mean, std: image normalization (BEiT-3: 0.5/0.5).
-        crop_scale, hflip, color_jitter: training augmentation (random resized crop, flip, jitter). A flipped
+        image_mean, image_std: image normalization (BEiT-3: 0.5/0.5).
+        train_scale, hflip, color_jitter: training augmentation (random resized crop, flip, jitter). A flipped
             pair image gets "left" and "right" swapped in its caption.
         num_workers, pin_memory: DataLoader settings (per rank).
         seed: base seed of shard resampling, shuffling and masks.
@@ -85,9 +85,9 @@ class PretrainDataModule(LightningDataModule):
         pair_text_mask_ratio: float = 0.5,
         tokenizer: Literal["openclip", "sentencepiece"] = "openclip",
         tokenizer_path: str | None = None,
-        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
-        crop_scale: tuple[float, float] = (0.2, 1.0),
+        image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        image_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        train_scale: tuple[float, float] = (0.2, 1.0),
         hflip: float = 0.5,
         color_jitter: float = 0.4,
         num_workers: int = 2,
@@ -153,9 +153,9 @@ class PretrainDataModule(LightningDataModule):
         transform = build_transform(
             hp.image_size,
             train=not val,
-            mean=hp.mean,
-            std=hp.std,
-            scale=hp.crop_scale,
+            mean=hp.image_mean,
+            std=hp.image_std,
+            scale=hp.train_scale,
             hflip=0.0,  # flipped by the stream instead, which also swaps left/right in pair captions
             color_jitter=hp.color_jitter,
         )

@@ -1,4 +1,4 @@
-"""Generic classification fine-tuning (SPEC.md 7; [B3] sec. 4; STYLE.md 10: one module per objective).
+"""Generic classification fine-tuning ([B3] sec. 4): one module for VQAv2, NLVR2 and ImageNet.
 
 ``ClassificationTask`` fine-tunes the Multiway Transformer with a ``mmoe.model.heads.ClassificationHead``
 on VQAv2, NLVR2 or ImageNet; a recipe only chooses the pooling, the loss and which batch keys to read:
@@ -24,31 +24,26 @@ answer vocabulary copied beside it as ``answer_vocab.json``; NLVR2 ``nlvr2_predi
 (``identifier,prediction``); otherwise ``predictions.json``. The answer vocabulary (``label_names``) is
 stored in every checkpoint, so a fine-tuned checkpoint can predict without the original vocabulary file.
 
-Backbone construction follows docs/interfaces.md section 7 (``backbone``, ``backbone_overrides``,
-``init_from``; ``mmoe_config`` in checkpoints); the optimizer is ``mmoe.train.optim`` (AdamW, layer decay,
-head lr multiplier, warm-up + cosine per step).
+Backbone construction, optimizer and checkpoint keys are those of every task (:class:`mmoe.train.base.TaskModule`;
+docs/interfaces.md section 7).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mmoe.data.vqa import load_answer_vocab, save_answer_vocab
+from mmoe.files import atomic_write_json
 from mmoe.metrics.nlvr2 import sentence_key, write_predictions_csv
-from mmoe.model import create_model, load_model
 from mmoe.model.heads import ClassificationHead, Pooling
-from mmoe.model.io import drop_text_branch, load_backbone_weights, read_checkpoint
-from mmoe.train.optim import OptimConfig, configure_optimizers
+from mmoe.train.base import TaskModule, gather_objects
+from mmoe.train.optim import OptimConfig
 
 __all__ = ["ClassificationTask"]
 
@@ -56,16 +51,7 @@ LossName = Literal["soft_bce", "ce"]
 PredictFormat = Literal["vqa", "nlvr2", "labels"]
 
 
-def _gather_objects(obj: list[Any]) -> list[Any]:
-    """Concatenate a per-rank list over all ranks (identity without torch.distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return obj
-    parts: list[list[Any]] = [[] for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather_object(parts, obj)
-    return [x for part in parts for x in part]
-
-
-class ClassificationTask(LightningModule):
+class ClassificationTask(TaskModule):
     """Backbone + ``ClassificationHead`` trained with soft-target BCE or cross-entropy (module docstring).
 
     Args:
@@ -115,13 +101,6 @@ class ClassificationTask(LightningModule):
         results_dir: str | None = None,
         top_k: list[int] | None = None,
     ) -> None:
-        super().__init__()
-        optim = optim if optim is not None else OptimConfig()
-        if isinstance(optim, dict):
-            optim = OptimConfig(**optim)
-        self.save_hyperparameters(ignore=["optim"])
-        self.hparams["optim"] = asdict(optim)  # plain dict: checkpoints stay loadable with weights_only=True
-        self.optim = optim
         if loss not in ("soft_bce", "ce"):
             raise ValueError(f"ClassificationTask: loss={loss!r}; expected 'soft_bce' or 'ce'")
         if pooling == "pair" and not image2_key:
@@ -135,24 +114,18 @@ class ClassificationTask(LightningModule):
         if mixup and loss != "ce":
             raise ValueError("ClassificationTask: mixup needs loss='ce' (soft-target cross-entropy)")
 
-        self.label_names: list[str] | None = load_answer_vocab(label_vocab) if label_vocab else None
-        if num_classes is None:
-            if self.label_names is None:
-                raise ValueError("ClassificationTask: give num_classes or label_vocab (a file with the class names)")
-            num_classes = len(self.label_names)
-        elif self.label_names is not None and len(self.label_names) != num_classes:
+        names: list[str] | None = load_answer_vocab(label_vocab) if label_vocab else None
+        if num_classes is None and names is None:
+            raise ValueError("ClassificationTask: give num_classes or label_vocab (a file with the class names)")
+        if num_classes is not None and names is not None and len(names) != num_classes:
             raise ValueError(
-                f"ClassificationTask: num_classes={num_classes} but label_vocab {label_vocab} has "
-                f"{len(self.label_names)} entries"
+                f"ClassificationTask: num_classes={num_classes} but label_vocab {label_vocab} has {len(names)} entries"
             )
-        self.num_classes = int(num_classes)
-
-        overrides = dict(backbone_overrides or {})
-        if not text_key:
-            # A vision-only task builds no text branch: its parameters would never get a gradient (plain DDP
-            # refuses that), and a full checkpoint loads into it with the text tensors skipped by name.
-            overrides.setdefault("modalities", ["vision"])
-        self.backbone = self._build_backbone(backbone, overrides, init_from)
+        super().__init__(optim=optim)
+        self.label_names = names
+        self.num_classes = int(num_classes if num_classes is not None else len(names))  # type: ignore[arg-type]
+        # A vision-only task builds no text branch; a full checkpoint loads into it with the text tensors skipped.
+        self.init_backbone(backbone, backbone_overrides, init_from, vision_only=not text_key)
         self.backbone.freeze_mask_token_()  # only masked image modeling uses it ([B3] sec. 2.2)
         if text_key:
             self.backbone.freeze_unpaired_ffns_()  # every sequence is image + text: VL-FFN blocks skip V/L-FFN
@@ -183,20 +156,6 @@ class ClassificationTask(LightningModule):
         self.val_score, self.test_score = MeanMetric(), MeanMetric()
         self._eval_rows: list[tuple[str, bool]] = []  # (identifier, correct) for NLVR2 consistency
         self._pred_rows: list[Any] = []
-
-    # ------------------------------------------------------------------ construction
-    @staticmethod
-    def _build_backbone(name: str | None, overrides: dict[str, Any], init_from: str | None) -> torch.nn.Module:
-        if name is None:
-            if init_from is None:
-                raise ValueError("ClassificationTask: backbone=None needs init_from (a checkpoint to rebuild it from)")
-            return load_model(init_from, **overrides)
-        model = create_model(name, **overrides)
-        if init_from is not None:
-            _, state = read_checkpoint(init_from)
-            # Pretraining heads are not in the backbone state; the backbone itself must match exactly.
-            load_backbone_weights(model, state, strict=True)
-        return model
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -295,7 +254,7 @@ class ClassificationTask(LightningModule):
         return rows
 
     def _log_consistency(self, stage: str) -> None:
-        rows = _gather_objects(self._eval_rows)
+        rows = gather_objects(self._eval_rows)
         self._eval_rows = []
         if not rows:
             return
@@ -354,7 +313,7 @@ class ClassificationTask(LightningModule):
         return Path(root) / "results"
 
     def _write_results(self) -> None:
-        rows = _gather_objects(self._pred_rows)
+        rows = gather_objects(self._pred_rows)
         self._pred_rows = []
         if not rows or (self._trainer is not None and not self.trainer.is_global_zero):
             return
@@ -368,25 +327,16 @@ class ClassificationTask(LightningModule):
             seen: dict[int, dict[str, Any]] = {r["question_id"]: r for r in rows}  # DDP padding repeats some
             rows = [seen[q] for q in sorted(seen)]
             save_answer_vocab(out / "answer_vocab.json", self.label_names or [], {"source": "checkpoint"})
-        path = out / ("vqa_results.json" if fmt == "vqa" else "predictions.json")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(rows), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_json(out / ("vqa_results.json" if fmt == "vqa" else "predictions.json"), rows, indent=None)
 
-    # ------------------------------------------------------------------ optimizer, checkpoints
-    def configure_optimizers(self) -> dict[str, Any]:
-        return configure_optimizers(self, self.optim)
-
+    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmoe_config"] = self.backbone.config.to_dict()
+        super().on_save_checkpoint(checkpoint)
         if self.label_names is not None:
             checkpoint["label_names"] = list(self.label_names)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A vision-only task restored from a checkpoint written with the full backbone (before vision-only
-        # tasks built vision-only backbones): its text tensors have no place here.
-        if isinstance(checkpoint.get("state_dict"), dict):
-            checkpoint["state_dict"], _ = drop_text_branch(self.backbone, checkpoint["state_dict"], prefix="backbone.")
+        super().on_load_checkpoint(checkpoint)
         names = checkpoint.get("label_names")
         if names is not None:
             if len(names) != self.num_classes:
