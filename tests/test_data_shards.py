@@ -1,4 +1,4 @@
-"""webdataset shards: writing with validation, bad-sample handling, rank splitting, resume (issue 4)."""
+"""webdataset shards: writing with validation, bad-sample handling, rank splitting, resume, pipe: and http URLs."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mmoe.data.shards import iter_coco_captions, iter_image_folder, iter_text_files, write_shards
+from mmoe.data.shard_writer import iter_coco_captions, iter_image_folder, iter_text_files, write_shards
 from mmoe.data.synthetic import make_world
 from mmoe.train.data.pretraining import PretrainDataModule
 

@@ -9,7 +9,7 @@ read it unchanged:
 * VQAv2 questions/annotations (colour, shape, count, position and yes/no questions; 10 answers each
   with a little annotator noise; ``question_type``/``answer_type``/``multiple_choice_answer``),
 * NLVR2 JSONL statements over image pairs (one sentence per set of 4 pairs, labels balanced), so the
-  consistency metric of [B3]/SPEC.md 7 is meaningful,
+  consistency metric ([NLVR2], reported in [B3] sec. 3.1) is meaningful,
 * an ImageFolder classification set (the shape of the single object in the image),
 * a text-only corpus (descriptions of unrendered scenes, for masked language modeling).
 
