@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mmoe.cli import entry_point
 from mmoe.data import codebook
 from mmoe.data.codebook import normalize_patches, patchify, save_codebook
 from mmoe.train.data.pretraining import PretrainDataModule
@@ -106,10 +107,7 @@ def run(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mmoe-codebook`` console script; exit status 0 when the codebook is written."""
-    run(argv)
-    return 0
+main = entry_point(run, "mmoe-codebook")
 
 
 if __name__ == "__main__":

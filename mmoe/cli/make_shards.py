@@ -26,6 +26,7 @@ import argparse
 import sys
 import time
 
+from mmoe.cli import entry_point
 from mmoe.data.shard_writer import (
     SkipReport,
     iter_coco_captions,
@@ -96,10 +97,7 @@ def run(argv: list[str] | None = None) -> SkipReport:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mmoe-shards`` console script; exit status 0 when the shards are written."""
-    run(argv)
-    return 0
+main = entry_point(run, "mmoe-shards")
 
 
 if __name__ == "__main__":

@@ -45,14 +45,15 @@ __all__ = [
 def resolve_model(spec: str, *, seed: int = 0) -> tuple[torch.nn.Module, str]:
     """A model from a path (mmoe model file or one of our Lightning checkpoints) or a registered name.
 
-    A registered name (or a model YAML) gives a freshly initialized model seeded with `seed`.
+    Both go through `mmoe.model.create_model`, the one backbone builder: a file rebuilds its own configuration
+    (`init_from`), a registered name (or a model YAML) gives a freshly initialized model seeded with `seed`.
     Returns the model in eval mode and a short label for titles and folder names.
     """
-    from mmoe.model import create_model, list_models, load_model
+    from mmoe.model import create_model, list_models
 
     p = Path(spec)
     if p.is_file() and p.suffix not in (".yaml", ".yml"):
-        model = load_model(str(p))
+        model = create_model(None, init_from=str(p))  # the checkpoint's own configuration
         # Lightning keeps run/checkpoints/last.ckpt: name it after the run, "last" alone says little
         label = (
             f"{p.parent.parent.name}_{p.stem}" if p.parent.name == "checkpoints" and p.parent.parent.name else p.stem

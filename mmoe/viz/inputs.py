@@ -1,9 +1,9 @@
 """What `mmoe-viz` draws on: an image file, a folder of images, a webdataset shard, or a text alone.
 
-A shard is read with webdataset's own tar stage (``tarfile_samples`` over ``gopen``), the same reader the
-training data uses, so a local ``.tar``, a ``pipe:`` command and an ``http(s)://`` URL all work and a
-sample is what webdataset calls a sample (members grouped by the name up to the first dot of the basename).
-Webdataset is imported only when a shard is read: ``import mmoe.viz`` stays light.
+A shard is read by the training data's reader (`mmoe.data.shard_reader.read_shard`: webdataset's ``gopen`` and
+tar expansion), so a local ``.tar``, a ``pipe:`` command and an ``http(s)://`` URL all work, a sample is what
+the training data sees, and a damaged member or shard is counted and reported instead of stopping the run.
+The reader (and webdataset) is imported only when a shard is read: ``import mmoe.viz`` stays light.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ class VizInput:
 
 def _shard_inputs(url: str) -> Iterator[VizInput]:
     """The image samples of one webdataset shard, each with its caption (see `_shard_text`)."""
-    from webdataset.tariterators import tarfile_samples
+    from mmoe.data.shard_reader import SkipCounters, read_shard
 
     name = url.rsplit("/", 1)[-1] if not url.startswith("pipe:") else url
-    for sample in tarfile_samples([{"url": url}]):
+    counters = SkipCounters()
+    for sample in read_shard(url, counters):
         key = sample["__key__"]
         img_ext = next((e for e in sample if not e.startswith("__") and is_image_file("x." + e)), None)
         if img_ext is None:
@@ -51,6 +52,8 @@ def _shard_inputs(url: str) -> Iterator[VizInput]:
             print(f"visualize_experts: {url} sample {key}: image failed to decode ({exc}); skipped")
             continue
         yield VizInput(f"{name}:{key}", image, _shard_text(sample))
+    for reason, n in counters.take().items():
+        print(f"visualize_experts: {url}: {n} skipped ({reason})")
 
 
 def _shard_text(parts: dict[str, Any]) -> str | None:
