@@ -6,7 +6,7 @@ Two tokenizers share one call convention, ``ids, padding_mask = tok(texts)``:
   token, 49407 the end token). open_clip pads with id 0, which is also a real token ("!"), so we add
   our own ``pad_id = 49408`` and ``mask_id = 49409`` (vocab 49410) and always derive the padding mask
   from the sequence lengths, never from ``ids == 0``.
-* ``"sentencepiece"``: the XLM-R style wrapper BEiT-3 uses around ``beit3.spm`` ([B3] sec. 3;
+* ``"sentencepiece"``: the XLM-R style wrapper BEiT-3 uses around ``beit3.spm`` ([B3] sec. 2.2;
   unilm ``beit3`` loads it with ``XLMRobertaTokenizer``). fairseq ids: ``<s>`` 0, ``<pad>`` 1,
   ``</s>`` 2, ``<unk>`` 3, then every sentencepiece piece ``i >= 3`` maps to ``i + 1`` (the fairseq
   offset), and ``<mask>`` is the first id after the pieces (``num_pieces + 1``). BEiT-3's text

@@ -1,6 +1,6 @@
 """COCO captioning with BEiT-3-style masked fine-tuning (the data: ``mmoe.train.data.coco_captioning``).
 
-Training ([B3] sec. 3.2; unilm ``beit3`` ``BEiT3ForCaptioning``): image + ``[BOS] caption [EOS]`` go
+Training ([B3] sec. 3.1; unilm ``beit3`` ``BEiT3ForCaptioning``): image + ``[BOS] caption [EOS]`` go
 through the Multiway Transformer under the captioning mask (text attends causally to text and fully to the image,
 the image does not attend to text); 60-70% of the caption tokens after BOS are replaced by [MASK] and predicted by
 a linear LM head with label smoothing 0.1. Optionally, after ``drop_worst_after`` steps the worst

@@ -1,4 +1,4 @@
-"""Generic classification fine-tuning ([B3] sec. 4): one module for VQAv2, NLVR2 and ImageNet.
+"""Generic classification fine-tuning ([B3] sec. 3): one module for VQAv2, NLVR2 and ImageNet.
 
 ``ClassificationTask`` fine-tunes the Multiway Transformer with a ``mmoe.model.heads.ClassificationHead``
 on VQAv2, NLVR2 or ImageNet; a recipe only chooses the pooling, the loss and which batch keys to read:

@@ -1,16 +1,16 @@
 """Optimizer and learning-rate schedule shared by every mmoe LightningModule (docs/interfaces.md section 7).
 
-Why one module: pretraining ([B3] sec. 3, SPEC.md 6) and every fine-tuning recipe (SPEC.md 7) use the
+Why one module: pretraining ([B3] sec. 2.3) and every fine-tuning recipe ([B3] sec. 3, unilm beit3) use the
 same recipe shape, AdamW with
 
 - no weight decay on norms, biases and embeddings (1-D parameters, the backbone's ``no_weight_decay()``
   names and every ``nn.Embedding`` weight),
 - layer-wise learning-rate decay ``lr * decay^(L + 1 - id)`` with id 0 for the embeddings, ``i + 1`` for
-  block ``i`` and ``L + 1`` for the heads (SPEC.md 7, last line; BEiT / [B3] fine-tuning). Layer ids come from
+  block ``i`` and ``L + 1`` for the heads ([BEiT] layer decay, as [B3] fine-tunes). Layer ids come from
   ``backbone.group_matcher`` through timm's ``group_parameters`` (the rule timm's ``param_groups_layer_decay``
   uses), so the grouping rule lives in one place, the backbone. Heads sit outside the backbone here, so the
   top level (scale 1) is added for them explicitly,
-- a larger learning rate for the task heads (``head_lr_mult``, e.g. x20 for the VQAv2 head, SPEC.md 7),
+- a larger learning rate for the task heads (``head_lr_mult``, e.g. x20 for the VQAv2 head, [B3] sec. 3.1),
 - linear warm-up then cosine decay, stepped per optimizer step (``cosine_with_warmup``).
 
 Every parameter group carries its absolute ``lr`` (already scaled) plus ``lr_scale`` and ``name`` (the
@@ -49,7 +49,7 @@ def no_decay_names(backbone: nn.Module) -> set[str]:
     """Names (relative to ``backbone``) that get no weight decay besides 1-D tensors.
 
     The backbone's own ``no_weight_decay()`` (position embeddings, CLS token, mask token) plus the weight of every
-    ``nn.Embedding`` (text token embedding), following SPEC.md 6 "no decay on norms/biases/embeddings".
+    ``nn.Embedding`` (text token embedding), as in BEiT-3 pretraining: no decay on norms, biases and embeddings.
     """
     names: set[str] = set()
     nwd = getattr(backbone, "no_weight_decay", None)
@@ -64,7 +64,7 @@ def no_decay_names(backbone: nn.Module) -> set[str]:
 def backbone_layer_ids(backbone: nn.Module) -> dict[str, int]:
     """Layer id per parameter name from ``backbone.group_matcher(coarse=False)``, with timm's grouping rules.
 
-    Id 0 is the embeddings, ``i + 1`` block ``i`` (SPEC.md 7). As in timm's ``group_with_matcher``: groups are
+    Id 0 is the embeddings, ``i + 1`` block ``i`` ([BEiT] layer decay). As in timm's ``group_with_matcher``: groups are
     ordered by (group ordinal, numbers captured by the regex, suffix), a group tagged with the suffix ``(99999,)``
     (the final norm) joins the group before it, and unmatched parameters come last. Unlike timm, captured groups
     that are not numbers (``^(vision_embed|text_embed)``) are ignored instead of crashing the float conversion.
@@ -232,7 +232,7 @@ def build_optimizer(
     head_lr_mult: float = 1.0,
     backbone_attr: str = "backbone",
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; defaults are the [B3]/[MH1] pretraining betas and eps (SPEC.md 6)."""
+    """AdamW over :func:`param_groups`; defaults are the [B3]/[MH1] pretraining betas and eps ([B3] sec. 2.3)."""
     b = tuple(float(x) for x in betas)
     if len(b) != 2 or not all(0.0 <= x < 1.0 for x in b):
         raise ValueError(f"mmoe.train.optim: argument betas={tuple(betas)!r} must be two numbers in [0, 1)")
@@ -282,7 +282,7 @@ def cosine_with_warmup(
 class OptimConfig:
     """The optimizer + schedule keys of a recipe (``model.init_args.optim`` in YAML).
 
-    Defaults are the BEiT-3 pretraining recipe (SPEC.md 6: AdamW (0.9, 0.98), eps 1e-6, peak lr 1e-3, weight
+    Defaults are the BEiT-3 pretraining recipe ([B3] sec. 2.3: AdamW (0.9, 0.98), eps 1e-6, peak lr 1e-3, weight
     decay 0.05). ``total_steps=None`` takes ``trainer.estimated_stepping_batches`` (i.e. ``max_steps``).
     ``grad_clip`` is not here: gradient clipping is the Trainer's ``gradient_clip_val``.
     """

@@ -1,4 +1,4 @@
-"""COCO captioning data module: the Karpathy split file or official caption annotations ([B3] sec. 3.2).
+"""COCO captioning data module: the Karpathy split file or official caption annotations ([B3] sec. 3.1).
 
 Batches (docs/interfaces.md section 4): ``image`` (B,3,H,W), ``text`` (B,L) ``[BOS] caption [EOS]`` with
 ``mask_ratio`` (60-70%) of the caption tokens after BOS replaced by [MASK], ``text_padding_mask``,

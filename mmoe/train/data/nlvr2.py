@@ -1,4 +1,4 @@
-"""NLVR2 data module: the official JSONL files and image folders ([B3] sec. 4.1).
+"""NLVR2 data module: the official JSONL files and image folders ([B3] sec. 3.1).
 
 Batches (docs/interfaces.md section 4): ``image``, ``image2`` (B,3,H,W), ``text`` (B,L), ``text_padding_mask``
 (B,L), ``labels`` (B,) int64 (1 = True), ``identifier`` list[str]. Training skips unreadable images (reported by

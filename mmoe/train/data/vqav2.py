@@ -1,4 +1,4 @@
-"""VQAv2 data module: the official question/annotation files and COCO image folders ([B3] sec. 4.1).
+"""VQAv2 data module: the official question/annotation files and COCO image folders ([B3] sec. 3.1).
 
 Batches (docs/interfaces.md section 4): ``image`` (B,3,H,W), ``text`` (B,L), ``text_padding_mask`` (B,L),
 ``labels`` (B, num_answers) soft scores (absent for unannotated test files), ``question_id`` (B,) int64.
