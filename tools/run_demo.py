@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmoe.files import atomic_write_json, atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_RECIPE = REPO / "configs" / "pretrain" / "tiny_mhmoe.yaml"
 VQA_RECIPE = REPO / "configs" / "finetune" / "vqav2_synthetic.yaml"
@@ -56,7 +58,7 @@ class Demo:
     def _timed(self, name: str, t0: float) -> None:
         """Record a step's seconds and persist them, so a later invocation that reuses the output reports them."""
         self.timings[name] = time.perf_counter() - t0
-        self.timings_file.write_text(json.dumps(self.timings))
+        atomic_write_json(self.timings_file, self.timings, indent=None)
 
     def note(self, text: str) -> None:
         print(f"[demo] {text}", flush=True)
@@ -91,7 +93,7 @@ class Demo:
             world, num_train=n_train, num_val=n_val, image_size=64, seed=self.seed, shards=True, shard_maxcount=250
         )
         self._timed("world", t0)
-        done.write_text(json.dumps({"num_train": n_train, "num_val": n_val, "splits": summary.get("splits")}))
+        atomic_write_json(done, {"num_train": n_train, "num_val": n_val, "splits": summary.get("splits")}, indent=None)
         return world
 
     # ------------------------------------------------------------------ 2. real samples
@@ -297,9 +299,7 @@ class Demo:
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         path = self.out / "report.md"
-        tmp = path.with_suffix(".md.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, "\n".join(lines) + "\n")
         return path
 
 
