@@ -112,6 +112,23 @@ def test_stream_resume_refuses_another_worker_count(world: Path, caplog: pytest.
     assert "cannot continue that pass exactly" in caplog.text
 
 
+def test_stream_state_of_an_older_reader_starts_the_next_pass(world: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A mid-pass position written before the reader's pass layout changed (no ``reader`` key) is not replayed."""
+    dm = _dm(world)
+    it = iter(dm.train_dataloader())
+    for _ in range(3):
+        next(it)
+    state = dm.state_dict()
+    del it
+    assert state["pass"] == 0 and state["consumed"] == 3 and state["reader"] == 2
+    old = {k: v for k, v in state.items() if k != "reader"}
+    other = _dm(world)
+    other.load_state_dict(old)
+    with caplog.at_level("WARNING"):
+        assert len(list(other.train_dataloader())) == 7  # a fresh pass, the next one
+    assert "of an older shard reader" in caplog.text and other.state_dict()["pass"] == 1
+
+
 def test_stream_does_not_touch_global_rng(world: Path) -> None:
     """Model-side randomness (dropout, noise) must not depend on how much data was loaded since a checkpoint."""
     torch.manual_seed(123)
