@@ -100,7 +100,7 @@ class Demo:
     def sample_shards(self) -> dict[str, list[str]]:
         """Pairs from datasets/samples/coco and images from datasets/samples/imagenet, as extra shard patterns."""
         out = self.out / "samples_shards"
-        from mmoe.data.shards import iter_coco_captions, iter_image_folder, write_shards
+        from mmoe.data.shard_writer import iter_coco_captions, iter_image_folder, write_shards
 
         patterns: dict[str, list[str]] = {"pair": [], "image": []}
         ann = SAMPLES / "coco" / "annotations" / "captions_val2017.json"
