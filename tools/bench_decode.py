@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = vars(args)
-    rows = bench(args.model, **{k: opts[k] for k in ("batch", "lengths", "beams", "repeats", "image_size", "seed")})
+    names = ("batch", "lengths", "beams", "repeats", "image_size", "seed")
+    rows = bench(args.model, **{k: getattr(args, k) for k in names})
     env = {
         "model": args.model,
         "torch": torch.__version__,

@@ -84,14 +84,8 @@ def run(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    patches = collect_patches(
-        args.shards,
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        max_images=args.max_images,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    names = ("image_size", "patch_size", "max_images", "batch_size", "seed")
+    patches = collect_patches(args.shards, **{k: getattr(args, k) for k in names})
     centroids, inertia = kmeans(patches, args.codes, iters=args.iters, seed=args.seed)
     meta = {
         "shards": list(args.shards),
