@@ -176,20 +176,20 @@ def test_imagenet_task_from_a_pretraining_checkpoint(tmp_path: Path, caplog: pyt
     by_name.load_state_dict(ckpt["state_dict"], strict=True)
 
 
+# A DetectionTask small enough for one CPU step on 32-px images.
+_TINY_DETECTOR = dict(num_classes=3, min_size=32, max_size=32, anchor_sizes=(4, 8, 16, 32, 64), out_channels=16)
+
+
 def test_detection_task_leaves_no_parameter_without_gradient() -> None:
     from mmoe.train.detection import DetectionTask
 
     task = DetectionTask(
         backbone="tiny_mhmoe",
         backbone_overrides={"img_size": 32},
-        num_classes=3,
         with_masks=True,
-        min_size=32,
-        max_size=32,
-        anchor_sizes=(4, 8, 16, 32, 64),
-        out_channels=16,
         box_head_dim=32,
         mask_head_channels=8,
+        **_TINY_DETECTOR,
     )
     assert task.backbone.text_embed is None and not task.backbone.vision_embed.mask_token.requires_grad
     torch.manual_seed(0)
@@ -207,14 +207,6 @@ def test_faster_rcnn_builds_no_mask_head() -> None:
     from mmoe.train.detection import DetectionTask
 
     task = DetectionTask(
-        backbone="tiny",
-        backbone_overrides={"img_size": 32},
-        num_classes=3,
-        with_masks=False,
-        min_size=32,
-        max_size=32,
-        anchor_sizes=(4, 8, 16, 32, 64),
-        out_channels=16,
-        box_head_dim=32,
+        backbone="tiny", backbone_overrides={"img_size": 32}, with_masks=False, box_head_dim=32, **_TINY_DETECTOR
     )
     assert not [n for n, _ in task.named_parameters() if "mask" in n and "mask_token" not in n]

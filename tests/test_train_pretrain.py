@@ -1,4 +1,4 @@
-"""MaskedPretraining (SPEC.md 6): per-stream losses, targets, codebook, non-finite handling, checkpoint config."""
+"""MaskedPretraining ([B3] sec. 2.2): per-stream losses, targets, codebook, non-finite handling, checkpoint config."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ViTDet simple feature pyramid + torchvision R-CNN on the Multiway Transformer (issue 8)."""
+"""ViTDet simple feature pyramid + torchvision R-CNN on the Multiway Transformer ([ViTDet] sec. 3)."""
 
 from __future__ import annotations
 
