@@ -1,4 +1,4 @@
-"""Vision tasks through the real ``mmoe`` CLI on a tiny synthetic shapes world (issue 8)."""
+"""Vision tasks through the real ``mmoe`` CLI on a tiny synthetic shapes world."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers import CONFIGS
 
-REPO = Path(__file__).resolve().parents[1]
-FINETUNE = REPO / "configs" / "finetune"
+FINETUNE = CONFIGS / "finetune"
 VISION_RECIPES = ["imagenet.yaml", "imagenet_synthetic.yaml", "coco_detection.yaml", "coco_detection_synthetic.yaml"]
 
 
@@ -61,10 +61,8 @@ def test_detection_one_step_and_eval(world: Path, tmp_path: Path) -> None:
         tmp_path,
         {"min_size": 32, "max_size": 32, "anchor_sizes": [4, 8, 16, 32, 64], "results_dir": str(tmp_path / "res")},
         {
-            "train_images": str(coco / "train2014"),
-            "train_annotations": str(coco / "annotations" / "instances_train2014.json"),
-            "val_images": str(coco / "val2014"),
-            "val_annotations": str(coco / "annotations" / "instances_val2014.json"),
+            **{f"{split}_images": str(coco / f"{split}2014") for split in ("train", "val")},
+            **{f"{s}_annotations": str(coco / "annotations" / f"instances_{s}2014.json") for s in ("train", "val")},
             "batch_size": 2,
             "eval_batch_size": 3,
         },

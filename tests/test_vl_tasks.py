@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import CONFIGS
 
 from mmoe.data.vqa import build_answer_vocab, save_answer_vocab
 from mmoe.metrics.nlvr2 import evaluate_nlvr2, read_jsonl, read_predictions_csv
 from mmoe.metrics.vqa import evaluate_vqa
 
-REPO = Path(__file__).resolve().parents[1]
-FINETUNE = REPO / "configs" / "finetune"
+FINETUNE = CONFIGS / "finetune"
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +76,11 @@ def _override(tmp: Path, world: Path, task: str) -> Path:
         }
     else:
         n = world / "nlvr2"
+        splits = {"train": "train", "val": "val", "test": "val"}  # stage -> split of the world
         data = {
             "init_args": {
-                "train_annotations": str(n / "train.json"),
-                "train_images": str(n / "images" / "train"),
-                "val_annotations": str(n / "val.json"),
-                "val_images": str(n / "images" / "val"),
-                "test_annotations": str(n / "val.json"),
-                "test_images": str(n / "images" / "val"),
+                **{f"{stage}_annotations": str(n / f"{split}.json") for stage, split in splits.items()},
+                **{f"{stage}_images": str(n / "images" / split) for stage, split in splits.items()},
                 "image_size": 32,
                 "batch_size": 4,
                 "eval_batch_size": 64,
@@ -105,22 +102,22 @@ def _check_checkpoint(ckpt: Path) -> dict:
     return state
 
 
+def _fit(tmp_path_factory: pytest.TempPathFactory, world: Path, task: str, recipe: str) -> tuple[Path, Path]:
+    """One training step of the shipped ``recipe`` through ``mmoe fit``: returns (run folder, override YAML)."""
+    tmp = tmp_path_factory.mktemp(f"{task}_run")
+    override = _override(tmp, world, task)
+    _cli(["fit", "--config", str(FINETUNE / recipe), "--config", str(override)])
+    return tmp / "run", override
+
+
 @pytest.fixture(scope="module")
 def vqa_run(tmp_path_factory: pytest.TempPathFactory, world: Path) -> tuple[Path, Path]:
-    """One VQA training step through ``mmoe fit``: returns (run folder, override YAML)."""
-    tmp = tmp_path_factory.mktemp("vqa_run")
-    override = _override(tmp, world, "vqa")
-    _cli(["fit", "--config", str(FINETUNE / "vqav2_synthetic.yaml"), "--config", str(override)])
-    return tmp / "run", override
+    return _fit(tmp_path_factory, world, "vqa", "vqav2_synthetic.yaml")
 
 
 @pytest.fixture(scope="module")
 def nlvr2_run(tmp_path_factory: pytest.TempPathFactory, world: Path) -> tuple[Path, Path]:
-    """One NLVR2 training step through ``mmoe fit``: returns (run folder, override YAML)."""
-    tmp = tmp_path_factory.mktemp("nlvr2_run")
-    override = _override(tmp, world, "nlvr2")
-    _cli(["fit", "--config", str(FINETUNE / "nlvr2_synthetic.yaml"), "--config", str(override)])
-    return tmp / "run", override
+    return _fit(tmp_path_factory, world, "nlvr2", "nlvr2_synthetic.yaml")
 
 
 def test_vqa_one_training_step(vqa_run: tuple[Path, Path], world: Path) -> None:
