@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import CONSOLE_SCRIPTS, REPO
 
 from mmoe.cli import recipes
 from mmoe.model import list_models
@@ -22,19 +23,7 @@ from mmoe.resources import config_root, list_recipes, recipe_path
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11; the checks are the same on every version
 
-REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-SCRIPTS = {
-    "mmoe": "mmoe.train.cli:main",
-    "mmoe-recipes": "mmoe.cli.recipes:main",
-    "mmoe-shards": "mmoe.cli.make_shards:main",
-    "mmoe-synthetic": "mmoe.cli.make_synthetic:main",
-    "mmoe-convert": "mmoe.cli.convert_checkpoint:main",
-    "mmoe-viz": "mmoe.cli.visualize_experts:main",
-    "mmoe-vqa-vocab": "mmoe.cli.build_vqa_vocab:main",
-    "mmoe-codebook": "mmoe.cli.build_visual_codebook:main",
-    "mmoe-migrate": "mmoe.train.compat:main",
-}
 
 
 def _norm(dist: str) -> str:
@@ -87,8 +76,8 @@ def test_every_third_party_import_of_the_package_is_a_runtime_dependency() -> No
 
 
 def test_console_scripts_and_tool_wrappers() -> None:
-    assert PYPROJECT["project"]["scripts"] == SCRIPTS
-    for command, target in SCRIPTS.items():
+    assert PYPROJECT["project"]["scripts"] == CONSOLE_SCRIPTS
+    for command, target in CONSOLE_SCRIPTS.items():
         module_name, func = target.split(":")
         module = importlib.import_module(module_name)
         assert callable(getattr(module, func)), target
@@ -97,9 +86,9 @@ def test_console_scripts_and_tool_wrappers() -> None:
             assert f"from {module_name} import main" in wrapper.read_text(), f"{wrapper} is not a wrapper of {target}"
 
 
-@pytest.mark.parametrize("command", [c for c in SCRIPTS if c != "mmoe"])
+@pytest.mark.parametrize("command", [c for c in CONSOLE_SCRIPTS if c != "mmoe"])
 def test_every_tool_answers_help_under_its_command_name(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    main = importlib.import_module(SCRIPTS[command].split(":")[0]).main
+    main = importlib.import_module(CONSOLE_SCRIPTS[command].split(":")[0]).main
     with pytest.raises(SystemExit) as done:
         main(["--help"])
     assert done.value.code == 0

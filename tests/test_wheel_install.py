@@ -21,18 +21,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-COMMANDS = {
-    "mmoe": "mmoe.train.cli:main",
-    "mmoe-recipes": "mmoe.cli.recipes:main",
-    "mmoe-shards": "mmoe.cli.make_shards:main",
-    "mmoe-synthetic": "mmoe.cli.make_synthetic:main",
-    "mmoe-convert": "mmoe.cli.convert_checkpoint:main",
-    "mmoe-viz": "mmoe.cli.visualize_experts:main",
-    "mmoe-vqa-vocab": "mmoe.cli.build_vqa_vocab:main",
-    "mmoe-codebook": "mmoe.cli.build_visual_codebook:main",
-}
+from helpers import CONSOLE_SCRIPTS, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +74,7 @@ def test_wheel_carries_the_configs_and_the_commands(installed: tuple[Path, Path]
     assert "mmoe/configs/__init__.py" in names and "mmoe/cli/recipes.py" in names
     assert not any(n.startswith(("tests/", "tools/", "configs/", "datasets/")) for n in names)
     scripts = entry_points.split("[console_scripts]", 1)[1].split("\n[", 1)[0]
-    assert {k.strip(): v.strip() for k, v in (x.split("=") for x in scripts.strip().splitlines())} == COMMANDS
+    assert {k.strip(): v.strip() for k, v in (x.split("=") for x in scripts.strip().splitlines())} == CONSOLE_SCRIPTS
     runtime = [line for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
     requires = {re.match(r"Requires-Dist: *([A-Za-z0-9._-]+)", line).group(1).lower() for line in runtime}
     assert {"pycocoevalcap", "sentencepiece", "scipy", "torch", "lightning"} <= requires
