@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import CONFIGS
 
-REPO = Path(__file__).resolve().parents[1]
-FINETUNE = REPO / "configs" / "finetune"
-PRETRAIN = REPO / "configs" / "pretrain" / "tiny_mhmoe.yaml"
+FINETUNE = CONFIGS / "finetune"
+PRETRAIN = CONFIGS / "pretrain" / "tiny_mhmoe.yaml"
 SYNTHETIC = sorted(p.name for p in FINETUNE.glob("*_synthetic.yaml"))
 UNUSED = "not used in producing the loss"
 

@@ -10,8 +10,7 @@ from types import ModuleType
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def _tool(name: str) -> ModuleType:
