@@ -21,7 +21,7 @@ sub-token) until the end.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "token_diversity",
     "dropped_share",
     "summarize",
+    "log_metrics",
     "RoutingTally",
 ]
 
@@ -132,6 +133,23 @@ def summarize(records: Iterable[RoutingRecord], *, threshold: float = DEFAULT_AC
     if not tally.records:
         raise ValueError("summarize: got no RoutingRecord; expected at least one")
     return tally.metrics(threshold=threshold)
+
+
+def log_metrics(metrics_by_layer: Mapping[str, Mapping[str, Any]], *, per_expert: bool = False) -> dict[str, float]:
+    """Per-layer metrics (of :func:`summarize` or :meth:`RoutingTally.metrics`) as flat log keys.
+
+    ``{layer}/activation_ratio``, ``{layer}/load_max``, ``{layer}/diversity`` and ``{layer}/dropped_share``, plus
+    the load share of every expert (``{layer}/load/e{i}``) with ``per_expert``: the names the training logs use.
+    """
+    out: dict[str, float] = {}
+    for layer, m in metrics_by_layer.items():
+        out[f"{layer}/activation_ratio"] = float(m["activation_ratio"])
+        out[f"{layer}/load_max"] = float(m["load_max"])
+        if per_expert:
+            out.update({f"{layer}/load/e{e}": float(v) for e, v in enumerate(m["load"])})
+        out[f"{layer}/diversity"] = float(m["diversity"])
+        out[f"{layer}/dropped_share"] = float(m["dropped_share"])
+    return out
 
 
 @dataclass

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from mmoe.data.codebook import assign_codes, load_codebook, normalize_patches, patchify
+from mmoe.moe.stats import DEFAULT_ACTIVATION_THRESHOLD, RoutingTally, log_metrics, summarize
 from mmoe.train.base import TaskModule
 from mmoe.train.optim import OptimConfig
 
@@ -47,11 +48,12 @@ def routing_metrics(
     """Per-layer routing statistics over one or more forward passes ([MH1] sec. 4.4 / Fig. 1).
 
     ``records_by_layer`` maps a layer key (``layer3``, ``layer3.vision``) to the RoutingRecords of that layer from
-    several streams; counts are summed, diversity averaged over the non-padding tokens of all of them. Returns
-    ``{"{layer}/activation_ratio", "{layer}/diversity", "{layer}/dropped_share", "{layer}/load_max"}``, plus the
-    load share of every expert (``"{layer}/load/e{i}"``) when ``per_expert``.
+    several streams, pooled per layer by :func:`mmoe.moe.stats.summarize`; the keys are those of
+    :func:`mmoe.moe.stats.log_metrics` (``None`` threshold: the stats' default).
     """
-    return routing_tally_metrics(tally_routing(records_by_layer), threshold=threshold, per_expert=per_expert)
+    th = DEFAULT_ACTIVATION_THRESHOLD if threshold is None else threshold
+    pooled = {layer: summarize(records, threshold=th) for layer, records in records_by_layer.items() if records}
+    return log_metrics(pooled, per_expert=per_expert)
 
 
 def tally_routing(records_by_layer: Mapping[str, list[Any]], into: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -60,8 +62,6 @@ def tally_routing(records_by_layer: Mapping[str, list[Any]], into: dict[str, Any
     Validation keeps these instead of the records: the records of one batch hold ids and gates of every sub-token
     (gigabytes per thousand batches at base size), the tallies hold a few integers per expert.
     """
-    from mmoe.moe.stats import RoutingTally  # imported here so this module loads before the stats land
-
     tallies: dict[str, Any] = {} if into is None else into
     for layer, records in records_by_layer.items():
         for record in records:
@@ -70,21 +70,12 @@ def tally_routing(records_by_layer: Mapping[str, list[Any]], into: dict[str, Any
 
 
 def routing_tally_metrics(
-    tallies: Mapping[str, Any], *, threshold: float | None = None, per_expert: bool = False
+    tallies: Mapping[str, RoutingTally], *, threshold: float | None = None, per_expert: bool = False
 ) -> dict[str, float]:
     """The metrics of :func:`routing_metrics` from per-layer tallies (the same values as from the records)."""
-    out: dict[str, float] = {}
-    for layer, tally in tallies.items():
-        if tally.counts is None:
-            continue
-        m = tally.metrics() if threshold is None else tally.metrics(threshold=threshold)
-        out[f"{layer}/activation_ratio"] = float(m["activation_ratio"])
-        out[f"{layer}/load_max"] = float(m["load_max"])
-        if per_expert:
-            out.update({f"{layer}/load/e{e}": float(v) for e, v in enumerate(m["load"])})
-        out[f"{layer}/diversity"] = float(m["diversity"])
-        out[f"{layer}/dropped_share"] = float(m["dropped_share"])
-    return out
+    th = DEFAULT_ACTIVATION_THRESHOLD if threshold is None else threshold
+    done = {layer: tally.metrics(threshold=th) for layer, tally in tallies.items() if tally.counts is not None}
+    return log_metrics(done, per_expert=per_expert)
 
 
 # ---------------------------------------------------------------------------------------------------------- module
