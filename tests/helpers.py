@@ -62,6 +62,13 @@ def shard_lists(world: Path) -> dict[str, list[str]]:
     return {f"{k}_shards": [str(world / "shards" / k / "train-*.tar")] for k in STREAMS}
 
 
+def pretrain_data_args(world: Path, **overrides: object) -> dict[str, object]:
+    """``PretrainDataModule`` arguments for a shard world at the tests' tiny size: the training shards of every
+    stream, batches of 6, 32-px images in 8-px patches, 16 text tokens, no workers; ``overrides`` add or replace."""
+    tiny = {"batch_size": 6, "image_size": 32, "patch_size": 8, "max_text_len": 16, "num_workers": 0}
+    return {**shard_lists(world), **tiny, **overrides}
+
+
 def shard_args(world: Path, *, val: bool) -> list[str]:
     """The six ``--data.init_args.*_shards`` options for a shard world: training shards of every stream, and the
     validation shards (``val=True``) or none (each ``val_*_shards`` set to null)."""

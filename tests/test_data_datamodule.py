@@ -6,35 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import pretrain_data_args, shard_world
 
-from mmoe.data.synthetic import make_world
 from mmoe.train.data.pretraining import PretrainDataModule
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    make_world(out, num_train=24, num_val=8, image_size=32, seed=0, shards=True, shard_maxcount=6)
-    return out
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shard_world(tmp_path_factory, num_val=8)
 
 
 def _dm(world: Path, **kw) -> PretrainDataModule:
-    args = dict(
-        image_shards=[str(world / "shards/image/train-*.tar")],
-        text_shards=[str(world / "shards/text/train-*.tar")],
-        pair_shards=[str(world / "shards/pair/train-*.tar")],
-        val_pair_shards=[str(world / "shards/pair/val-*.tar")],
-        batch_size=6,
-        image_size=32,
-        patch_size=8,
-        max_text_len=16,
-        num_workers=0,
-        steps_per_epoch=3,
-        shuffle_buffer=10,
-        hflip=0.0,
-    )
-    args.update(kw)
-    return PretrainDataModule(**args)
+    val = [str(world / "shards/pair/val-*.tar")]
+    args = pretrain_data_args(world, val_pair_shards=val, steps_per_epoch=3, shuffle_buffer=10, hflip=0.0)
+    return PretrainDataModule(**{**args, **kw})
 
 
 def test_mixed_batches_follow_the_contract(world: Path) -> None:

@@ -34,16 +34,8 @@ def _beit3_args(**kw) -> EncoderConfig:
 @pytest.fixture(scope="module")
 def reference() -> BEiT3:
     torch.manual_seed(0)
-    args = _beit3_args(
-        img_size=32,
-        patch_size=8,
-        vocab_size=100,
-        encoder_embed_dim=64,
-        encoder_attention_heads=4,
-        encoder_ffn_embed_dim=128,
-        encoder_layers=2,
-        max_source_positions=20,
-    )
+    sizes = dict(encoder_embed_dim=64, encoder_attention_heads=4, encoder_ffn_embed_dim=128, encoder_layers=2)
+    args = _beit3_args(img_size=32, patch_size=8, vocab_size=100, max_source_positions=20, **sizes)
     ref = BEiT3(args).eval()
     with torch.no_grad():  # random weights everywhere, LayerNorms and position rows included
         for p in ref.parameters():
@@ -193,16 +185,8 @@ def test_convert_cli_beit3_with_sentencepiece(tmp_path, reference):
 def test_timm_vit_import_matches_timm(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=64,
-        patch_size=8,
-        embed_dim=128,
-        depth=2,
-        num_heads=4,
-        num_classes=0,
-    ).eval()
+    sizes = dict(img_size=64, patch_size=8, embed_dim=128, depth=2, num_heads=4, num_classes=0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **sizes).eval()
     with torch.no_grad():
         for p in vit.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -14,39 +14,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import pretrain_data_args, shard_world
 from torch.utils.data import Dataset
 
 from mmoe.data.resume import ResumableLoader, seeded_rng
-from mmoe.data.synthetic import make_world
 from mmoe.train.data.pretraining import PretrainDataModule
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    make_world(out, num_train=24, num_val=4, image_size=32, seed=0, shards=True, shard_maxcount=6)
-    return out
+    return shard_world(tmp_path_factory, num_val=4)
 
 
 def _dm(world: Path, **kw) -> PretrainDataModule:
-    args = dict(
-        image_shards=[str(world / "shards/image/train-*.tar")],
-        text_shards=[str(world / "shards/text/train-*.tar")],
-        pair_shards=[str(world / "shards/pair/train-*.tar")],
-        batch_size=6,
-        image_size=32,
-        patch_size=8,
-        max_text_len=16,
+    args = pretrain_data_args(
+        world,
         min_mask_patches=4,
-        num_workers=0,
         steps_per_epoch=7,
         shuffle_buffer=5,
         train_scale=(0.5, 1.0),  # random crops, flips and jitter: per-sample seeds must cover them
         color_jitter=0.4,
         hflip=0.5,
     )
-    args.update(kw)
-    return PretrainDataModule(**args)
+    return PretrainDataModule(**{**args, **kw})
 
 
 def _flat(batch: dict) -> list[torch.Tensor]:
