@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import CONFIGS, REPO
+from helpers import CONFIGS, REPO, shard_args
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from mmoe.train.cli import MMoECLI, build_cli
@@ -120,7 +120,6 @@ def test_base_recipe_runs_one_step(name: str, tmp_path: Path) -> None:
 
     world = tmp_path / "world"
     make_world(world, num_train=8, num_val=4, image_size=64, seed=0, shards=True, shard_maxcount=8)
-    s = world / "shards"
     root = tmp_path / "run"
     build_cli(
         [
@@ -135,12 +134,7 @@ def test_base_recipe_runs_one_step(name: str, tmp_path: Path) -> None:
             f"--trainer.default_root_dir={root}",
             "--model.init_args.backbone_overrides={img_size: 32, drop_path: 0.1, depth: 4}",
             "--model.init_args.optim.warmup_steps=1",
-            f"--data.init_args.image_shards=[{s}/image/train-*.tar]",
-            f"--data.init_args.text_shards=[{s}/text/train-*.tar]",
-            f"--data.init_args.pair_shards=[{s}/pair/train-*.tar]",
-            "--data.init_args.val_image_shards=null",
-            "--data.init_args.val_text_shards=null",
-            "--data.init_args.val_pair_shards=null",
+            *shard_args(world, val=False),
             "--data.init_args.batch_size=3",
             "--data.init_args.image_size=32",
             "--data.init_args.min_mask_patches=1",
