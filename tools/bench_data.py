@@ -4,7 +4,7 @@
 Measures samples/s of ``PretrainDataModule``'s training loader (three streams mixed in each batch:
 decode, timm transforms, tokenizer, block-wise image masks, BERT text masks, collation) at the tiny
 (64 px, patch 8) and base (224 px, patch 16) settings, for several worker counts, and optionally the
-tiny model's training step on the same batches, to check that the loader outpaces it (issue 4: by at
+tiny model's training step on the same batches, to check that the loader outpaces it (the target: by at
 least 3x on 2 cores).
 
     python tools/bench_data.py --workers 0 1 2 --batches 30 --model tiny_mhmoe --json bench_data.json

@@ -1,6 +1,6 @@
 r"""Benchmark caption decoding: tokens/s with the key/value cache vs re-encoding image + prefix every step.
 
-BEiT-3 decodes captions with a [MASK] query after the prefix ([B3] sec. 3.2). Without a cache every step
+BEiT-3 decodes captions with a [MASK] query after the prefix ([B3] sec. 3.1). Without a cache every step
 re-runs the image (1 + P tokens) and the whole prefix; with the cache (docs/interfaces.md section 8) a step costs
 two one-token passes (append the real token, query the mask). This script measures both on the same weights and
 checks that they produce the same tokens.

@@ -9,7 +9,7 @@ A step is forward on an image+text batch, loss = mean square of the features + M
     python tools/bench_model.py --device cuda --set base          # on a GPU
     python tools/bench_model.py --set base_pair --precision fp32 bf16-mixed bf16-true   # precisions side by side
 
-Prints a table and writes JSON (`--json`). The issue's target: MH-MoE throughput >= 0.8x the dense step.
+Prints a table and writes JSON (`--json`). The target: MH-MoE throughput >= 0.8x the dense step.
 """
 
 from __future__ import annotations

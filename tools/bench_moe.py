@@ -1,6 +1,6 @@
 """Benchmark the MH-MoE layer against a dense block of equal FLOPs and two classic MoE baselines.
 
-Times forward+backward (issue 2, "Benchmark") side by side for:
+Times forward+backward side by side for:
 
 - ``mhmoe``: :class:`mmoe.moe.MHMoE` at its defaults (dropless sorted dispatch; on CPU the fused
   expert FFN of :mod:`mmoe.moe.fused`);
@@ -25,7 +25,7 @@ Times forward+backward (issue 2, "Benchmark") side by side for:
   ``--einsum-group`` sub-tokens. torchscale's ``MOELayer`` uses a single group per local batch; at
   8192 tokens and h = 4 its ``(S, E, C)`` tensors would take ~8.6 GB each, so we group.
 
-Sizes (issue 2): d = 768, tokens in {2048, 8192}, h in {1, 2, 4}, E in {8, 32}, k in {1, 2}, k*F = 4d.
+Sizes (docs/results/moe_cpu.md): d = 768, tokens in {2048, 8192}, h in {1, 2, 4}, E in {8, 32}, k in {1, 2}, k*F = 4d.
 Every (size, method) runs in its own subprocess so its peak memory can be read from the kernel:
 ``peak_mb`` is the rise of the resident set high-water mark (VmHWM) over the resident set after
 building the module and inputs, i.e. activations + gradients + workspaces of one forward+backward.

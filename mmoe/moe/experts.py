@@ -3,7 +3,7 @@
 Dimension legend: A assignments (rows of the sorted buffer), C expert input width (= d/h),
 F expert hidden width, E experts, S sub-tokens, K top-k.
 
-Experts are FFNs ``C -> F -> C`` ([MH1] sec. 3, SPEC.md 1 step 4): GELU with two matrices (the
+Experts are FFNs ``C -> F -> C`` ([MH1] sec. 3): GELU with two matrices (the
 torchscale/official MH-MoE expert, with biases) or SwiGLU with three ([MH2], no biases).
 Weights are stacked ``(E, ...)`` so that all experts run as one grouped matmul:
 
@@ -158,7 +158,7 @@ class GroupedExperts(nn.Module):
         return self.norm_weight is not None
 
     def reset_parameters(self) -> None:
-        # trunc-normal(0.02) as every Linear of BEiT-3 (SPEC.md 5); biases and sub-LN at identity.
+        # trunc-normal(0.02) as every Linear of BEiT-3 ([B3] released code); biases and sub-LN at identity.
         for w in (self.w1, self.w2, self.w3):
             if w is not None:
                 nn.init.trunc_normal_(w, std=0.02)

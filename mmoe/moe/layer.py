@@ -1,4 +1,4 @@
-"""The Multi-Head Mixture-of-Experts layer ([MH1] sec. 3, [MH2] sec. 2; SPEC.md sections 1-2).
+"""The Multi-Head Mixture-of-Experts layer ([MH1] sec. 3, [MH2] sec. 2; docs/references.md).
 
 Dimension legend: B batch, L sequence length, D model width, N tokens (= B*L), h MoE heads,
 C sub-token width (= D/h), S sub-tokens (= N*h), E experts, K top-k, F expert width,
@@ -93,20 +93,20 @@ class MHMoE(nn.Module):
         activation: ``"gelu"`` (two matrices) or ``"swiglu"`` (three, [MH2]).
         capacity_factor: None = dropless (default). Else per-expert capacity
             ``C = ceil(K * S_valid / E * capacity_factor)``; first choices before second choices,
-            overflow dropped and counted (paper reproduction, SPEC.md 2).
+            overflow dropped and counted (paper reproduction, [GShard]).
         eval_capacity_fraction: in capacity mode and eval, use ``ceil(frac * S_valid)`` instead
             (torchscale's evaluation capacity is 0.25). None = same capacity as in training.
         head_layers / merge_layers: depth 0..3 of the head and merge MLPs (ReLU between;
             ``head_layers=1, merge_layers=0`` is [MH2]'s head-only ablation).
         renormalize_gates: divide the kept gates by their sum (torchscale top-2); default raw
             softmax probabilities as in the official MH-MoE code.
-        aux_loss_weight: weight of the load-balance loss in ``aux_loss`` (0.01, SPEC.md 2).
+        aux_loss_weight: weight of the load-balance loss in ``aux_loss`` (0.01, [MH1] sec. 3.3).
         z_loss_weight: weight of the router z-loss (ST-MoE; ~1e-3 when used).
         xmoe_dim / xmoe_form / xmoe_temperature: X-MoE router projection width (16 as torchscale;
             [MH1] uses 16/h), ``"paper"`` (cosine / learnable tau) or ``"torchscale"`` form, initial tau.
         expert_bias: biases in the experts (default: GELU yes, SwiGLU no).
         expert_inner_norm: Sub-LN inside each expert (BEiT-3 FFN layout; for upcycling).
-        split: ``"reshape"`` (contiguous, SPEC.md 1) or ``"conv1d"`` ([MH1] appendix variant: a
+        split: ``"reshape"`` (contiguous, [MH1] sec. 3) or ``"conv1d"`` ([MH1] appendix variant: a
             Conv1d over the feature axis, kernel ``conv_kernel``, stride ``conv_stride``, output
             channels C, producing exactly h sub-tokens per token; defaults kernel = stride = C).
         balance_bias_rate: > 0 enables aux-loss-free balancing (DeepSeek-V3): a per-expert bias
@@ -237,7 +237,7 @@ class MHMoE(nn.Module):
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
-        """SPEC.md 1: head Xavier-uniform gain 1/sqrt(2), merge gain 1, biases 0; experts/router own init.
+        """Official MH-MoE init: head Xavier-uniform gain 1/sqrt(2), merge gain 1, biases 0; experts/router own init.
 
         A backbone that re-initialises every ``nn.Linear`` (BEiT-3's trunc-normal pass) should call
         this afterwards to restore the MH-MoE initialisation.
