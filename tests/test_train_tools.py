@@ -1,4 +1,4 @@
-"""mmoe.cli.build_visual_codebook (k-means codebook), tools/run_demo.py and tools/compare_pretraining.py."""
+"""mmoe.cli.build_visual_codebook (k-means codebook), mmoe.cli.compare_pretraining and tools/run_demo.py."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_kmeans_recovers_separated_clusters() -> None:
 
 
 def test_compare_summary_and_table(tmp_path: Path) -> None:
-    cmp = _tool("compare_pretraining")
+    from mmoe.cli import compare_pretraining as cmp
+
     run = tmp_path / "tiny_mhmoe" / "version_0"
     run.mkdir(parents=True)
     (run / "metrics.csv").write_text(

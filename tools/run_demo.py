@@ -19,7 +19,6 @@ running the demo twice is cheap and gives the same report):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmoe.cli.compare_pretraining import read_run_metrics
 from mmoe.files import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +247,7 @@ class Demo:
             + f"); this invocation took {total / 60:.1f} min (finished outputs are reused)."
         )
         lines += ["", "## Masked multimodal pretraining (tiny_mhmoe, BEiT-3 objectives, [B3] sec. 2.2)", ""]
-        rows = _metrics(self.out / "pretrain")
+        rows = read_run_metrics(self.out / "pretrain")
         if rows:
             first, last = _first_last(rows, "train/loss")
             lines.append("| metric | first logged | last logged |")
@@ -279,7 +279,7 @@ class Demo:
         else:
             lines.append("Pretraining did not run; see the notes below.")
         lines += ["", "## VQA fine-tuning on the synthetic VQA split", ""]
-        vrows = _metrics(self.out / "vqa") if vqa else []
+        vrows = read_run_metrics(self.out / "vqa") if vqa else []
         vval = _last(vrows, "val/vqa_score") if vrows else None
         if vval:
             lines.append(f"VQA score (official accuracy, val split) after {self.vqa_steps} steps: "
@@ -310,15 +310,6 @@ def _ckpt_step(path: Path) -> int:
         return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", 0))
     except Exception:  # a damaged checkpoint is redone
         return -1
-
-
-def _metrics(root: Path) -> list[dict[str, str]]:
-    """Rows of every version's metrics.csv under a run folder, oldest version first."""
-    rows: list[dict[str, str]] = []
-    for f in sorted(root.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
-        with open(f) as fh:
-            rows += list(csv.DictReader(fh))
-    return rows
 
 
 def _first_last(rows: list[dict[str, str]], key: str) -> tuple[float | None, float | None]:

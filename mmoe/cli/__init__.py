@@ -10,6 +10,9 @@ Each module has ``main(argv=None) -> int`` (the exit status) and also runs as ``
 - ``mmoe-vqa-vocab`` (``build_vqa_vocab``): the VQAv2 answer vocabulary;
 - ``mmoe-codebook`` (``build_visual_codebook``): the k-means visual codebook.
 
+``compare_pretraining`` (no console script; ``python -m mmoe.cli.compare_pretraining``) runs the tiny
+Dense/SMoE/X-MoE/MH-MoE pretraining comparison of ``docs/results/tiny_pretraining.md``.
+
 Training itself is the ``mmoe`` command (``mmoe.train.cli``). In a source checkout ``tools/<module>.py`` is a
 wrapper running the same ``main``.
 """
