@@ -88,14 +88,12 @@ def _pretrain_args(world: Path, root: Path) -> list[str]:
 def _vqa_args(world: Path, root: Path, tmp: Path) -> list[str]:
     vqa, coco = world / "vqa", world / "coco"
 
-    def files(split: str) -> list[dict[str, str]]:
-        return [
-            {
-                "questions": str(vqa / f"v2_OpenEnded_mscoco_{split}2014_questions.json"),
-                "annotations": str(vqa / f"v2_mscoco_{split}2014_annotations.json"),
-                "image_dir": str(coco / f"{split}2014"),
-            }
-        ]
+    def files(stage: str, split: str) -> dict[str, str]:
+        return {
+            f"{stage}_questions": str(vqa / f"v2_OpenEnded_mscoco_{split}2014_questions.json"),
+            f"{stage}_annotations": str(vqa / f"v2_mscoco_{split}2014_annotations.json"),
+            f"{stage}_images": str(coco / f"{split}2014"),
+        }
 
     override = tmp / "vqa_override.yaml"
     cfg = {
@@ -107,9 +105,9 @@ def _vqa_args(world: Path, root: Path, tmp: Path) -> list[str]:
         },
         "data": {
             "init_args": {
-                "train": files("train"),
-                "val": files("val"),
-                "test": files("val"),
+                **files("train", "train"),
+                **files("val", "val"),
+                **files("test", "val"),
                 "answer_vocab": str(vqa / "answer_vocab.json"),
                 "image_size": 32,
                 "batch_size": 24,  # 160 questions: 6 batches per epoch, so step 10 is batch 4 of epoch 1
@@ -189,7 +187,7 @@ def _check_kill_and_resume(args_for, tmp_path: Path, state_key: str, position) -
     print(f"resuming from step {step}, killed={killed}", state[state_key])
     consumed, per_epoch = position(state[state_key])
     assert 0 < consumed < per_epoch, (step, consumed, per_epoch)  # the checkpoint is in the middle of an epoch
-    assert not list(ckpts.glob("*.tmp-*")) or killed  # a kill may leave a temp file, never a torn checkpoint
+    assert not list(ckpts.glob(".*.tmp")) or killed  # a kill may leave a temp file, never a torn checkpoint
 
     _run([*args_for(run_root), f"--ckpt_path={'last' if killed else resume_from}"], tmp_path)
     resumed = _losses(run_root, 1)

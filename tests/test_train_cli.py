@@ -102,7 +102,7 @@ def test_cli_fit_five_steps(world: Path, tmp_path: Path) -> None:
     saved = (root / "version_0" / "config.yaml").read_text()
     assert "tiny_mhmoe" in saved and "max_steps: 5" in saved
     ckpt = root / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file() and not list((root / "checkpoints").glob("*.tmp-*"))
+    assert ckpt.is_file() and not list((root / "checkpoints").glob(".*.tmp"))
     from mmoe.model import load_model
 
     model = load_model(ckpt)

@@ -52,7 +52,7 @@ def index_images(root: str | Path) -> dict[str, str]:
 
 
 class NLVR2Dataset(AnnotatedDataset):
-    """Map-style NLVR2 dataset; items are dicts for ``NLVR2Collate`` (mmoe.train.task_data).
+    """Map-style NLVR2 dataset; items are dicts for ``NLVR2Collate`` (mmoe.train.data.nlvr2).
 
     Args:
         annotations: official JSONL file (``train.json``, ``dev.json``, ``test1.json``).

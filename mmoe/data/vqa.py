@@ -198,7 +198,7 @@ class AnnotatedDataset(Dataset):
 
 
 class VQADataset(AnnotatedDataset):
-    """Map-style VQAv2 dataset; items are dicts for ``VQACollate`` (mmoe.train.task_data).
+    """Map-style VQAv2 dataset; items are dicts for ``VQACollate`` (mmoe.train.data.vqav2).
 
     Item keys: ``image`` (transformed), ``question`` (str), ``question_id`` (int) and, when the source
     has annotations and a vocabulary is given, ``labels`` (C,) float soft scores.

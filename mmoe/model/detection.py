@@ -290,7 +290,7 @@ class ViTDet(nn.Module):
 
     ``forward(images, targets=None)`` returns the loss dict in training mode (as torchvision detectors do)
     and a list of detection dicts in eval mode. ``state_dict`` keys are ``backbone.*`` and ``detector.*``,
-    the same as ``mmoe.train.vision.DetectionTask``'s.
+    the same as ``mmoe.train.detection.DetectionTask``'s.
     """
 
     def __init__(self, backbone: nn.Module, *, num_classes: int, with_masks: bool = True, **head_kwargs: Any) -> None:

@@ -1,4 +1,4 @@
-"""Trainer callbacks and plugins the ``mmoe`` CLI installs by default (issue 5, "Logging").
+"""Trainer callbacks and plugins the ``mmoe`` CLI installs by default (docs/interfaces.md section 5).
 
 - :class:`PlainProgress`: one plain line per ``every_n_steps`` steps, used when stdout is not a TTY (CI logs, the
   demo's log file), where a rich/tqdm bar would write carriage-return soup.
@@ -6,16 +6,14 @@
   ``train/samples_per_sec``), the "step time" column of the [MH1] Table 1-style comparison.
 - :class:`AtomicCheckpointIO`: Lightning's ``_atomic_save`` writes through an fsspec transaction whose temp file
   lives in the system temp dir and is then ``shutil.move``-d, which is a copy (not atomic) when ``/tmp`` is on
-  another file system. This plugin writes a temp file next to the target and ``os.replace``-s it.
+  another file system. This plugin writes through ``mmoe.files`` (a temp file next to the target, renamed).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from mmoe.files import atomic_torch_save
 
 __all__ = ["PlainProgress", "StepTimer", "AtomicCheckpointIO", "RNGState", "batch_size_of"]
 
@@ -186,7 +186,8 @@ def _to_plain(obj: Any) -> Any:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``<name>.tmp-<pid>`` in the target directory, then ``os.replace`` (atomic on POSIX).
+    """``torch.save`` through ``mmoe.files.atomic_torch_save``: a temporary file in the target directory
+    (``.<name>.<random>.tmp``), fsync, then ``os.replace`` (atomic on POSIX).
 
     A crash mid-write leaves the previous checkpoint intact and at most a stray temp file, never a truncated
     ``last.ckpt`` that a later ``--ckpt_path last`` would fail on.
@@ -198,18 +199,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"AtomicCheckpointIO.save_checkpoint: storage_options={storage_options!r} is not supported; "
                 "pass None or use Lightning's default CheckpointIO"
             )
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
         """Load with ``torch.load(weights_only=True)`` unless the caller asks otherwise (our checkpoints hold only

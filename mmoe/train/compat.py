@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from mmoe.files import atomic_torch_save, atomic_write_text
+
 __all__ = [
     "ARG_RENAMES",
     "CLASS_PATHS",
@@ -160,8 +162,6 @@ def migrated_checkpoint_file(path: str | Path | IO[bytes]) -> str | Path | IO[by
 
 def _migrate_file(path: Path, out: Path) -> bool:
     """Rewrite one checkpoint (``.ckpt``/``.pt``) or YAML config; returns whether anything changed."""
-    from mmoe.files import atomic_torch_save, atomic_write_text
-
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
