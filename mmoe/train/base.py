@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from mmoe.model import create_model
-from mmoe.model.io import drop_text_branch, load_checkpoint_file
+from mmoe.model.io import drop_text_branch, load_checkpoint_file, parse_checkpoint
 from mmoe.train.compat import migrated_checkpoint_file
 from mmoe.train.optim import OptimConfig, configure_optimizers
 
@@ -89,6 +89,8 @@ class TaskModule(LightningModule):
         if backbone is None and init_from is None:
             raise ValueError(f"{name}: backbone=None needs init_from (a checkpoint to rebuild it from)")
         ckpt = load_checkpoint_file(init_from) if init_from else None
+        if ckpt is not None:
+            parse_checkpoint(ckpt, init_from)  # a file that is not ours is refused here, naming it
         self.backbone = create_model(backbone, init_from=ckpt, **kwargs)
         return ckpt
 
