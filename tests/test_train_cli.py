@@ -1,4 +1,4 @@
-"""The ``mmoe`` CLI end to end on tiny synthetic shards (issue 5 "Tests", issue 10 2-process DDP).
+"""The ``mmoe`` CLI end to end on tiny synthetic shards (and 2-process DDP, docs/scaling.md).
 
 - 5 steps through the real console entry point, CSV log read back (finite losses, routing statistics),
   resolved config and checkpoints in the run folder, the checkpoint loadable by ``mmoe.model.load_model``;
@@ -20,31 +20,22 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import CONFIGS, shard_args, shard_world
 
-from mmoe.data.synthetic import make_world
 from mmoe.train.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "configs" / "pretrain" / "tiny_mhmoe.yaml"
+RECIPE = CONFIGS / "pretrain" / "tiny_mhmoe.yaml"
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny shapes world with 4 train shards per stream (so 2 ranks get 2 each) and 1 val shard."""
-    out = tmp_path_factory.mktemp("world")
-    make_world(out, num_train=32, num_val=8, image_size=64, seed=0, shards=True, shard_maxcount=8)
-    return out
+    return shard_world(tmp_path_factory, num_train=32, num_val=8, image_size=64, shard_maxcount=8)
 
 
 def _data_args(world: Path, *, batch: int = 6, steps_per_epoch: int = 100) -> list[str]:
-    s = world / "shards"
     return [
-        f"--data.init_args.image_shards=[{s}/image/train-*.tar]",
-        f"--data.init_args.text_shards=[{s}/text/train-*.tar]",
-        f"--data.init_args.pair_shards=[{s}/pair/train-*.tar]",
-        f"--data.init_args.val_image_shards=[{s}/image/val-*.tar]",
-        f"--data.init_args.val_text_shards=[{s}/text/val-*.tar]",
-        f"--data.init_args.val_pair_shards=[{s}/pair/val-*.tar]",
+        *shard_args(world, val=True),
         f"--data.init_args.batch_size={batch}",
         "--data.init_args.num_workers=0",
         "--data.init_args.val_steps=1",
