@@ -40,18 +40,11 @@ def _rss_mib() -> float:
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-true", "bf16-master")
 
 
-def worker(
-    name: str,
-    batch: int,
-    img: int,
-    text_len: int,
-    steps: int,
-    warmup: int,
-    device: str,
-    threads: int,
-    precision: str = "fp32",
-) -> dict:
-    """Time `steps` training steps of one model after `warmup` steps; runs in a fresh process.
+def _prepare(name: str, batch: int, img: int, text_len: int, device: str, threads: int, precision: str) -> tuple:
+    """Build one model, its AdamW and a batch; returns ``(step, finish)``.
+
+    ``step()`` runs one training step and returns its (forward+backward, optimizer) seconds; ``finish(fwd_bwd,
+    opt_times, peak_mem)`` turns the timings into a result row.
 
     `precision` as Lightning names it: "fp32"; "bf16-mixed" (fp32 weights and AdamW, autocast to bf16: the
     matmuls run in bf16, their inputs cast every step); "bf16-true" (weights, activations and AdamW state
@@ -114,44 +107,96 @@ def worker(
         sync()
         return t1 - t0, time.perf_counter() - t1
 
+    def finish(fwd_bwd: list[float], opt_times: list[float], peak_mem: float | None) -> dict:
+        times = [a + b for a, b in zip(fwd_bwd, opt_times)]
+
+        def med(values: list[float]) -> float:
+            return sorted(values)[len(values) // 2]
+
+        median = med(times)
+        seq = 1 + (img // model.config.patch_size) ** 2 + text_len
+        cfg = model.config
+        return {
+            "model": name,
+            "precision": precision,
+            "device": str(dev),
+            "threads": torch.get_num_threads(),
+            "params_m": params / 1e6,
+            "batch": batch,
+            "seq_len": seq,
+            "step_s_median": median,
+            "step_s_min": min(times),
+            "step_spread": max(times) / min(times) - 1.0,
+            "fwd_bwd_s_median": med(fwd_bwd),
+            "optimizer_s_median": med(opt_times),
+            "tokens_per_s": batch * seq / median,
+            "tokens_per_s_best": batch * seq / min(times),
+            "peak_mem_mib": peak_mem,
+            "peak_mem_kind": "cuda max allocated" if dev.type == "cuda" else "max RSS growth",
+            "moe": None
+            if cfg.moe is None
+            else f"E={cfg.moe.num_experts} h={cfg.moe.num_heads} k={cfg.moe.top_k} "
+            f"F={cfg.moe.expert_hidden} {cfg.moe.router}",
+        }
+
+    def peak() -> float:
+        return (torch.cuda.max_memory_allocated() / 2**20) if dev.type == "cuda" else _rss_mib() - rss0
+
+    finish.peak = peak  # type: ignore[attr-defined]
+    return step, finish
+
+
+def worker(
+    name: str,
+    batch: int,
+    img: int,
+    text_len: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    threads: int,
+    precision: str = "fp32",
+) -> dict:
+    """Time `steps` training steps of one model after `warmup` steps; runs in a fresh process (own peak memory)."""
+    step, finish = _prepare(name, batch, img, text_len, device, threads, precision)
     for _ in range(warmup):
         step()
-    if dev.type == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    fwd_bwd, opt_times, times = [], [], []
+    fwd_bwd, opt_times = [], []
     for _ in range(steps):
         a, b = step()
         fwd_bwd.append(a)
         opt_times.append(b)
-        times.append(a + b)
+    return finish(fwd_bwd, opt_times, finish.peak())
 
-    def med(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
 
-    median = med(times)
-    seq = 1 + (img // model.config.patch_size) ** 2 + text_len
-    cfg = model.config
-    return {
-        "model": name,
-        "precision": precision,
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "params_m": params / 1e6,
-        "batch": batch,
-        "seq_len": seq,
-        "step_s_median": median,
-        "step_s_min": min(times),
-        "step_spread": max(times) / min(times) - 1.0,
-        "fwd_bwd_s_median": med(fwd_bwd),
-        "optimizer_s_median": med(opt_times),
-        "tokens_per_s": batch * seq / median,
-        "peak_mem_mib": (torch.cuda.max_memory_allocated() / 2**20) if dev.type == "cuda" else _rss_mib() - rss0,
-        "peak_mem_kind": "cuda max allocated" if dev.type == "cuda" else "max RSS growth",
-        "moe": None
-        if cfg.moe is None
-        else f"E={cfg.moe.num_experts} h={cfg.moe.num_heads} k={cfg.moe.top_k} "
-        f"F={cfg.moe.expert_hidden} {cfg.moe.router}",
-    }
+def interleaved_worker(
+    specs: list[tuple[str, str]],
+    batch: int,
+    img: int,
+    text_len: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    threads: int,
+) -> list[dict]:
+    """All ``(model, precision)`` specs in one process, one training step of each in turn per cycle.
+
+    On a shared machine this keeps the load's drifts out of the ratios; peak memory is not read (one process
+    holds every model), so run without ``--interleave`` for the memory column.
+    """
+    built = [_prepare(n, batch, img, text_len, device, threads, prec) for n, prec in specs]
+    for step, _ in built:
+        for _ in range(warmup):
+            step()
+    timings: list[tuple[list[float], list[float]]] = [([], []) for _ in built]
+    for _ in range(steps):
+        for (step, _), (fb, op) in zip(built, timings):
+            a, b = step()
+            fb.append(a)
+            op.append(b)
+    return [finish(fb, op, None) for (_, finish), (fb, op) in zip(built, timings)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,10 +213,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads per worker (0 = torch default; 1 is steadier when busy)"
     )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="all models x precisions of a set in one process, one step each in turn (steadier ratios on a busy "
+        "machine; no peak memory)",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.worker and args.interleave:
+        specs = [tuple(spec.split("@")) for spec in args.worker.split(",")]
+        res = interleaved_worker(
+            specs, args.batch, args.img, args.text_len, args.steps, args.warmup, args.device, args.threads
+        )
+        print("RESULT " + json.dumps(res))
+        return 0
     if args.worker:
         res = worker(
             args.worker,
@@ -190,35 +248,65 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(args.models, args.batch, args.img, args.text_len)] if args.models else [SETS[s] for s in args.set]
     results = []
     jobs = [(m, b, i, t, prec) for m_list, b, i, t in plan for prec in args.precision for m in m_list]
-    for name, batch, img, text_len, prec in jobs:
-        cmd = [sys.executable, __file__, "--worker", name, "--batch", str(batch), "--img", str(img),
+
+    def run(worker_arg: str, batch: int, img: int, text_len: int, prec: str) -> list[dict] | None:
+        cmd = [sys.executable, __file__, "--worker", worker_arg, "--batch", str(batch), "--img", str(img),
                "--text-len", str(text_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--threads", str(args.threads), "--precision", prec]  # fmt: skip
+        if args.interleave:
+            cmd.append("--interleave")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
-            print(f"{name}: worker failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
-            return 1
+            print(f"{worker_arg}: worker failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return None
         res = json.loads(line[-1][len("RESULT ") :])
+        return res if isinstance(res, list) else [res]
+
+    raw: list[dict] = []
+    if args.interleave:
+        for models, batch, img, text_len in plan:
+            spec = ",".join(f"{m}@{prec}" for prec in args.precision for m in models)
+            got = run(spec, batch, img, text_len, args.precision[0])
+            if got is None:
+                return 1
+            raw += got
+    else:
+        for name, batch, img, text_len, prec in jobs:
+            got = run(name, batch, img, text_len, prec)
+            if got is None:
+                return 1
+            raw += got
+            print(f"done {name} ({prec})", file=sys.stderr, flush=True)
+    results: list[dict] = []
+    for res in raw:
         dense = next(
             (
                 r
                 for r in results
-                if r["model"].endswith("_dense") and r["seq_len"] == res["seq_len"] and r["precision"] == prec
+                if r["model"].endswith("_dense")
+                and r["seq_len"] == res["seq_len"]
+                and r["precision"] == res["precision"]
             ),
             None,
         )
         res["throughput_vs_dense"] = res["tokens_per_s"] / dense["tokens_per_s"] if dense else None
+        res["best_vs_dense"] = res["tokens_per_s_best"] / dense["tokens_per_s_best"] if dense else None
         res["fwd_bwd_vs_dense"] = dense["fwd_bwd_s_median"] / res["fwd_bwd_s_median"] if dense else None
+        fp32 = next((r for r in results if r["model"] == res["model"] and r["precision"] == "fp32"), None)
+        res["best_vs_fp32"] = res["tokens_per_s_best"] / fp32["tokens_per_s_best"] if fp32 else None
         results.append(res)
-        print(f"done {name} ({prec})", file=sys.stderr, flush=True)
 
     print(
         "| model | precision | MoE | params (M) | batch x seq | step (s) | min step (s, spread) | fwd+bwd (s) "
-        "| AdamW (s) "
-        "| tokens/s | throughput vs dense (step / fwd+bwd) | peak mem (MiB) |"
+        "| AdamW (s) | tokens/s | throughput vs dense (median step / fwd+bwd) | vs dense (min step) "
+        "| vs fp32 (min step) | peak mem (MiB) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
     for r in results:
         ratio = "-"
         if r["throughput_vs_dense"] is not None:
@@ -228,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['batch']} x {r['seq_len']} | {r['step_s_median']:.3f} | "
             f"{r['step_s_min']:.3f} (+{100 * r['step_spread']:.0f}%) | {r['fwd_bwd_s_median']:.3f} | "
             f"{r['optimizer_s_median']:.3f} | "
-            f"{r['tokens_per_s']:.0f} | {ratio} | {r['peak_mem_mib']:.0f} |"
+            f"{r['tokens_per_s']:.0f} | {ratio} | {x(r['best_vs_dense'])} | {x(r['best_vs_fp32'])} | "
+            f"{'-' if r['peak_mem_mib'] is None else format(r['peak_mem_mib'], '.0f')} |"
         )
     print(f"device {results[0]['device']}, threads {results[0]['threads']}, peak mem = {results[0]['peak_mem_kind']}")
     if args.json:
