@@ -124,7 +124,7 @@ def test_load_inputs_folder_shard_file_text(tmp_path):
     items = load_inputs(shard)
     assert [(i.source, i.text) for i in items] == [("pair-000000.tar:000001", "one"), ("pair-000000.tar:000002", "two")]
     assert load_inputs(shard, text="x", limit=1)[0].text == "x"
-    coco = tmp_path / "coco-000000.tar"  # mmoe.data.shards stores COCO captions as json
+    coco = tmp_path / "coco-000000.tar"  # mmoe.data.shard_writer stores COCO captions as json
     with tarfile.open(coco, "w") as tar:
         buf = io.BytesIO()
         _painted(np.ones((GRID, GRID))).save(buf, format="PNG")
