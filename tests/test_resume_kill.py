@@ -21,13 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import CONFIGS, shard_args, shard_world
 
-from mmoe.data.synthetic import make_world
 from mmoe.data.vqa import build_answer_vocab, save_answer_vocab
 
-REPO = Path(__file__).resolve().parents[1]
-PRETRAIN = REPO / "configs" / "pretrain" / "tiny_mhmoe.yaml"
-VQA = REPO / "configs" / "finetune" / "vqav2_synthetic.yaml"
+PRETRAIN = CONFIGS / "pretrain" / "tiny_mhmoe.yaml"
+VQA = CONFIGS / "finetune" / "vqav2_synthetic.yaml"
 STEPS_PER_EPOCH = 7  # pretraining; checkpoints every 5 steps land at 5, 10 (epoch 1, batch 3), 15: mid-epoch
 MAX_STEPS = 16
 EVERY = 5
@@ -37,8 +36,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    make_world(out, num_train=24, num_val=4, image_size=32, seed=0, shards=True, shard_maxcount=6)
+    out = shard_world(tmp_path_factory, num_val=4)
     anns = json.loads((out / "vqa" / "v2_mscoco_train2014_annotations.json").read_text())["annotations"]
     save_answer_vocab(out / "vqa" / "answer_vocab.json", build_answer_vocab([anns], min_count=1))
     return out
@@ -62,19 +60,13 @@ def _common(root: Path) -> list[str]:
 
 
 def _pretrain_args(world: Path, root: Path) -> list[str]:
-    s = world / "shards"
     return [
         "fit",
         f"--config={PRETRAIN}",
         *_common(root),
         "--model.init_args.log_routing_every=0",
         "--model.init_args.backbone_overrides={depth: 2, img_size: 32}",
-        f"--data.init_args.image_shards=[{s}/image/train-*.tar]",
-        f"--data.init_args.text_shards=[{s}/text/train-*.tar]",
-        f"--data.init_args.pair_shards=[{s}/pair/train-*.tar]",
-        "--data.init_args.val_image_shards=null",
-        "--data.init_args.val_text_shards=null",
-        "--data.init_args.val_pair_shards=null",
+        *shard_args(world, val=False),
         "--data.init_args.batch_size=6",
         "--data.init_args.image_size=32",
         "--data.init_args.num_workers=2",
