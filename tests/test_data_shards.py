@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SAMPLES
 from PIL import Image
 
 from mmoe.data.masking import IGNORE_INDEX, BlockMaskGenerator
@@ -31,8 +32,6 @@ from mmoe.data.shard_writer import (
 from mmoe.data.tokenizer import build_tokenizer
 from mmoe.data.transforms import build_transform
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "datasets" / "samples"
 TOK = build_tokenizer("openclip", max_len=12)
 
 

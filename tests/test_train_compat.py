@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import REPO
 
 from mmoe.train.cli import build_cli, migrate_args
 from mmoe.train.compat import CLASS_PATHS, main, migrate_checkpoint, migrate_config
 
-REPO = Path(__file__).resolve().parents[1]
 LEGACY = REPO / "tests" / "data" / "legacy"
 CKPT = LEGACY / "imagenet_tiny.ckpt"
 CONFIG = LEGACY / "imagenet_tiny_config.yaml"
