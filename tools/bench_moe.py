@@ -10,7 +10,7 @@ Times forward+backward side by side for:
   pre-sorted sub-tokens (the K copies of each sub-token laid out expert-major by a reshape: no router,
   no gather/scatter, no combine beyond summing the K copies), plus the head and merge Linears. It is
   plain BLAS on the layer's shapes and never uses the layer's own kernels;
-- ``torchscale`` (opt-in): torchscale's ``MOELayer`` + ``Top2Gate``/``Top1Gate`` (one capacity group per
+- ``torchscale``: torchscale's ``MOELayer`` + ``Top2Gate``/``Top1Gate`` (one capacity group per
   batch, capacity 2S/E for top-2, one-hot dispatch/combine matmuls, a Python loop over expert FFNs)
   wrapped as MH-MoE with the layer's head, split and merge: the dispatch the official MH-MoE code runs.
   Skipped with a note where torchscale is not installed, and above ``--torchscale-max-tokens`` (its
@@ -38,7 +38,10 @@ Usage::
 
 Each (size, method) is timed ``--iters`` times after one warm-up, in ``--rounds`` rounds that cycle through
 the methods (so slow drifts of the machine's load hit every method alike); the reported time is the
-minimum over all timed steps, with the spread (max / min - 1) next to it.
+minimum over all timed steps, with the spread (max / min - 1) next to it. ``--interleave`` times all methods
+of a size in one process, one step of each in turn (peak memory is still read one process per method): on a
+shared machine that keeps the load's drifts out of the ratios. The default methods are mhmoe, dense, oracle,
+torchscale and einsum.
 """
 
 from __future__ import annotations
