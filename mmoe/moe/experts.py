@@ -132,10 +132,10 @@ class GroupedExperts(nn.Module):
         self.norm_eps = norm_eps
         self.checkpoint_rows = checkpoint_rows
         self.gelu_approximate = gelu_approximate
-        # Rows per block of the fused path. Measured (d 768, F 1536, 8192 tokens, docs/results/moe_cpu.md): 2048
-        # rows (about one expert's segment there) is 1.15x faster than 512 with 2 threads (larger GEMMs to split
-        # over the cores) and equal with 1 thread; 1024 is within 1% of 2048.
-        self.fused_chunk = 2048
+        # Rows per block of the fused path (docs/results/moe_cpu.md, d 768, F 1536, 8192 tokens): 2048 rows ran
+        # 1.15x faster than 512 with 2 threads (equal with 1), but raised the step's peak resident memory from
+        # 873 to 1151 MB (603 to 1116 MB with recompute), losing the memory the fused path exists to save; 512 it is.
+        self.fused_chunk = 512
         # Multiplies the expert weights' gradients (expert parallelism: 1/world to match DDP's mean).
         self.grad_scale = 1.0
         use_bias = (activation == "gelu") if bias is None else bias

@@ -151,7 +151,7 @@ def fused_gelu_ffn(
     b2: Tensor | None,
     counts: list[int],
     *,
-    chunk: int = 2048,
+    chunk: int = 512,
     approximate: GeluApprox = "none",
     recompute: bool = False,
 ) -> Tensor:
@@ -161,8 +161,8 @@ def fused_gelu_ffn(
         x_AC: (A, C) expert-sorted inputs; rows past ``sum(counts)`` are not computed (output 0).
         w1, b1, w2, b2: ``(E, C, F)``, ``(E, F)`` or None, ``(E, F, C)``, ``(E, C)`` or None.
         counts: rows per expert, on the host.
-        chunk: rows per block: each ``(chunk, F)`` intermediate lives only within its block (12 MiB at
-            2048 x 1536 fp32, within this CPU's L3); larger blocks give the GEMMs more rows to split over threads.
+        chunk: rows per block: each ``(chunk, F)`` intermediate lives only within its block (3 MiB at
+            512 x 1536 fp32); larger blocks give the GEMMs more rows to split over threads but raise peak memory.
         approximate: ``"none"`` (erf GELU) or ``"tanh"``.
         recompute: keep no ``(A, F)`` tensor for backward; recompute ``x W1 + b1`` there (one more
             GEMM of the three forward-equivalent ones per block, activation memory of the inputs only).
