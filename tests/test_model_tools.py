@@ -19,7 +19,9 @@ def test_bench_worker_reports_a_step():
     bench = _load("bench_model")
     before = torch.get_num_threads()
     try:
-        res = bench.worker("tiny_mhmoe", batch=2, img=32, text_len=8, steps=1, warmup=0, device="cpu", threads=1)
+        (res,) = bench.worker(
+            [("tiny_mhmoe", "fp32")], batch=2, img=32, text_len=8, steps=1, warmup=0, device="cpu", threads=1
+        )
     finally:
         torch.set_num_threads(before)
     assert res["model"] == "tiny_mhmoe" and res["seq_len"] == 1 + 16 + 8

@@ -147,31 +147,6 @@ def _prepare(name: str, batch: int, img: int, text_len: int, device: str, thread
 
 
 def worker(
-    name: str,
-    batch: int,
-    img: int,
-    text_len: int,
-    steps: int,
-    warmup: int,
-    device: str,
-    threads: int,
-    precision: str = "fp32",
-) -> dict:
-    """Time `steps` training steps of one model after `warmup` steps; runs in a fresh process (own peak memory)."""
-    step, finish = _prepare(name, batch, img, text_len, device, threads, precision)
-    for _ in range(warmup):
-        step()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    fwd_bwd, opt_times = [], []
-    for _ in range(steps):
-        a, b = step()
-        fwd_bwd.append(a)
-        opt_times.append(b)
-    return finish(fwd_bwd, opt_times, finish.peak())
-
-
-def interleaved_worker(
     specs: list[tuple[str, str]],
     batch: int,
     img: int,
@@ -180,23 +155,28 @@ def interleaved_worker(
     warmup: int,
     device: str,
     threads: int,
+    *,
+    read_peak: bool = False,
 ) -> list[dict]:
-    """All ``(model, precision)`` specs in one process, one training step of each in turn per cycle.
+    """Time `steps` training steps of each ``(model, precision)`` spec after `warmup` steps, one step each in turn.
 
-    On a shared machine this keeps the load's drifts out of the ratios; peak memory is not read (one process
-    holds every model), so run without ``--interleave`` for the memory column.
+    With one spec (the default mode, a fresh process per model) ``read_peak`` reports that model's peak memory.
+    With several (``--interleave``) the load's drifts stay out of the ratios, but peak memory is not read (one
+    process holds every model), so run without ``--interleave`` for the memory column.
     """
     built = [_prepare(n, batch, img, text_len, device, threads, prec) for n, prec in specs]
     for step, _ in built:
         for _ in range(warmup):
             step()
+    if read_peak and device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     timings: list[tuple[list[float], list[float]]] = [([], []) for _ in built]
     for _ in range(steps):
         for (step, _), (fb, op) in zip(built, timings):
             a, b = step()
             fb.append(a)
             op.append(b)
-    return [finish(fb, op, None) for (_, finish), (fb, op) in zip(built, timings)]
+    return [finish(fb, op, finish.peak() if read_peak else None) for (_, finish), (fb, op) in zip(built, timings)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,23 +205,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker and args.interleave:
         specs = [tuple(spec.split("@")) for spec in args.worker.split(",")]
-        res = interleaved_worker(
-            specs, args.batch, args.img, args.text_len, args.steps, args.warmup, args.device, args.threads
-        )
+        res = worker(specs, args.batch, args.img, args.text_len, args.steps, args.warmup, args.device, args.threads)
         print("RESULT " + json.dumps(res))
         return 0
     if args.worker:
-        res = worker(
-            args.worker,
-            args.batch,
-            args.img,
-            args.text_len,
-            args.steps,
-            args.warmup,
-            args.device,
-            args.threads,
-            args.precision[0],
-        )
+        spec = [(args.worker, args.precision[0])]
+        steps = (args.batch, args.img, args.text_len, args.steps, args.warmup, args.device, args.threads)
+        res = worker(spec, *steps, read_peak=True)[0]
         print("RESULT " + json.dumps(res))
         return 0
 
