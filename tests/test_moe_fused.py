@@ -48,7 +48,7 @@ def test_fused_matches_reference_float64(bias: bool, recompute: bool, approximat
     gy = torch.randn(x.shape[0], w2.shape[2], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     ref = _reference(x, w1, b1, w2, b2, counts, approximate)
     g_ref = torch.autograd.grad(ref, ins, gy)
-    out = fused_gelu_ffn(x, w1, b1, w2, b2, counts, chunk=chunk, approximate=approximate, recompute=recompute)
+    out = fused_gelu_ffn(x, (w1, b1, w2, b2), counts, chunk=chunk, approximate=approximate, recompute=recompute)
     g_out = torch.autograd.grad(out, ins, gy)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-13)
     for a, b in zip(g_out, g_ref):
@@ -63,7 +63,7 @@ def test_fused_gradcheck(recompute: bool) -> None:
     x, w1, b1, w2, b2, counts = _operands(torch.float64, counts=(3, 0, 2), tail=2, C=3, Fh=4)
 
     def f(x, w1, b1, w2, b2):
-        return fused_gelu_ffn(x, w1, b1, w2, b2, counts, chunk=2, recompute=recompute)
+        return fused_gelu_ffn(x, (w1, b1, w2, b2), counts, chunk=2, recompute=recompute)
 
     assert torch.autograd.gradcheck(f, (x, w1, b1, w2, b2))
 
@@ -72,7 +72,7 @@ def test_fused_float32_and_no_grad() -> None:
     x, w1, b1, w2, b2, counts = _operands(torch.float32, C=16, Fh=48)
     ref = _reference(x, w1, b1, w2, b2, counts)
     with torch.no_grad():
-        out = fused_gelu_ffn(x, w1, b1, w2, b2, counts, chunk=3)
+        out = fused_gelu_ffn(x, (w1, b1, w2, b2), counts, chunk=3)
     assert not out.requires_grad
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -80,7 +80,7 @@ def test_fused_float32_and_no_grad() -> None:
 def test_fused_bfloat16_autocast_follows_the_matmul_policy() -> None:
     x, w1, b1, w2, b2, counts = _operands(torch.float32, C=16, Fh=32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = fused_gelu_ffn(x, w1, b1, w2, b2, counts)
+        out = fused_gelu_ffn(x, (w1, b1, w2, b2), counts)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert w1.grad is not None and w1.grad.dtype == torch.float32
@@ -91,11 +91,11 @@ def test_fused_bfloat16_autocast_follows_the_matmul_policy() -> None:
 def test_fused_rejects_bad_arguments() -> None:
     x, w1, b1, w2, b2, counts = _operands(torch.float64)
     with pytest.raises(ValueError, match="chunk"):
-        fused_gelu_ffn(x, w1, b1, w2, b2, counts, chunk=0)
+        fused_gelu_ffn(x, (w1, b1, w2, b2), counts, chunk=0)
     with pytest.raises(ValueError, match="approximate"):
-        fused_gelu_ffn(x, w1, b1, w2, b2, counts, approximate="sigmoid")  # type: ignore[arg-type]
+        fused_gelu_ffn(x, (w1, b1, w2, b2), counts, approximate="sigmoid")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="counts"):
-        fused_gelu_ffn(x, w1, b1, w2, b2, counts[:-1])
+        fused_gelu_ffn(x, (w1, b1, w2, b2), counts[:-1])
     with pytest.raises(ValueError, match="fused"):
         GroupedExperts(4, 8, 16, activation="swiglu", impl="fused")
 

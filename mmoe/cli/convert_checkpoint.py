@@ -47,13 +47,9 @@ def read_state(path: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
 
 def convert_beit3(args: argparse.Namespace) -> tuple[MultiwayTransformer, dict[str, Any]]:
     state = read_state(args.input, args.trust_pickle)
+    ids = {"pad_id": args.pad_id, "mask_id": args.mask_id}
     config = beit3_config_from_state_dict(
-        state,
-        model=args.model,
-        num_heads=args.num_heads,
-        tokenizer_path=args.tokenizer,
-        pad_id=args.pad_id,
-        mask_id=args.mask_id,
+        state, model=args.model, num_heads=args.num_heads, tokenizer_path=args.tokenizer, **ids
     )
     converted, unused = convert_beit3_state_dict(state)
     model = MultiwayTransformer(config)

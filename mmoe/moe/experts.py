@@ -214,10 +214,7 @@ class GroupedExperts(nn.Module):
             b2 = self._param(self.b2, dtype) if self.b2 is not None else None
             return fused_gelu_ffn(
                 x_AC,
-                self._param(self.w1, dtype),
-                b1,
-                self._param(self.w2, dtype),
-                b2,
+                (self._param(self.w1, dtype), b1, self._param(self.w2, dtype), b2),
                 plan.counts_E.tolist(),  # the one host sync of this path
                 chunk=self.fused_chunk,
                 approximate=self.gelu_approximate,

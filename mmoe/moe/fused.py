@@ -56,11 +56,9 @@ class _FusedGeluFFN(torch.autograd.Function):
         w2: Tensor,
         b2: Tensor | None,
         counts: list[int],
-        chunk: int,
-        approximate: str,
-        recompute: bool,
-        save: bool,
+        options: tuple[int, str, bool, bool],
     ) -> Tensor:
+        chunk, approximate, recompute, save = options  # block rows, GELU form, recompute, any input needs grad
         A = x_AC.shape[0]
         n = sum(counts)
         x_AC = x_AC.contiguous()
@@ -140,15 +138,12 @@ class _FusedGeluFFN(torch.autograd.Function):
                     gb1[e].addmv_(gh.t(), ones_b)
             if gx is not None:
                 torch.mm(gh, w1[e].t(), out=gx[a:b])
-        return gx, gw1, gb1, gw2, gb2, None, None, None, None, None
+        return gx, gw1, gb1, gw2, gb2, None, None
 
 
 def fused_gelu_ffn(
     x_AC: Tensor,
-    w1: Tensor,
-    b1: Tensor | None,
-    w2: Tensor,
-    b2: Tensor | None,
+    weights: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
     counts: list[int],
     *,
     chunk: int = 512,
@@ -159,7 +154,7 @@ def fused_gelu_ffn(
 
     Args:
         x_AC: (A, C) expert-sorted inputs; rows past ``sum(counts)`` are not computed (output 0).
-        w1, b1, w2, b2: ``(E, C, F)``, ``(E, F)`` or None, ``(E, F, C)``, ``(E, C)`` or None.
+        weights: ``(w1, b1, w2, b2)`` of shapes ``(E, C, F)``, ``(E, F)`` or None, ``(E, F, C)``, ``(E, C)`` or None.
         counts: rows per expert, on the host.
         chunk: rows per block: each ``(chunk, F)`` intermediate lives only within its block (3 MiB at
             512 x 1536 fp32); larger blocks give the GEMMs more rows to split over threads but raise peak memory.
@@ -167,6 +162,7 @@ def fused_gelu_ffn(
         recompute: keep no ``(A, F)`` tensor for backward; recompute ``x W1 + b1`` there (one more
             GEMM of the three forward-equivalent ones per block, activation memory of the inputs only).
     """
+    w1, b1, w2, b2 = weights
     if chunk < 1:
         raise ValueError(f"fused_gelu_ffn: chunk={chunk}; expected >= 1")
     if approximate not in ("none", "tanh"):
@@ -185,7 +181,7 @@ def fused_gelu_ffn(
         b2 = b2.to(low) if b2 is not None else None
         with torch.autocast(device_type, enabled=False):
             return fused_gelu_ffn(
-                x_AC, w1, b1, w2, b2, counts, chunk=chunk, approximate=approximate, recompute=recompute
+                x_AC, (w1, b1, w2, b2), counts, chunk=chunk, approximate=approximate, recompute=recompute
             )
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_AC, w1, b1, w2, b2))
-    return _FusedGeluFFN.apply(x_AC, w1, b1, w2, b2, counts, chunk, approximate, recompute, save)
+    return _FusedGeluFFN.apply(x_AC, w1, b1, w2, b2, counts, (chunk, approximate, recompute, save))

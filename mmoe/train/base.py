@@ -75,12 +75,14 @@ class TaskModule(LightningModule):
         init_from: str | None,
         *,
         vision_only: bool = False,
+        fine_tune: bool = True,
     ) -> Mapping[str, Any] | None:
         """Build ``self.backbone`` with ``mmoe.model.create_model``; returns the ``init_from`` checkpoint (or None).
 
         ``vision_only`` builds no text branch (``modalities: [vision]`` unless ``overrides`` sets it): its
-        parameters would never get a gradient, which plain DDP refuses. The returned checkpoint lets a task
-        read its other weights (e.g. a head) without reading the file twice.
+        parameters would never get a gradient, which plain DDP refuses. ``fine_tune`` freezes the mask token,
+        which only masked image modeling uses ([B3] sec. 2.2), for the same reason. The returned checkpoint
+        lets a task read its other weights (e.g. a head) without reading the file twice.
         """
         kwargs = dict(overrides or {})
         if vision_only:
@@ -92,6 +94,8 @@ class TaskModule(LightningModule):
         if ckpt is not None:
             parse_checkpoint(ckpt, init_from)  # a file that is not ours is refused here, naming it
         self.backbone = create_model(backbone, init_from=ckpt, **kwargs)
+        if fine_tune:
+            self.backbone.freeze_mask_token_()
         return ckpt
 
     # ------------------------------------------------------------------ optimizer, checkpoints

@@ -104,7 +104,6 @@ class CaptioningTask(TaskModule):
         )
         self.generation = generation or GenerationConfig()
         ckpt = self.init_backbone(backbone, backbone_overrides, init_from)
-        self.backbone.freeze_mask_token_()  # captioning masks text, never image patches ([B3] sec. 2.2, 4.2)
         self.backbone.freeze_unpaired_ffns_()  # training sequences are image + text: VL-FFN blocks skip V/L-FFN
         cfg = self.backbone.config
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)

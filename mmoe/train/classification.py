@@ -126,7 +126,6 @@ class ClassificationTask(TaskModule):
         self.num_classes = int(num_classes if num_classes is not None else len(names))  # type: ignore[arg-type]
         # A vision-only task builds no text branch; a full checkpoint loads into it with the text tensors skipped.
         self.init_backbone(backbone, backbone_overrides, init_from, vision_only=not text_key)
-        self.backbone.freeze_mask_token_()  # only masked image modeling uses it ([B3] sec. 2.2)
         if text_key:
             self.backbone.freeze_unpaired_ffns_()  # every sequence is image + text: VL-FFN blocks skip V/L-FFN
         self.head = ClassificationHead(

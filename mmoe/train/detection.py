@@ -68,10 +68,9 @@ class DetectionTask(TaskModule):
             optim=optim,
             default_optim=OptimConfig(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, layer_decay=0.7),
         )
-        # Detection reads images only: no text branch, and the MIM mask token is frozen, so every trainable
-        # parameter gets a gradient and plain DDP (no unused-parameter search) works.
+        # Detection reads images only: no text branch, and the MIM mask token is frozen (init_backbone), so
+        # every trainable parameter gets a gradient and plain DDP (no unused-parameter search) works.
         self.init_backbone(backbone, backbone_overrides, init_from, vision_only=True)
-        self.backbone.freeze_mask_token_()
         self.detector = heads_for_backbone(
             self.backbone,
             num_classes=num_classes,

@@ -138,7 +138,7 @@ class MaskedPretraining(TaskModule):
         self.log_routing_every = log_routing_every
         self.eval_grounding = eval_grounding
 
-        self.init_backbone(backbone, backbone_overrides, init_from)
+        self.init_backbone(backbone, backbone_overrides, init_from, fine_tune=False)
         cfg = self.backbone.config
         self.patch_size = cfg.patch_size
         dim = cfg.dim
