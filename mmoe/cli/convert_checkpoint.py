@@ -107,13 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mmoe-convert`` console script; exit status 0 when the model file is written."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    convert = run_upcycle if args.upcycle else (convert_beit3 if args.source_format == "beit3" else convert_timm)
     try:
-        if args.upcycle:
-            model, extra = run_upcycle(args)
-        elif args.source_format == "beit3":
-            model, extra = convert_beit3(args)
-        else:
-            model, extra = convert_timm(args)
+        model, extra = convert(args)
     except ValueError as err:  # a refused conversion is a usage error: one line, exit status 2, nothing written
         parser.error(str(err))
     save_model(model, args.output, extra=extra)
