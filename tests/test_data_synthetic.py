@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -120,3 +121,53 @@ def test_render_is_pure_function_of_rng() -> None:
     a = render_scene(objs, 32, random.Random(5))
     b = render_scene(objs, 32, random.Random(5))
     assert a.tobytes() == b.tobytes() and a.size == (32, 32)
+
+
+def test_alt_world_shares_no_words_with_the_standard_one(tmp_path: Path) -> None:
+    from mmoe.data.synthetic import ALT_WORLD, STANDARD_WORLD
+
+    assert not set(ALT_WORLD.colors) & set(STANDARD_WORLD.colors)
+    assert not set(ALT_WORLD.shape_words) & set(STANDARD_WORLD.shape_words)
+    assert not set(ALT_WORLD.sizes) & set(STANDARD_WORLD.sizes)
+    out = tmp_path / "alt"
+    summary = make_world(out, num_train=40, num_val=8, image_size=48, seed=1, variant="alt")
+    assert summary["variant"] == "alt" and summary["shapes"] == list(ALT_WORLD.shape_words)
+    anns = json.loads((out / "vqa/v2_mscoco_train2014_annotations.json").read_text())["annotations"]
+    qs = {
+        q["question_id"]: q
+        for q in json.loads((out / "vqa/v2_OpenEnded_mscoco_train2014_questions.json").read_text())["questions"]
+    }
+    kinds = Counter(a["question_type"] for a in anns)
+    assert set(kinds) == {"how many", "can you see a", "which colour does the", "which shape is furthest"}
+    standard_words = set(STANDARD_WORLD.colors) | set(STANDARD_WORLD.shape_words) | {"small", "large"}
+    for a in anns:
+        words = set(re.findall(r"[a-z]+", qs[a["question_id"]]["question"].lower()))
+        assert not words & standard_words, qs[a["question_id"]]["question"]
+        if a["question_type"] == "which colour does the":
+            assert a["multiple_choice_answer"] in ALT_WORLD.colors
+        if a["question_type"] == "how many":
+            assert 0 <= int(a["multiple_choice_answer"]) <= ALT_WORLD.max_objects
+    cats = json.loads((out / "coco/annotations/instances_train2014.json").read_text())["categories"]
+    assert [c["name"] for c in cats] == list(ALT_WORLD.shape_words)
+    assert sorted(p.name for p in (out / "imagenet/train").iterdir()) == sorted(ALT_WORLD.shape_words)
+    with pytest.raises(ValueError, match="variant='nope'"):
+        make_world(tmp_path / "x", num_train=1, num_val=1, variant="nope")
+
+
+def test_leftmost_answer_follows_the_scene() -> None:
+    from mmoe.data.synthetic import ALT_WORLD
+
+    rng = random.Random(5)
+    seen = 0
+    for _ in range(200):
+        objs = sample_scene(rng, spec=ALT_WORLD)
+        assert 1 <= len(objs) <= ALT_WORLD.max_objects
+        for q in vqa_for_scene(objs, rng, ALT_WORLD):
+            if q.question_type == "which shape is furthest":
+                left = min(objs, key=lambda o: o.col)
+                assert q.answer == left.shape and sum(o.col == left.col for o in objs) == 1
+                seen += 1
+            if q.question_type == "can you see a":
+                color, shape = q.question.removesuffix("?").split()[-2:]
+                assert (q.answer == "yes") == any(o.color == color and o.shape == shape for o in objs)
+    assert seen > 20

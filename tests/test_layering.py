@@ -23,6 +23,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "model": {"moe", "files", "resources"},
     "data": {"files", "metrics"},
     "viz": {"moe", "model", "data", "files"},
+    "baselines": {"data", "metrics", "files"},
     "train": {"moe", "model", "data", "metrics", "viz", "files", "resources"},
     "cli": {"moe", "model", "data", "metrics", "viz", "train", "files", "resources"},
 }

@@ -369,3 +369,24 @@ def test_conv_stem_shapes_receptive_field_and_errors():
         get_config("tiny", patch_embed="conv", img_size=48, patch_size=12)
     with pytest.raises(ValueError, match="patch_embed"):
         get_config("tiny", patch_embed="resnet")
+
+
+def test_conv_stem_extra_blocks_widen_the_view_not_the_grid():
+    """`stem_blocks` adds 3x3 stride-1 blocks at the patch resolution: same 8x8 token grid, a token sees its
+    neighbour patches (one block: one patch further each side)."""
+    torch.manual_seed(0)
+    model = create_model("tiny", patch_embed="conv", stem_blocks=1, **SMALL).eval()
+    stem = model.vision_embed.patch_embed
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in stem.modules()) == 5
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        base = stem(image)
+        assert base.shape == (2, 64, 128)
+        far = image.clone()
+        far[:, :, 0:8, 56:64] = 5.0  # patch (0, 7): without the extra block only token (0, 7) sees it
+        d_far = (stem(far) - base).abs().amax(dim=(0, 2))
+    assert d_far[6] > 1e-3 and d_far[7] > 1e-3 and d_far[4] == 0
+    with pytest.raises(ValueError, match="stem_blocks"):
+        get_config("tiny", patch_embed="linear", stem_blocks=1)
+    with pytest.raises(ValueError, match="stem_blocks"):
+        get_config("tiny", patch_embed="conv", stem_blocks=-1)

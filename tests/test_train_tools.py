@@ -1,9 +1,8 @@
-"""mmoe.cli.build_visual_codebook (k-means codebook), mmoe.cli.compare_pretraining and tools/run_demo.py."""
+"""mmoe.cli.build_visual_codebook (k-means codebook) and tools/run_demo.py."""
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -34,41 +33,6 @@ def test_kmeans_recovers_separated_clusters() -> None:
     assert inertia < 6 * 0.1**2 * 2
     with pytest.raises(SystemExit, match="fewer than"):
         kmeans(x[:3], 4)
-
-
-def test_compare_summary_and_table(tmp_path: Path) -> None:
-    from mmoe.cli import compare_pretraining as cmp
-
-    run = tmp_path / "tiny_mhmoe" / "version_0"
-    run.mkdir(parents=True)
-    (run / "metrics.csv").write_text(
-        "step,train/loss,train/step_time,val/loss,val/loss_mlm_text,val/ppl_mlm_text,val/ppl_mim_image,"
-        "val/moe/layer1/activation_ratio,val/moe/layer3/activation_ratio,val/moe/layer1/diversity,"
-        "val/moe/layer3/diversity\n"
-        "0,9.0,0.5,,,,,,,,\n"
-        "1,8.0,0.7,,,,,,,,\n"
-        "1,,,7.5,3.0,20.1,5.5,1.0,0.5,3.0,2.0\n"
-    )
-    r = cmp.summarize_run(tmp_path / "tiny_mhmoe")
-    assert r["step"] == 2 and r["ppl_mlm_text"] == pytest.approx(20.1)
-    assert r["activation_ratio"] == pytest.approx(0.75) and r["diversity"] == pytest.approx(2.5)
-    assert r["step_time"] == pytest.approx(0.6) and math.isnan(r["ppl_mlm_pair"])
-    table = tmp_path / "t.md"
-    meta = {
-        "command": "python tools/compare_pretraining.py",
-        "seed": 0,
-        "steps": 2,
-        "batch_size": 6,
-        "val_steps": 1,
-        "codebook_codes": 16,
-        "world": "w",
-        "date": "d",
-        "machine": "m",
-        "observations": cmp.observations({"tiny_mhmoe": r}),
-    }
-    cmp.write_table(table, {"tiny_mhmoe": r}, meta)
-    text = table.read_text()
-    assert "| tiny_mhmoe | 3.000 | 20.1 | n/a |" in text and "python tools/compare_pretraining.py" in text
 
 
 @pytest.mark.slow

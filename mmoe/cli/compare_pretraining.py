@@ -1,19 +1,30 @@
-"""[MH1] Table 1 / Table 4 at a size that runs here: Dense vs SMoE vs X-MoE vs MH-MoE masked pretraining.
+"""Does pretraining transfer, and does MH-MoE help it? A resumable experiment runner on the shapes world.
 
-Runs the four tiny recipes (``configs/pretrain/tiny_{dense,smoe,xmoe,mhmoe}.yaml``) through the ``mmoe`` CLI with
-the same seed, the same synthetic-world shards and the same step budget, with discrete image targets from one
-k-means codebook (``mmoe-codebook``) so that image perplexity is reported next to text
-perplexity. Then writes a markdown table (validation masked-text / masked-image loss and perplexity, expert
-activation ratio, sub-token diversity, max expert load, step time) with the exact command and seeds::
+[MH1] Table 1 / Fig. 1 and [MH2] Tables 1-5 compare Dense, SMoE, X-MoE and MH-MoE by upstream masked-modeling
+perplexity and downstream scores. This runner does the same at a size that runs on 2 CPU cores, through the real
+``mmoe`` CLI and the shipped recipes, and writes what comes out to a table (``docs/results/comparison.md``).
 
-    python -m mmoe.cli.compare_pretraining --out runs/compare --steps 200 --table docs/results/tiny_pretraining.md
+Stages (one folder each under ``--out``; a finished stage has its ``result.json`` and is skipped when the runner
+is started again; an interrupted training stage continues from its last checkpoint; every finished stage's
+result is also appended to ``OUT/results.jsonl``, which the table is made from):
 
-(``python tools/compare_pretraining.py`` in a source checkout). The summary of one run folder
-(`summarize_run`), the table (`write_table`) and `read_run_metrics` (every version's ``metrics.csv`` of a run,
-also used by the demo) are importable.
+- ``world``: the synthetic world (``mmoe-synthetic --variant``), its shards and its VQA answer vocabulary;
+- ``prior``: the VQA question-type prior (the best blind answer per question type, from the train split);
+- ``film/s{seed}``: the non-transformer yardstick (``mmoe.baselines.film_vqa``) for ``--film-minutes``;
+- ``pretrain/{model}/s{seed}``: ``configs/pretrain/{model}.yaml`` with its own budget (or ``--pretrain-steps``);
+- ``{task}/{model}/{init}/s{seed}``: the task's synthetic fine-tuning recipe with its own schedule, from scratch
+  (``init=scratch``), from that pretraining (``init=pretrained``), or from scratch given the pretraining's
+  minutes as well (``init=scratch_long``: the total-compute view); then ``mmoe test`` and the official metric.
 
-Expected shape from the paper ([MH1] Fig. 1, Table 4): MH-MoE's activation ratio far above SMoE's, and its
-masked-modeling perplexity at or below SMoE's and X-MoE's. Whatever is measured is written down.
+Models are recipe names (``tiny_mhmoe``) or ``label=recipe:key=value,...`` with backbone overrides applied to
+pretraining and fine-tuning alike (``mh_nohead=tiny_mhmoe:moe.head_layers=0``). Two stages run at once by default
+(``--jobs``), each with ``OMP_NUM_THREADS=--threads``::
+
+    python -m mmoe.cli.compare_pretraining --out runs/compare --variant alt --models tiny_mhmoe \\
+        --seeds 0 --tasks vqa nlvr2 captioning --inits scratch pretrained --table docs/results/comparison.md
+
+(``python tools/compare_pretraining.py`` in a source checkout.) ``read_run_metrics`` (every version's
+``metrics.csv`` of a run, also used by the demo) and ``summarize_run`` are importable.
 """
 
 from __future__ import annotations
@@ -27,14 +38,29 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from mmoe.files import atomic_write_json, atomic_write_text
 from mmoe.resources import recipe_path
 
-RECIPES = ["tiny_dense", "tiny_smoe", "tiny_xmoe", "tiny_mhmoe"]
+__all__ = ["Stage", "read_run_metrics", "summarize_run", "run_stages", "write_table", "main"]
+
+TASK_RECIPES = {
+    "vqa": "finetune/vqav2_synthetic",
+    "nlvr2": "finetune/nlvr2_synthetic",
+    "captioning": "finetune/coco_captioning_synthetic",
+}
+# The headline number of each task's ``mmoe test`` (docs/interfaces.md): VQA score, NLVR2 accuracy, CIDEr-D.
+TASK_METRIC = {"vqa": "test/vqa_score", "nlvr2": "test/acc", "captioning": "test/CIDEr"}
+WORLD_PREFIX = "data/shapes"  # the shipped synthetic recipes' data paths start with this
 
 
 def read_run_metrics(root: Path) -> list[dict[str, str]]:
@@ -46,16 +72,22 @@ def read_run_metrics(root: Path) -> list[dict[str, str]]:
     return rows
 
 
+def _floats(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+
+
 def summarize_run(root: Path) -> dict[str, Any]:
-    """Final validation metrics, routing averaged over MoE layers, median step time, of one run folder."""
+    """Final validation metrics, routing averaged over MoE layers, median step time, and the validation curves
+    (``curves``: key -> [(step, value)]) of one pretraining run folder."""
     rows = read_run_metrics(root)
     val = [r for r in rows if r.get("val/loss")]
     if not val:
         raise SystemExit(f"compare_pretraining: no validation row in {root}/version_*/metrics.csv")
     last = val[-1]
     out: dict[str, Any] = {"step": int(last["step"]) + 1}
-    for key in ("loss_mlm_text", "loss_mlm_pair", "loss_mim_image", "loss_mim_pair", "ppl_mlm_text", "ppl_mlm_pair",
-                "ppl_mim_image", "ppl_mim_pair"):  # fmt: skip
+    keys = ("loss_mlm_text", "loss_mlm_pair", "loss_mim_image", "loss_mim_pair", "ppl_mlm_text", "ppl_mlm_pair",
+            "ppl_mim_image", "ppl_mim_pair", "grounding_gain")  # fmt: skip
+    for key in keys:
         v = last.get(f"val/{key}")
         out[key] = float(v) if v else float("nan")
     for metric in ("activation_ratio", "diversity", "load_max", "dropped_share"):
@@ -70,184 +102,460 @@ def summarize_run(root: Path) -> dict[str, Any]:
     out["step_time"] = statistics.median(times) if times else float("nan")
     train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     out["train_loss_last"] = train[-1] if train else float("nan")
+    out["curves"] = {k: _floats(rows, f"val/{k}") for k in ("ppl_mlm_text", "ppl_mlm_pair", "ppl_mim_image")}
     return out
 
 
-def _fmt(v: float, nd: int = 3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+# ------------------------------------------------------------------------------------------------ the runner
 
 
-def write_table(path: Path, results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
-    lines = [
-        "# Tiny masked multimodal pretraining: Dense vs SMoE vs X-MoE vs MH-MoE",
-        "",
-        "The paper's comparison ([MH1] Fig. 1 and Table 4: BEiT-3 base, masked multimodal pretraining) at a size",
-        "that runs on 2 CPU cores: the four `configs/pretrain/tiny_*.yaml` recipes (equal active FLOPs per token,",
-        "see `configs/model/tiny_*.yaml`), same seed, same synthetic shapes-world shards, same step budget.",
-        "Image targets are discrete codes of one k-means codebook over normalized patch pixels",
-        f"({meta['codebook_codes']} codes, `mmoe-codebook`), so image perplexity is defined.",
-        "",
-        f"Command: `{meta['command']}`",
-        "",
-        f"Seeds: training `seed_everything={meta['seed']}`, data `seed={meta['seed']}`, world `--seed {meta['seed']}`"
-        f" ({meta['world']}); {meta['steps']} steps of batch {meta['batch_size']} (equal thirds image / text / pair);"
-        f" validation on {meta['val_steps']} batches of the val split. Date {meta['date']}, "
-        f"{meta['machine']}.",
-        "",
-        "| model | text MLM loss | text ppl | pair-text ppl | image MIM loss | image ppl | pair-image ppl "
-        "| activation ratio | diversity | max expert load | step time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {_fmt(r['loss_mlm_text'])} | {_fmt(r['ppl_mlm_text'], 1)} | {_fmt(r['ppl_mlm_pair'], 1)} "
-            f"| {_fmt(r['loss_mim_image'])} | {_fmt(r['ppl_mim_image'], 1)} | {_fmt(r['ppl_mim_pair'], 1)} "
-            f"| {_fmt(r['activation_ratio'])} | {_fmt(r['diversity'], 2)} | {_fmt(r['load_max'])} "
-            f"| {_fmt(r['step_time'], 3)} |"
-        )
-    lines += [
-        "",
-        "Columns: validation losses/perplexities at the last step (perplexity = exp of the mean cross-entropy over",
-        "all masked targets of the val batches); routing metrics over the same val batches, averaged over the MoE",
-        "layers: activation ratio = share of experts receiving >= 1% of the routed sub-tokens (mmoe.moe.stats",
-        "default), diversity = distinct experts among a token's h sub-tokens' first choices (1 for h = 1), max",
-        "expert load = the largest expert's share; step time = median wall time of a training step (this machine is",
-        "shared, so step times are noisy).",
-        "",
-        "Per-layer routing (val):",
-        "",
-    ]
-    for name, r in results.items():
-        if r["activation_ratio_per_layer"]:
-            lines.append(
-                f"- {name}: activation {json.dumps(r['activation_ratio_per_layer'])}, "
-                f"diversity {json.dumps(r['diversity_per_layer'])}, max load {json.dumps(r['load_max_per_layer'])}"
-            )
-    if meta.get("budget_note"):
-        lines += ["", meta["budget_note"]]
-    if meta.get("observations"):
-        lines += ["", "## What this shows", ""] + [f"- {o}" for o in meta["observations"]]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+@dataclass
+class Stage:
+    """One unit of work: ``run(folder)`` returns its result dict; ``deps`` are keys of stages it needs."""
+
+    key: str
+    run: Callable[[Path], dict[str, Any]]
+    deps: list[str] = field(default_factory=list)
 
 
-def observations(results: dict[str, dict[str, Any]]) -> list[str]:
-    """Plain statements comparing the measured numbers with the paper's expected shape (no judgement added)."""
-    obs: list[str] = []
-    mh, sm, xm = results.get("tiny_mhmoe"), results.get("tiny_smoe"), results.get("tiny_xmoe")
-    if mh and sm:
-        obs.append(
-            f"Activation ratio: MH-MoE {_fmt(mh['activation_ratio'])} vs SMoE {_fmt(sm['activation_ratio'])}"
-            f" (paper: MH-MoE far above SMoE); max expert load MH-MoE {_fmt(mh['load_max'])} vs SMoE"
-            f" {_fmt(sm['load_max'])} (uniform = {1 / 8:.3f} for 8 experts)."
-        )
-        for key, label in (("ppl_mlm_text", "text"), ("ppl_mim_image", "image")):
-            moe = {n: r[key] for n, r in results.items() if n in ("tiny_smoe", "tiny_xmoe") and not math.isnan(r[key])}
-            if not math.isnan(mh[key]) and moe:
-                rel = "at or below" if mh[key] <= min(moe.values()) else "above"
-                obs.append(
-                    f"{label.capitalize()} perplexity: MH-MoE {_fmt(mh[key], 2)} is {rel} SMoE/X-MoE ("
-                    + ", ".join(f"{n} {_fmt(v, 2)}" for n, v in moe.items())
-                    + ")"
-                    + (
-                        f"; dense {_fmt(results['tiny_dense'][key], 2)}."
-                        if "tiny_dense" in results and not math.isnan(results["tiny_dense"][key])
-                        else "."
-                    )
-                )
-    if xm and sm:
-        obs.append(f"X-MoE vs SMoE text perplexity: {_fmt(xm['ppl_mlm_text'], 2)} vs {_fmt(sm['ppl_mlm_text'], 2)}.")
-    obs.append(
-        "One seed and a short CPU run on synthetic data: differences of a few percent are within what a"
-        " different seed could change; this table checks the pipeline and the direction, not the paper's numbers."
-    )
-    return obs
+def _folder(out: Path, key: str) -> Path:
+    return out / key
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/compare", help="run folders, world and codebook go here")
-    p.add_argument("--recipes", nargs="+", default=RECIPES)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=24)
-    p.add_argument("--val-steps", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--codes", type=int, default=256, help="codebook size for discrete image targets")
-    p.add_argument("--world", default=None, help="an existing synthetic world with shards (default: OUT/world)")
-    p.add_argument("--num-train", type=int, default=1000, help="world size when the world is generated")
-    p.add_argument("--table", default="docs/results/tiny_pretraining.md")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (OMP_NUM_THREADS)")
-    p.add_argument("--note", default="", help="a sentence added under the table (e.g. why the budget is small)")
-    args = p.parse_args(argv)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+def stage_result(out: Path, key: str) -> dict[str, Any] | None:
+    """The stored result of a finished stage, None when it has not finished."""
+    f = _folder(out, key) / "result.json"
+    return json.loads(f.read_text()) if f.is_file() else None
 
-    world = Path(args.world).resolve() if args.world else out / "world"
-    if not (world / "shards" / "pair").is_dir():
+
+def run_stages(stages: Sequence[Stage], out: Path, *, jobs: int = 2, log: Callable[[str], None] = print) -> None:
+    """Run the unfinished stages, at most ``jobs`` at once, each after its dependencies.
+
+    A stage's result goes to ``FOLDER/result.json`` (atomically: a stage killed before writing it runs again)
+    and is appended to ``OUT/results.jsonl``. A failing stage stops the stages that depend on it, not the others.
+    """
+    by_key = {s.key: s for s in stages}
+    for s in stages:
+        for d in s.deps:
+            if d not in by_key and stage_result(out, d) is None:
+                raise ValueError(f"compare_pretraining: stage {s.key!r} needs {d!r}, which is not scheduled")
+    done = {s.key for s in stages if stage_result(out, s.key) is not None}
+    failed: set[str] = set()
+    lock = threading.Lock()
+
+    def work(stage: Stage) -> dict[str, Any]:
+        folder = _folder(out, stage.key)
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        result = stage.run(folder)
+        result.setdefault("seconds", round(time.perf_counter() - t0, 1))
+        result["key"] = stage.key
+        atomic_write_json(folder / "result.json", result, indent=1)
+        with lock, open(out / "results.jsonl", "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+        return result
+
+    pending = [s for s in stages if s.key not in done]
+    running: dict[Future[dict[str, Any]], Stage] = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while pending or running:
+            for s in list(pending):
+                if any(d in failed for d in s.deps):
+                    pending.remove(s)
+                    failed.add(s.key)
+                    log(f"[compare] {s.key}: skipped, a stage it needs failed")
+                elif len(running) < jobs and all(d in done or stage_result(out, d) for d in s.deps):
+                    pending.remove(s)
+                    log(f"[compare] {s.key}: started")
+                    running[pool.submit(work, s)] = s
+            if not running:
+                if pending:
+                    raise RuntimeError(f"compare_pretraining: stages wait on each other: {[s.key for s in pending]}")
+                break
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                s = running.pop(fut)
+                try:
+                    r = fut.result()
+                    done.add(s.key)
+                    log(f"[compare] {s.key}: done in {r['seconds']} s")
+                except Exception as e:  # noqa: BLE001 - report and go on with the independent stages
+                    failed.add(s.key)
+                    log(f"[compare] {s.key}: FAILED ({type(e).__name__}: {e})")
+    if failed:
+        raise SystemExit(f"compare_pretraining: {len(failed)} stage(s) failed or were skipped: {sorted(failed)}")
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model of the comparison: a label, the tiny recipe it starts from, backbone overrides."""
+
+    label: str
+    recipe: str
+    overrides: dict[str, Any]
+
+    @classmethod
+    def parse(cls, text: str) -> Model:
+        label, _, rest = text.partition("=") if "=" in text.split(":")[0] else (text.split(":")[0], "", text)
+        recipe, _, over = rest.partition(":")
+        overrides: dict[str, Any] = {}
+        for item in filter(None, over.split(",")):
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise SystemExit(f"compare_pretraining: --models {text!r}: override {item!r} is not key=value")
+            overrides[k] = yaml.safe_load(v)
+        return cls(label or recipe, recipe, overrides)
+
+    def backbone_overrides(self, base: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Nested override dict (``moe.head_layers=0`` -> ``{"moe": {"head_layers": 0}}``) merged into ``base``."""
+        out: dict[str, Any] = json.loads(json.dumps(base or {}))
+        for k, v in self.overrides.items():
+            node = out
+            *parents, leaf = k.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = v
+        return out
+
+
+def _recipe(name: str) -> tuple[Path, dict[str, Any]]:
+    path = Path(recipe_path(name))
+    return path, yaml.safe_load(path.read_text())
+
+
+def world_overrides(recipe: dict[str, Any], world: Path, section: str = "data") -> list[str]:
+    """``--data.init_args.K=V`` (and ``--model...``) flags that point a synthetic recipe's ``data/shapes`` paths
+    at ``world`` (strings and lists of strings)."""
+    flags: list[str] = []
+    for sec in (section, "model"):
+        args = (recipe.get(sec) or {}).get("init_args") or {}
+        for k, v in args.items():
+            if isinstance(v, str) and v.startswith(WORLD_PREFIX):
+                flags.append(f"--{sec}.init_args.{k}={world}{v[len(WORLD_PREFIX) :]}")
+            elif isinstance(v, list) and v and all(isinstance(x, str) and x.startswith(WORLD_PREFIX) for x in v):
+                flags.append(f"--{sec}.init_args.{k}=[" + ",".join(f"{world}{x[len(WORLD_PREFIX) :]}" for x in v) + "]")
+    return flags
+
+
+class Runner:
+    """Builds the stages of one comparison (their commands) from the parsed arguments."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out: Path = Path(args.out).resolve()
+        self.world = Path(args.world).resolve() if args.world else self.out / "world"
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+
+    def _cli(self, folder: Path, name: str, cmd: list[str]) -> None:
+        with open(folder / f"{name}.log", "a") as log:
+            log.write(f"$ {shlex.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        if proc.returncode:
+            tail = (folder / f"{name}.log").read_text().strip().splitlines()[-3:]
+            raise RuntimeError(f"{name} exited {proc.returncode} ({folder / f'{name}.log'}): {' | '.join(tail)}")
+
+    def _fit(self, folder: Path, config: Path, flags: list[str]) -> float:
+        """``mmoe fit`` in ``folder`` (continuing from its last checkpoint when one is there); its seconds."""
+        ckpt = folder / "checkpoints" / "last.ckpt"
+        resume = [f"--ckpt_path={ckpt}"] if ckpt.exists() else []
+        t0 = time.perf_counter()
+        cmd = [
+            sys.executable,
+            "-m",
+            "mmoe.train.cli",
+            "fit",
+            f"--config={config}",
+            f"--trainer.default_root_dir={folder}",
+        ]
+        self._cli(folder, "fit", cmd + flags + resume)
+        seconds = time.perf_counter() - t0
+        prior = folder / "fit_seconds.json"  # an interrupted fit counts the time of every attempt
+        total = seconds + (json.loads(prior.read_text())["seconds"] if prior.exists() and resume else 0.0)
+        atomic_write_json(prior, {"seconds": total})
+        return total
+
+    # --------------------------------------------------------------------------------------- stages
+
+    def world_stage(self, folder: Path) -> dict[str, Any]:
         from mmoe.data.synthetic import make_world
 
-        make_world(world, num_train=args.num_train, num_val=100, image_size=64, seed=args.seed, shards=True,
-                   shard_maxcount=250)  # fmt: skip
-    s = world / "shards"
-    codebook = out / f"codebook_{args.codes}.pt"
-    if not codebook.exists():
-        subprocess.run(
-            [sys.executable, "-m", "mmoe.cli.build_visual_codebook", "--shards", str(s / "image/train-*.tar"),
-             "--codes", str(args.codes), "--max-images", "500", "--seed", str(args.seed), "--out", str(codebook)],
-            check=True, env=env,
-        )  # fmt: skip
-    results: dict[str, dict[str, Any]] = {}
-    for name in args.recipes:
-        root = out / name
-        if not list(root.glob("version_*/metrics.csv")) or not (root / "DONE").exists():
-            if root.exists():
-                import shutil
+        a = self.args
+        summary = make_world(self.world, num_train=a.num_train, num_val=a.num_val, seed=a.world_seed,
+                             variant=a.variant, shards=True, shard_maxcount=500)  # fmt: skip
+        vqa = self.world / "vqa"
+        cmd = [sys.executable, "-m", "mmoe.cli.build_vqa_vocab", "--annotations",
+               str(vqa / "v2_mscoco_train2014_annotations.json"), "--out", str(vqa / "answer_vocab.json"),
+               "--min-count", "9"]  # fmt: skip
+        self._cli(folder, "vocab", cmd)
+        return {"world": str(self.world), "variant": a.variant, "splits": summary["splits"]}
 
-                shutil.rmtree(root)
-            cmd = [
-                sys.executable, "-m", "mmoe.train.cli", "fit", f"--config={recipe_path(f'pretrain/{name}')}",
-                f"--trainer.default_root_dir={root}", f"--trainer.max_steps={args.steps}",
-                f"--trainer.val_check_interval={args.steps}", f"--checkpoint.every_n_train_steps={args.steps}",
-                f"--seed_everything={args.seed}", "--model.init_args.image_target=codebook",
-                f"--model.init_args.codebook={codebook}",
-                *(f"--data.init_args.{pre}{kind}_shards=[{s}/{kind}/{split}-*.tar]"
-                  for pre, split in (("", "train"), ("val_", "val")) for kind in ("image", "text", "pair")),
-                f"--data.init_args.batch_size={args.batch_size}", f"--data.init_args.val_steps={args.val_steps}",
-                f"--data.init_args.seed={args.seed}", f"--data.init_args.steps_per_epoch={args.steps}",
-            ]  # fmt: skip
-            print(f"[compare] {name}: {' '.join(cmd)}", flush=True)
-            t0 = time.perf_counter()
-            root.mkdir(parents=True, exist_ok=True)
-            with open(out / f"{name}.log", "w") as log:
-                subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
-            (root / "DONE").write_text(f"{time.perf_counter() - t0:.1f} s\n")
-        results[name] = summarize_run(root)
-        print(f"[compare] {name}: {json.dumps({k: v for k, v in results[name].items() if 'per_layer' not in k})}")
-    given = list(argv if argv is not None else sys.argv[1:])
-    if "--note" in given:  # the note does not change any number; keep the command copy-pasteable
-        i = given.index("--note")
-        del given[i : i + 2]
-    command = shlex.join(["python", "tools/compare_pretraining.py", *given])
-    meta = {
-        "command": command.strip(),
-        "seed": args.seed,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "val_steps": args.val_steps,
-        "codebook_codes": args.codes,
-        "world": f"{args.num_train} train scenes" if not args.world else f"world {args.world}",
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "machine": f"CPU, {os.cpu_count()} cores (shared)",
-        "observations": observations(results),
-        "budget_note": args.note,
-    }
-    atomic_write_json(out / "results.json", {"meta": meta, "results": results}, indent=1)
-    write_table(Path(args.table), results, meta)
-    print(f"[compare] table written to {args.table}")
+    def prior_stage(self, folder: Path) -> dict[str, Any]:
+        from mmoe.metrics.vqa import evaluate_vqa, load_vqa_json, prior_baseline
+
+        vqa = self.world / "vqa"
+        train = load_vqa_json(vqa / "v2_mscoco_train2014_annotations.json", "annotations")
+        val = load_vqa_json(vqa / "v2_mscoco_val2014_annotations.json", "annotations")
+        summary = evaluate_vqa(val, prior_baseline(train, val, by="question_type"))
+        summary.pop("perQuestion")
+        return {"vqa": summary}
+
+    def film_stage(self, seed: int) -> Callable[[Path], dict[str, Any]]:
+        def run(folder: Path) -> dict[str, Any]:
+            cmd = [sys.executable, "-m", "mmoe.baselines.film_vqa", "--world", str(self.world), "--out", str(folder),
+                   "--minutes", str(self.args.film_minutes), "--seed", str(seed)]  # fmt: skip
+            self._cli(folder, "film", cmd)
+            return {"vqa": json.loads((folder / "summary.json").read_text())}
+
+        return run
+
+    def pretrain_stage(self, model: Model, seed: int) -> Callable[[Path], dict[str, Any]]:
+        def run(folder: Path) -> dict[str, Any]:
+            config, recipe = _recipe(f"pretrain/{model.recipe}")
+            flags = world_overrides(recipe, self.world) + [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
+            over = model.backbone_overrides(recipe["model"]["init_args"].get("backbone_overrides"))
+            if over:
+                flags.append(f"--model.init_args.backbone_overrides={json.dumps(over)}")
+            if self.args.pretrain_steps:
+                steps = self.args.pretrain_steps
+                flags += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={max(1, steps // 5)}"]
+            flags.append(f"--checkpoint.every_n_train_steps={self.args.checkpoint_every}")
+            seconds = self._fit(folder, config, flags)
+            summary = summarize_run(folder)
+            return {
+                "pretrain": summary,
+                "fit_seconds": round(seconds, 1),
+                "checkpoint": str(folder / "checkpoints" / "last.ckpt"),
+            }
+
+        return run
+
+    def finetune_stage(self, task: str, model: Model, init: str, seed: int) -> Callable[[Path], dict[str, Any]]:
+        def run(folder: Path) -> dict[str, Any]:
+            config, recipe = _recipe(TASK_RECIPES[task])
+            flags = world_overrides(recipe, self.world) + [
+                f"--seed_everything={seed}",
+                f"--model.init_args.backbone={model.recipe}",
+            ]
+            over = model.backbone_overrides(recipe["model"]["init_args"].get("backbone_overrides"))
+            if over:
+                flags.append(f"--model.init_args.backbone_overrides={json.dumps(over)}")
+            steps = int(recipe["trainer"]["max_steps"])
+            if init == "pretrained":
+                pre = stage_result(self.out, f"pretrain/{model.label}/s{seed}")
+                assert pre is not None
+                flags.append(f"--model.init_args.init_from={pre['checkpoint']}")
+            elif init == "scratch_long":  # the pretraining's minutes given to fine-tuning from scratch as well
+                pre = stage_result(self.out, f"pretrain/{model.label}/s{seed}")
+                short = stage_result(self.out, f"{task}/{model.label}/scratch/s{seed}")
+                assert pre is not None and short is not None
+                steps = round(steps * (1 + pre["fit_seconds"] / short["fit_seconds"]))
+                flags += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
+            flags.append(f"--checkpoint.every_n_train_steps={min(steps, self.args.checkpoint_every)}")
+            seconds = self._fit(folder, config, flags)
+            test = [sys.executable, "-m", "mmoe.train.cli", "test", f"--config={config}",
+                    f"--trainer.default_root_dir={folder}", f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}",
+                    *flags[: len(flags) - 1]]  # fmt: skip
+            self._cli(folder, "test", [x for x in test if not x.startswith("--model.init_args.init_from")])
+            rows = [r for r in read_run_metrics(folder) if r.get(TASK_METRIC[task])]
+            if not rows:
+                raise RuntimeError(f"{folder}: no {TASK_METRIC[task]} in the test metrics")
+            result: dict[str, Any] = {
+                "task": task, "model": model.label, "init": init, "seed": seed, "steps": steps,
+                "fit_seconds": round(seconds, 1),
+                "test": {k: float(v) for k, v in rows[-1].items() if k.startswith("test/") and v},
+            }  # fmt: skip
+            if task == "vqa":
+                result["vqa"] = self._vqa_official(folder)
+            return result
+
+        return run
+
+    def _vqa_official(self, folder: Path) -> dict[str, Any]:
+        from mmoe.metrics.vqa import evaluate_vqa, load_vqa_json
+
+        found = sorted(folder.glob("**/vqa_results.json"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise RuntimeError(f"{folder}: mmoe test wrote no vqa_results.json")
+        anns = load_vqa_json(self.world / "vqa" / "v2_mscoco_val2014_annotations.json", "annotations")
+        summary = evaluate_vqa(anns, json.loads(found[-1].read_text()))
+        summary.pop("perQuestion")
+        return summary
+
+    def stages(self) -> list[Stage]:
+        a = self.args
+        models = [Model.parse(m) for m in a.models]
+        out = [Stage("world", self.world_stage)]
+        if "vqa" in a.tasks:
+            out.append(Stage("prior", self.prior_stage, ["world"]))
+            if a.film_minutes > 0:
+                out += [Stage(f"film/s{s}", self.film_stage(s), ["world"]) for s in a.seeds]
+        for m in models:
+            for s in a.seeds:
+                pre = f"pretrain/{m.label}/s{s}"
+                if a.pretrain or {"pretrained", "scratch_long"} & set(a.inits):
+                    out.append(Stage(pre, self.pretrain_stage(m, s), ["world"]))
+                for task in a.tasks:
+                    for init in a.inits:
+                        deps = ["world"] + ([pre] if init != "scratch" else [])
+                        if init == "scratch_long":
+                            deps.append(f"{task}/{m.label}/scratch/s{s}")
+                        out.append(Stage(f"{task}/{m.label}/{init}/s{s}", self.finetune_stage(task, m, init, s), deps))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+
+def _mean_std(values: list[float], nd: int = 2) -> str:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0]:.{nd}f}"
+    return f"{statistics.fmean(vals):.{nd}f} ± {statistics.stdev(vals):.{nd}f}"
+
+
+def load_results(out: Path) -> dict[str, dict[str, Any]]:
+    """The latest result of every stage in ``OUT/results.jsonl`` (a stage rerun later wins)."""
+    results: dict[str, dict[str, Any]] = {}
+    path = out / "results.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                results[r["key"]] = r
     return results
 
 
+def write_table(path: Path, results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Markdown tables (mean ± std over seeds) of whatever stages have finished."""
+    lines = [
+        f"# {meta.get('title', 'Pretraining comparison on the shapes world')}",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+    ]
+    if meta.get("intro"):
+        lines += [meta["intro"], ""]
+    world = results.get("world")
+    if world:
+        lines += [f"World: variant `{world['variant']}`, {json.dumps(world['splits']['train'])} (train).", ""]
+    # VQA by question type
+    vqa_rows: list[tuple[str, dict[str, Any], str]] = []
+    if "prior" in results:
+        vqa_rows.append(("question-type prior (blind)", results["prior"]["vqa"], "0"))
+    films = [r for k, r in results.items() if k.startswith("film/")]
+    for r in films:
+        vqa_rows.append((f"FiLM CNN+GRU ({r['key']})", r["vqa"], f"{r['vqa'].get('train_seconds', 0):.0f}"))
+    for _, r in sorted(results.items()):
+        if r.get("task") == "vqa" and "vqa" in r:
+            vqa_rows.append(
+                (f"{r['model']} {r['init']} s{r['seed']} ({r['steps']} steps)", r["vqa"], f"{r['fit_seconds']:.0f}")
+            )
+    if vqa_rows:
+        qtypes = sorted({q for _, v, _ in vqa_rows for q in v["perQuestionType"]})
+        lines += ["## VQA by question type (official metric, val split)", "",
+                  "| run | fit s | overall | " + " | ".join(qtypes) + " |",
+                  "|---|---|---|" + "---|" * len(qtypes)]  # fmt: skip
+        for name, v, secs in vqa_rows:
+            cells = " | ".join(f"{v['perQuestionType'].get(q, float('nan')):.1f}" for q in qtypes)
+            lines.append(f"| {name} | {secs} | {v['overall']:.2f} | {cells} |")
+        lines.append("")
+    # downstream by model x init, mean ± std over seeds
+    tasks = [t for t in TASK_METRIC if any(r.get("task") == t for r in results.values())]
+    if tasks:
+        groups: dict[tuple[str, str], dict[str, list[float]]] = {}
+        seeds: dict[tuple[str, str], set[int]] = {}
+        for r in results.values():
+            if r.get("task") in tasks:
+                g = (r["model"], r["init"])
+                groups.setdefault(g, {}).setdefault(r["task"], []).append(
+                    r["test"].get(TASK_METRIC[r["task"]], math.nan)
+                )
+                seeds.setdefault(g, set()).add(r["seed"])
+        lines += ["## Downstream after the same fine-tune (mean ± std over seeds)", "",
+                  "| model | start | seeds | " + " | ".join(f"{t} ({TASK_METRIC[t]})" for t in tasks) + " |",
+                  "|---|---|---|" + "---|" * len(tasks)]  # fmt: skip
+        for (model, init), per in sorted(groups.items()):
+            cells = " | ".join(_mean_std(per.get(t, [])) for t in tasks)
+            lines.append(f"| {model} | {init} | {len(seeds[(model, init)])} | {cells} |")
+        lines.append("")
+    pre = [r for k, r in results.items() if k.startswith("pretrain/")]
+    if pre:
+        by_model: dict[str, list[dict[str, Any]]] = {}
+        for r in pre:
+            by_model.setdefault(r["key"].split("/")[1], []).append(r)
+        lines += ["## Upstream masked modeling (validation, last step; mean ± std over seeds)", "",
+                  "| model | seeds | text ppl | pair-text ppl | image ppl | grounding gain | activation ratio "
+                  "| max expert load | fit s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for model, rs in sorted(by_model.items()):
+            p = [r["pretrain"] for r in rs]
+            lines.append(
+                f"| {model} | {len(rs)} | {_mean_std([x['ppl_mlm_text'] for x in p])} "
+                f"| {_mean_std([x['ppl_mlm_pair'] for x in p])} | {_mean_std([x['ppl_mim_image'] for x in p])} "
+                f"| {_mean_std([x['grounding_gain'] for x in p])} | {_mean_std([x['activation_ratio'] for x in p], 3)} "
+                f"| {_mean_std([x['load_max'] for x in p], 3)} | {_mean_std([r['fit_seconds'] for r in rs], 0)} |"
+            )
+        lines += ["", "Validation text perplexity curves (step: ppl):", ""]
+        for _, rs in sorted(by_model.items()):
+            for r in rs:
+                curve = r["pretrain"]["curves"].get("ppl_mlm_text", [])
+                lines.append(f"- {r['key']}: " + ", ".join(f"{s + 1}: {v:.1f}" for s, v in curve))
+        lines.append("")
+    if meta.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
+    atomic_write_text(path, "\n".join(lines))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m mmoe.cli.compare_pretraining",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="runs/compare", help="one folder per stage goes here")
+    p.add_argument("--world", default=None, help="the world folder (default OUT/world; made by the world stage)")
+    p.add_argument("--variant", default="alt", help="mmoe-synthetic --variant of the world")
+    p.add_argument("--num-train", type=int, default=3000)
+    p.add_argument("--num-val", type=int, default=500)
+    p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--models", nargs="+", default=["tiny_mhmoe"], help="recipe or label=recipe:key=value,...")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--tasks", nargs="*", default=["vqa"], choices=sorted(TASK_RECIPES))
+    p.add_argument("--inits", nargs="*", default=["scratch"], choices=["scratch", "pretrained", "scratch_long"])
+    p.add_argument("--pretrain", action="store_true", help="pretrain even when no fine-tune starts from it")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="default: the pretraining recipe's own")
+    p.add_argument("--film-minutes", type=float, default=0.0, help="train the FiLM CNN baseline this long (0: no)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between resumable checkpoints")
+    p.add_argument("--jobs", type=int, default=2, help="stages at once")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every stage")
+    p.add_argument("--table", default=None, help="write the markdown table here (also OUT/table.md)")
+    p.add_argument("--title", default=None)
+    p.add_argument("--note", action="append", default=[], help="a line under the table (repeatable)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or continue) the comparison, then write its table; exit status 0 when every stage finished."""
+    args = parse_args(argv)
+    runner = Runner(args)
+    runner.out.mkdir(parents=True, exist_ok=True)
+    given = list(argv if argv is not None else sys.argv[1:])
+    meta = {"command": shlex.join(["python", "tools/compare_pretraining.py", *given]), "notes": args.note}
+    if args.title:
+        meta["title"] = args.title
+    try:
+        run_stages(runner.stages(), runner.out, jobs=args.jobs)
+    finally:
+        results = load_results(runner.out)
+        for target in filter(None, [runner.out / "table.md", Path(args.table) if args.table else None]):
+            write_table(target, results, meta)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -3,6 +3,7 @@
 Example::
 
     mmoe-synthetic --out data/shapes --num-train 8000 --num-val 200 --shards
+    mmoe-synthetic --out data/shapes_alt --variant alt --num-train 3000 --num-val 500
 
 The same ``--seed`` gives byte-identical files. See ``mmoe.data.synthetic`` for what is written.
 """
@@ -14,7 +15,7 @@ import json
 import time
 
 from mmoe.cli import entry_point
-from mmoe.data.synthetic import make_world
+from mmoe.data.synthetic import WORLD_VARIANTS, make_world
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -34,13 +35,20 @@ def run(argv: list[str] | None = None) -> dict:
         help="NLVR2 sets of 4 image pairs per split (default: num/4)",
     )
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument(
+        "--variant",
+        choices=sorted(WORLD_VARIANTS),
+        default="standard",
+        help="which world: 'alt' has other shape words, colours, sizes, 1-3 objects and other VQA questions "
+        "(judge a recipe on the world it was not tuned on)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vqa-noise", type=float, default=0.05, help="probability an annotator gives another answer")
     p.add_argument("--shards", action="store_true", help="also write webdataset shards under OUT/shards")
     p.add_argument("--shard-maxcount", type=int, default=1000, help="samples per shard")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    names = ("num_train", "num_val", "image_size", "seed", "vqa_noise", "shards", "shard_maxcount")
+    names = ("num_train", "num_val", "image_size", "seed", "vqa_noise", "shards", "shard_maxcount", "variant")
     world = {k: getattr(args, k) for k in names}
     summary = make_world(args.out, nlvr2_sets=tuple(args.nlvr2_sets) if args.nlvr2_sets else None, **world)
     print(json.dumps(summary["splits"], indent=1))

@@ -52,6 +52,8 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "SceneObject",
+    "WORLD_VARIANTS",
+    "WorldSpec",
     "caption_scene",
     "make_world",
     "render_scene",
@@ -71,6 +73,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
 }
 SIZES: tuple[str, ...] = ("small", "large")
+_SIZE_RADIUS = {"small": 0.24, "large": 0.40}
 # Grid cell (row, col) -> short position name (VQA answers) and a caption phrase.
 POSITIONS: dict[tuple[int, int], str] = {
     (0, 0): "top left",
@@ -95,6 +98,69 @@ _PHRASES: dict[str, str] = {
     "bottom right": "in the bottom right corner",
 }
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight")
+OUTLINES: tuple[str, ...] = ("circle", "square", "diamond", "hexagon", "triangle", "cross", "star")
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """The words, colours, sizes and question set of one shapes world.
+
+    Why: a recipe tuned on one world can learn that world's quirks. The second world (``"alt"``) shares no
+    colour, shape word or size with the standard one, draws two outlines the standard world never shows,
+    holds 1-3 objects, and asks four other question kinds in other wording (how many, can you see a, which
+    colour is the named shape, which shape is furthest left), so a recipe can be judged on a world it was not
+    tuned on (docs/results/learning.md).
+
+    Attributes:
+        name: the variant name (``mmoe-synthetic --variant``).
+        shapes: shape word -> outline (one of ``OUTLINES``).
+        colors: colour word -> base RGB.
+        sizes: size word -> radius as a fraction of a grid cell.
+        max_objects: objects per scene are drawn from 1..max_objects.
+        questions: ``"standard"`` (colour, shape, count, position, yes/no) or ``"alt"`` (the four kinds above).
+    """
+
+    name: str
+    shapes: dict[str, str]
+    colors: dict[str, tuple[int, int, int]]
+    sizes: dict[str, float]
+    max_objects: int
+    questions: str
+
+    @property
+    def shape_words(self) -> tuple[str, ...]:
+        return tuple(self.shapes)
+
+    def obj_kwargs(self, shape: str) -> dict[str, str]:
+        """``SceneObject`` geometry argument for a shape word ({} when the word names its outline)."""
+        outline = self.shapes[shape]
+        return {} if outline == shape else {"geometry": outline}
+
+
+STANDARD_WORLD = WorldSpec(
+    name="standard",
+    shapes={s: s for s in SHAPES},
+    colors=COLORS,
+    sizes=_SIZE_RADIUS,
+    max_objects=4,
+    questions="standard",
+)
+ALT_WORLD = WorldSpec(
+    name="alt",
+    shapes={"disc": "circle", "diamond": "diamond", "hexagon": "hexagon", "wedge": "triangle", "plus": "cross"},
+    colors={
+        "cyan": (40, 200, 215),
+        "magenta": (205, 45, 165),
+        "brown": (125, 75, 35),
+        "pink": (250, 165, 195),
+        "lime": (160, 235, 60),
+        "black": (25, 25, 30),
+    },
+    sizes={"tiny": 0.20, "big": 0.44},
+    max_objects=3,
+    questions="alt",
+)
+WORLD_VARIANTS: dict[str, WorldSpec] = {w.name: w for w in (STANDARD_WORLD, ALT_WORLD)}
 _SUPERSAMPLE = 4
 _LICENSE = {
     "id": 1,
@@ -116,6 +182,7 @@ class SceneObject:
     cy: float
     radius: float
     rgb: tuple[int, int, int]
+    geometry: str = ""  # outline to draw when the shape's word is not itself an outline name ("disc")
 
     @property
     def position(self) -> str:
@@ -125,15 +192,20 @@ class SceneObject:
         """Outline in pixel coordinates (this polygon is both drawn and written as the COCO mask)."""
         s = float(image_size)
         cx, cy, r = self.cx * s, self.cy * s, self.radius * s
-        if self.shape == "circle":
+        kind = self.geometry or self.shape
+        if kind == "circle":
             pts = [(math.cos(2 * math.pi * k / 32), math.sin(2 * math.pi * k / 32)) for k in range(32)]
-        elif self.shape == "square":
+        elif kind == "square":
             a = 0.85
             pts = [(-a, -a), (a, -a), (a, a), (-a, a)]
-        elif self.shape == "triangle":
+        elif kind == "diamond":
+            pts = [(0.0, -1.0), (0.8, 0.0), (0.0, 1.0), (-0.8, 0.0)]
+        elif kind == "hexagon":
+            pts = [(math.cos(math.radians(30 + 60 * k)), math.sin(math.radians(30 + 60 * k))) for k in range(6)]
+        elif kind == "triangle":
             pts = [(math.cos(math.radians(t)), math.sin(math.radians(t))) for t in (-90, 30, 150)]
             pts = [(x, y + 0.15) for x, y in pts]  # centre the triangle's bounding box vertically
-        elif self.shape == "cross":
+        elif kind == "cross":
             w = 0.34
             pts = [
                 (-w, -1),
@@ -149,14 +221,14 @@ class SceneObject:
                 (-1, -w),
                 (-w, -w),
             ]
-        elif self.shape == "star":
+        elif kind == "star":
             pts = []
             for k in range(10):
                 rad = 1.0 if k % 2 == 0 else 0.45
                 t = math.radians(-90 + 36 * k)
                 pts.append((rad * math.cos(t), rad * math.sin(t) + 0.05))
         else:
-            raise ValueError(f"SceneObject.polygon: unknown shape {self.shape!r}; expected one of {SHAPES}")
+            raise ValueError(f"SceneObject.polygon: unknown outline {kind!r}; expected one of {OUTLINES}")
         return [(cx + r * x, cy + r * y) for x, y in pts]
 
 
@@ -164,25 +236,29 @@ def sample_scene(
     rng: random.Random,
     *,
     min_objects: int = 1,
-    max_objects: int = 4,
+    max_objects: int | None = None,
     shapes: Sequence[str] | None = None,
+    spec: WorldSpec = STANDARD_WORLD,
 ) -> list[SceneObject]:
-    """Random scene: ``min..max`` objects in distinct grid cells. ``shapes`` fixes the objects' shapes."""
-    n = len(shapes) if shapes is not None else rng.randint(min_objects, max_objects)
+    """Random scene of ``spec``'s world: ``min..max`` objects (default max: the world's) in distinct grid
+    cells. ``shapes`` fixes the objects' shapes."""
+    top = spec.max_objects if max_objects is None else max_objects
+    n = len(shapes) if shapes is not None else rng.randint(min_objects, top)
     cells = rng.sample(sorted(POSITIONS), n)
     cell = 1.0 / 3.0
     objs = []
     for i, (row, col) in enumerate(cells):
-        size = rng.choice(SIZES)
-        radius = (0.40 if size == "large" else 0.24) * cell
+        size = rng.choice(tuple(spec.sizes))
+        radius = spec.sizes[size] * cell
         jitter = 0.5 * cell - radius - 0.02 * cell  # keep every shape inside its own cell (no overlaps)
         cx = (col + 0.5) * cell + rng.uniform(-jitter, jitter)
         cy = (row + 0.5) * cell + rng.uniform(-jitter, jitter)
-        color = rng.choice(sorted(COLORS))
-        base = COLORS[color]
+        color = rng.choice(sorted(spec.colors))
+        base = spec.colors[color]
         rgb = tuple(int(min(255, max(0, c + rng.randint(-12, 12)))) for c in base)
-        shape = shapes[i] if shapes is not None else rng.choice(SHAPES)
-        objs.append(SceneObject(shape, color, size, row, col, cx, cy, radius, rgb))  # type: ignore[arg-type]
+        shape = shapes[i] if shapes is not None else rng.choice(spec.shape_words)
+        geometry = spec.obj_kwargs(shape)
+        objs.append(SceneObject(shape, color, size, row, col, cx, cy, radius, rgb, **geometry))  # type: ignore[arg-type]
     # Reading order (top to bottom, left to right) keeps captions and annotation ids stable.
     return sorted(objs, key=lambda o: (o.row, o.col))
 
@@ -274,13 +350,16 @@ def caption_scene(objs: Sequence[SceneObject], rng: random.Random, num: int = 5)
 # VQA
 # ------------------------------------------------------------------------------------------------
 
-_ANSWER_SPACE: dict[str, list[str]] = {
-    "color": sorted(COLORS),
-    "shape": list(SHAPES),
-    "number": [str(i) for i in range(0, 5)],
-    "position": sorted(set(POSITIONS.values())),
-    "yes/no": ["yes", "no"],
-}
+
+def _answer_space(spec: WorldSpec) -> dict[str, list[str]]:
+    """Valid answers per kind of question (annotator noise draws from these)."""
+    return {
+        "color": sorted(spec.colors),
+        "shape": list(spec.shape_words),
+        "number": [str(i) for i in range(0, spec.max_objects + 1)],
+        "position": sorted(set(POSITIONS.values())),
+        "yes/no": ["yes", "no"],
+    }
 
 
 @dataclass(frozen=True)
@@ -292,8 +371,11 @@ class _Question:
     space: str  # which answer space annotator noise draws from
 
 
-def vqa_for_scene(objs: Sequence[SceneObject], rng: random.Random) -> list[_Question]:
-    """Colour, shape, count, position and yes/no questions whose answers are determined by the scene."""
+def vqa_for_scene(objs: Sequence[SceneObject], rng: random.Random, spec: WorldSpec = STANDARD_WORLD) -> list[_Question]:
+    """Questions whose answers are determined by the scene: colour, shape, count, position and yes/no in the
+    standard world; count, existence, colour of a named shape and the leftmost shape in the ``alt`` world."""
+    if spec.questions == "alt":
+        return _alt_questions(objs, rng, spec)
     qs: list[_Question] = []
     shape_count = Counter(o.shape for o in objs)
     color_count = Counter(o.color for o in objs)
@@ -350,13 +432,48 @@ def vqa_for_scene(objs: Sequence[SceneObject], rng: random.Random) -> list[_Ques
     return qs
 
 
-def _annotate(q: _Question, rng: random.Random, noise: float) -> tuple[list[dict[str, Any]], str]:
+def _alt_questions(objs: Sequence[SceneObject], rng: random.Random, spec: WorldSpec) -> list[_Question]:
+    """The ``alt`` world's four question kinds, in wording the standard world never uses."""
+    qs: list[_Question] = []
+    shape_count = Counter(o.shape for o in objs)
+    pair_count = Counter((o.color, o.shape) for o in objs)
+    shape = rng.choice(sorted(shape_count)) if rng.random() < 0.6 else rng.choice(spec.shape_words)
+    qs.append(_Question(f"How many {_plural(shape)} can you see?", str(shape_count[shape]), "how many", "number",
+                        "number"))  # fmt: skip
+    if rng.random() < 0.5:
+        qs.append(_Question("How many objects are in the picture?", str(len(objs)), "how many", "number", "number"))
+    for want_yes in rng.sample([True, False], 2):
+        if want_yes:
+            o = rng.choice(list(objs))
+            color, shape = o.color, o.shape
+        else:
+            absent = [(c, s) for c in sorted(spec.colors) for s in spec.shape_words if (c, s) not in pair_count]
+            color, shape = rng.choice(absent)
+        q = f"Can you see {_article(color)} {color} {shape}?"
+        qs.append(_Question(q, "yes" if want_yes else "no", "can you see a", "yes/no", "yes/no"))
+    unique_shape = [o for o in objs if shape_count[o.shape] == 1]
+    if unique_shape:
+        o = rng.choice(unique_shape)
+        q = f"Which colour does the {o.shape} have?"
+        qs.append(_Question(q, o.color, "which colour does the", "other", "color"))
+    left = min(o.col for o in objs)
+    leftmost = [o for o in objs if o.col == left]
+    if len(objs) >= 2 and len(leftmost) == 1:
+        q = "Which shape is furthest to the left?"
+        qs.append(_Question(q, leftmost[0].shape, "which shape is furthest", "other", "shape"))
+    return qs
+
+
+def _annotate(
+    q: _Question, rng: random.Random, noise: float, spec: WorldSpec = STANDARD_WORLD
+) -> tuple[list[dict[str, Any]], str]:
     """Ten annotator answers: the truth, each replaced with probability ``noise`` by another valid answer."""
     answers = []
+    space = _answer_space(spec)[q.space]
     for k in range(10):
         ans, conf = q.answer, "yes"
         if rng.random() < noise:
-            ans = rng.choice([a for a in _ANSWER_SPACE[q.space] if a != q.answer])
+            ans = rng.choice([a for a in space if a != q.answer])
             conf = "maybe"
         answers.append({"answer": ans, "answer_confidence": conf, "answer_id": k + 1})
     counts = Counter(a["answer"] for a in answers)
@@ -376,9 +493,9 @@ def _count(objs: Sequence[SceneObject], shape: str | None = None, color: str | N
     return sum(1 for o in objs if (shape is None or o.shape == shape) and (color is None or o.color == color))
 
 
-def _nlvr2_statement(rng: random.Random) -> _Statement:
+def _nlvr2_statement(rng: random.Random, spec: WorldSpec = STANDARD_WORLD) -> _Statement:
     """One sentence template with its truth function over (left objects, right objects)."""
-    shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
+    shape, color = rng.choice(spec.shape_words), rng.choice(sorted(spec.colors))
     kind = rng.randrange(8)
     if kind == 0:
         return (
@@ -402,7 +519,7 @@ def _nlvr2_statement(rng: random.Random) -> _Statement:
             lambda a, b: _count(a, shape) + _count(b, shape) == n,
         )
     if kind == 5:
-        n = rng.randint(1, 4)
+        n = rng.randint(1, spec.max_objects)
         return (
             f"One image contains exactly {NUMBER_WORDS[n]} {'shape' if n == 1 else 'shapes'}.",
             lambda a, b: (len(a) == n) != (len(b) == n),
@@ -450,9 +567,16 @@ def _polygon_stats(poly: Sequence[tuple[float, float]], image_size: int) -> tupl
 SPLIT_ID_OFFSET = {"train": 0, "val": 1_000_000}
 
 
-def _write_coco_vqa(out: Path, split: str, num: int, image_size: int, seed: int, noise: float) -> dict[str, int]:
-    rng = random.Random(f"mmoe-shapes-{seed}-{split}-scenes")
-    qrng = random.Random(f"mmoe-shapes-{seed}-{split}-vqa")
+def _seed_prefix(seed: int, spec: WorldSpec) -> str:
+    """String seed of the world's generators (the standard world's strings predate the variants)."""
+    return f"mmoe-shapes-{seed}" if spec.name == "standard" else f"mmoe-shapes-{spec.name}-{seed}"
+
+
+def _write_coco_vqa(
+    out: Path, split: str, num: int, image_size: int, seed: int, noise: float, spec: WorldSpec
+) -> dict[str, int]:
+    rng = random.Random(f"{_seed_prefix(seed, spec)}-{split}-scenes")
+    qrng = random.Random(f"{_seed_prefix(seed, spec)}-{split}-vqa")
     img_dir = out / "coco" / f"{split}2014"
     img_dir.mkdir(parents=True, exist_ok=True)
     info = {"description": "mmoe synthetic shapes world (COCO format)", "version": "1.0", "year": 2026, "seed": seed}
@@ -461,7 +585,7 @@ def _write_coco_vqa(out: Path, split: str, num: int, image_size: int, seed: int,
     cap_id = inst_id = 1
     for i in range(num):
         image_id = SPLIT_ID_OFFSET[split] + i + 1
-        objs = sample_scene(rng)
+        objs = sample_scene(rng, spec=spec)
         img = render_scene(objs, image_size, rng)
         name = f"COCO_{split}2014_{image_id:012d}.jpg"
         _atomic_bytes(img_dir / name, _image_bytes(img, "JPEG"))
@@ -475,7 +599,7 @@ def _write_coco_vqa(out: Path, split: str, num: int, image_size: int, seed: int,
                 {
                     "id": inst_id,
                     "image_id": image_id,
-                    "category_id": SHAPES.index(o.shape) + 1,
+                    "category_id": spec.shape_words.index(o.shape) + 1,
                     "bbox": bbox,
                     "area": area,
                     "segmentation": [seg],
@@ -484,10 +608,10 @@ def _write_coco_vqa(out: Path, split: str, num: int, image_size: int, seed: int,
                 }
             )
             inst_id += 1
-        for k, q in enumerate(vqa_for_scene(objs, qrng)):
+        for k, q in enumerate(vqa_for_scene(objs, qrng, spec)):
             qid = image_id * 1000 + k
             questions.append({"image_id": image_id, "question": q.question, "question_id": qid})
-            answers, mc = _annotate(q, qrng, noise)
+            answers, mc = _annotate(q, qrng, noise, spec)
             annotations.append(
                 {
                     "question_type": q.question_type,
@@ -498,7 +622,7 @@ def _write_coco_vqa(out: Path, split: str, num: int, image_size: int, seed: int,
                     "question_id": qid,
                 }
             )
-    cats = [{"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)]
+    cats = [{"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(spec.shape_words)]
     ann_dir = out / "coco" / "annotations"
     base = {"info": info, "licenses": [_LICENSE], "images": images}
     _atomic_json(ann_dir / f"captions_{split}2014.json", {**base, "annotations": caps})
@@ -514,20 +638,20 @@ def _write_coco_vqa(out: Path, split: str, num: int, image_size: int, seed: int,
     return {"images": len(images), "captions": len(caps), "instances": len(inst), "questions": len(questions)}
 
 
-def _write_nlvr2(out: Path, split: str, num_sets: int, image_size: int, seed: int) -> dict[str, int]:
-    rng = random.Random(f"mmoe-shapes-{seed}-{split}-nlvr2")
+def _write_nlvr2(out: Path, split: str, num_sets: int, image_size: int, seed: int, spec: WorldSpec) -> dict[str, int]:
+    rng = random.Random(f"{_seed_prefix(seed, spec)}-{split}-nlvr2")
     img_dir = out / "nlvr2" / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
     n_true = 0
     for set_id in range(num_sets):
         while True:  # a sentence for which 2 true and 2 false pairs are found quickly
-            sentence, truth = _nlvr2_statement(rng)
+            sentence, truth = _nlvr2_statement(rng, spec)
             targets = rng.sample([True, True, False, False], 4)
             pairs = []
             for target in targets:
                 for _ in range(60):
-                    left, right = sample_scene(rng), sample_scene(rng)
+                    left, right = sample_scene(rng, spec=spec), sample_scene(rng, spec=spec)
                     if truth(left, right) == target:
                         pairs.append((left, right))
                         break
@@ -559,23 +683,24 @@ def _write_nlvr2(out: Path, split: str, num_sets: int, image_size: int, seed: in
     return {"nlvr2_examples": len(lines), "nlvr2_true": n_true}
 
 
-def _write_imagefolder(out: Path, split: str, num: int, image_size: int, seed: int) -> dict[str, int]:
-    rng = random.Random(f"mmoe-shapes-{seed}-{split}-imagenet")
+def _write_imagefolder(out: Path, split: str, num: int, image_size: int, seed: int, spec: WorldSpec) -> dict[str, int]:
+    rng = random.Random(f"{_seed_prefix(seed, spec)}-{split}-imagenet")
+    words = spec.shape_words
     for i in range(num):
-        shape = SHAPES[i % len(SHAPES)]  # balanced classes
-        objs = sample_scene(rng, shapes=[shape])
+        shape = words[i % len(words)]  # balanced classes
+        objs = sample_scene(rng, shapes=[shape], spec=spec)
         img = render_scene(objs, image_size, rng)
         _atomic_bytes(out / "imagenet" / split / shape / f"{split}_{i:06d}.jpg", _image_bytes(img, "JPEG"))
     return {"imagenet_images": num}
 
 
-def _write_text(out: Path, split: str, num: int, seed: int) -> dict[str, int]:
-    rng = random.Random(f"mmoe-shapes-{seed}-{split}-text")
+def _write_text(out: Path, split: str, num: int, seed: int, spec: WorldSpec) -> dict[str, int]:
+    rng = random.Random(f"{_seed_prefix(seed, spec)}-{split}-text")
     docs = []
     for _ in range(num):
         sents = []
         for _ in range(rng.randint(1, 3)):
-            objs = sample_scene(rng)
+            objs = sample_scene(rng, spec=spec)
             sents.extend(caption_scene(objs, rng, num=rng.randint(1, 2)))
         docs.append(" ".join(sents))
     _atomic_bytes(out / "text" / f"{split}.txt", ("\n".join(docs) + "\n").encode("utf-8"))
@@ -618,6 +743,7 @@ def make_world(
     vqa_noise: float = 0.05,
     shards: bool = False,
     shard_maxcount: int = 1000,
+    variant: str = "standard",
 ) -> dict[str, Any]:
     """Write the whole shapes world under ``out_dir`` (layout: docs/interfaces.md section 6).
 
@@ -630,6 +756,8 @@ def make_world(
         vqa_noise: probability that one of the 10 VQA annotators gives another valid answer.
         shards: also write webdataset shards under ``shards/{pair,image,text}`` (``write_world_shards``).
         shard_maxcount: samples per shard when ``shards`` is set.
+        variant: ``"standard"`` or ``"alt"`` (``WORLD_VARIANTS``): the second world's other words, colours,
+            sizes and questions (``WorldSpec``), for judging a recipe on a world it was not tuned on.
 
     Returns:
         A summary dict of counts per split (also written to ``world.json``).
@@ -638,6 +766,9 @@ def make_world(
         raise ValueError(f"make_world: num_train and num_val must be >= 1, got {num_train} and {num_val}")
     if image_size < 16:
         raise ValueError(f"make_world: image_size must be >= 16 pixels, got {image_size}")
+    if variant not in WORLD_VARIANTS:
+        raise ValueError(f"make_world: variant={variant!r}, expected one of {sorted(WORLD_VARIANTS)}")
+    world = WORLD_VARIANTS[variant]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = {"train": num_train, "val": num_val}
@@ -645,16 +776,17 @@ def make_world(
     summary: dict[str, Any] = {
         "seed": seed,
         "image_size": image_size,
-        "shapes": list(SHAPES),
-        "colors": sorted(COLORS),
+        "variant": world.name,
+        "shapes": list(world.shape_words),
+        "colors": sorted(world.colors),
         "positions": sorted(set(POSITIONS.values())),
         "splits": {},
     }
     for split, num in counts.items():
-        stats = _write_coco_vqa(out, split, num, image_size, seed, vqa_noise)
-        stats.update(_write_nlvr2(out, split, sets[split], image_size, seed))
-        stats.update(_write_imagefolder(out, split, num, image_size, seed))
-        stats.update(_write_text(out, split, num, seed))
+        stats = _write_coco_vqa(out, split, num, image_size, seed, vqa_noise, world)
+        stats.update(_write_nlvr2(out, split, sets[split], image_size, seed, world))
+        stats.update(_write_imagefolder(out, split, num, image_size, seed, world))
+        stats.update(_write_text(out, split, num, seed, world))
         summary["splits"][split] = stats
     if shards:
         summary["shards"] = write_world_shards(out, maxcount=shard_maxcount)

@@ -51,6 +51,7 @@ class MultiwayTransformer(nn.Module):
             in_chans=config.in_chans,
             dim=config.dim,
             kind=config.patch_embed,
+            stem_blocks=config.stem_blocks,
         )
         self.text_embed: TextEmbed | None = TextEmbed(
             vocab_size=config.vocab_size, max_len=config.max_text_len, dim=config.dim

@@ -102,6 +102,8 @@ class MultiwayConfig:
 
     Sizes: `dim`, `depth`, `num_heads` (attention heads), `ffn_dim`. Vision: `img_size`, `patch_size`,
     `patch_embed` ("linear": BEiT-3's patchify; "conv": the convolutional stem of Xiao et al. 2021, mmoe.model.embed);
+    `stem_blocks` extra 3x3 stride-1 conv blocks at the patch resolution at the end of the conv stem (each widens
+    a token's view by 2p pixels: 2 blocks let a 64-px world's token see its whole object);
     text: `vocab_size`, `max_text_len` (usable text positions; BEiT-3's fairseq tables have two more
     unused rows, dropped on import). `attention="decoupled"` gives per-modality q/k/v/out and norms as in
     the released BEiT-3; `"shared"` shares the attention sublayer as in the paper. `subln` is Magneto's
@@ -118,6 +120,7 @@ class MultiwayConfig:
     img_size: int = 224
     patch_size: int = 16
     patch_embed: PatchEmbedKind = "linear"
+    stem_blocks: int = 0
     in_chans: int = 3
     dim: int = 768
     depth: int = 12
@@ -166,6 +169,10 @@ class MultiwayConfig:
             raise ValueError(
                 f"MultiwayConfig.patch_size: patch_embed='conv' needs a power of 2 >= 2, got {self.patch_size}"
             )
+        if not isinstance(self.stem_blocks, int) or self.stem_blocks < 0:
+            raise ValueError(f"MultiwayConfig.stem_blocks: expected an int >= 0, got {self.stem_blocks!r}")
+        if self.stem_blocks and self.patch_embed != "conv":
+            raise ValueError("MultiwayConfig.stem_blocks: extra stem blocks need patch_embed='conv'")
         _check_literal("MultiwayConfig", "tokenizer", self.tokenizer, TokenizerKind)
         _check_fraction("MultiwayConfig", "drop_path", self.drop_path)
         _check_fraction("MultiwayConfig", "dropout", self.dropout)

@@ -24,14 +24,15 @@ class ConvStem(nn.Module):
     """Convolutional patch embedding (Xiao et al. 2021, sec. 3): (B, C, H, W) -> (B, H/p * W/p, D).
 
     n = log2(patch_size) blocks of 3x3 stride-2 conv (padding 1) -> BatchNorm -> ReLU whose widths double up to
-    `dim` (dim / 2^(n-1), ..., dim), then a 1x1 conv. Unlike the linear patchify, each token sees a window of
+    `dim` (dim / 2^(n-1), ..., dim), then `extra_blocks` 3x3 stride-1 blocks at the patch resolution, then a 1x1
+    conv. Unlike the linear patchify, each token sees a window of
     2p - 1 pixels per side: its own patch plus the p - 1 pixels above and left of it (15 px for p = 8). The
     overlap gives the translation-robust local features a small ViT lacks. For masked image modeling it means
     a masked patch's pixels reach the tokens right of and below it; BEiT's blockwise masking keeps most masked
     patches next to other masked ones.
     """
 
-    def __init__(self, *, patch_size: int, in_chans: int, dim: int) -> None:
+    def __init__(self, *, patch_size: int, in_chans: int, dim: int, extra_blocks: int = 0) -> None:
         super().__init__()
         n = patch_size.bit_length() - 1
         if patch_size < 2 or 1 << n != patch_size:
@@ -42,6 +43,8 @@ class ConvStem(nn.Module):
         for width in widths:
             layers += [nn.Conv2d(prev, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             prev = width
+        for _ in range(extra_blocks):  # stride 1 at the patch resolution: a wider view, same token grid
+            layers += [nn.Conv2d(prev, prev, 3, 1, 1, bias=False), nn.BatchNorm2d(prev), nn.ReLU(inplace=True)]
         layers.append(nn.Conv2d(prev, dim, 1))
         self.net = nn.Sequential(*layers)
 
@@ -57,7 +60,9 @@ class VisionEmbed(nn.Module):
     detection needs) get their position table resampled on the fly with timm's `resample_abs_pos_embed`.
     """
 
-    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, dim: int, kind: str = "linear") -> None:
+    def __init__(
+        self, *, img_size: int, patch_size: int, in_chans: int, dim: int, kind: str = "linear", stem_blocks: int = 0
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.patch_embed: nn.Module
@@ -66,7 +71,7 @@ class VisionEmbed(nn.Module):
                 img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dim, strict_img_size=False
             )
         elif kind == "conv":
-            self.patch_embed = ConvStem(patch_size=patch_size, in_chans=in_chans, dim=dim)
+            self.patch_embed = ConvStem(patch_size=patch_size, in_chans=in_chans, dim=dim, extra_blocks=stem_blocks)
         else:
             raise ValueError(f"MultiwayConfig.patch_embed: expected 'linear' or 'conv', got {kind!r}")
         self.grid_size: tuple[int, int] = (img_size // patch_size, img_size // patch_size)
