@@ -152,3 +152,27 @@ def test_backbone_without_group_matcher_is_grouped_by_block_number() -> None:
     assert _group_of(groups, model.head.weight)["lr"] == 1.0
     # no numbered modules: one backbone group below the heads
     assert set(numbered_layer_ids(nn.Linear(3, 3)).values()) == {0}
+
+
+def test_stem_lr_mult_scales_only_the_conv_stem() -> None:
+    from mmoe.model.registry import create_model
+
+    class Task(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = create_model("tiny_mhmoe", depth=2)
+            self.head = torch.nn.Linear(128, 3)
+
+    m = Task()
+    base = param_groups(m, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    groups = param_groups(m, lr=1.0, weight_decay=0.05, layer_decay=0.5, stem_lr_mult=4.0)
+    stem = dict(m.backbone.vision_embed.patch_embed.named_parameters())
+    assert stem
+    for name, p in m.named_parameters():
+        want = _group_of(base, p)["lr"] * (
+            4.0 if name.removeprefix("backbone.vision_embed.patch_embed.") in stem else 1.0
+        )
+        assert _group_of(groups, p)["lr"] == pytest.approx(want), name
+    assert {g["name"] for g in groups} >= {"backbone.stem_decay", "backbone.stem_no_decay"}
+    with pytest.raises(ValueError, match="stem_lr_mult"):
+        param_groups(m, lr=1.0, weight_decay=0.0, stem_lr_mult=0.0)

@@ -97,3 +97,20 @@ def test_image_text_cls_pooling_concats_both_cls_tokens() -> None:
     assert not torch.allclose(head(feats2, NV), head(feats, NV))
     with pytest.raises(ValueError, match="image_text_cls"):
         pool_features(torch.randn(2, NV, D), NV, "image_text_cls")
+
+
+def test_image_text_max_pooling_adds_the_patch_max() -> None:
+    """image_text_max: image CLS, text CLS and the max over the patch tokens (not the CLS, not the text), 3D wide."""
+    torch.manual_seed(0)
+    feats = torch.randn(3, NV + NT, D)
+    pooled = pool_features(feats, NV, "image_text_max")
+    assert pooled.shape == (3, 3 * D)
+    slow = torch.stack([torch.stack([feats[b, 1:NV, d].max() for d in range(D)]) for b in range(3)])
+    assert torch.equal(pooled[:, 2 * D :], slow) and torch.equal(pooled[:, :D], feats[:, 0])
+    feats2 = feats.clone()
+    feats2[:, 0] += 100.0  # the image CLS is not a patch: the max part does not move
+    assert torch.equal(pool_features(feats2, NV, "image_text_max")[:, 2 * D :], slow)
+    head = ClassificationHead(D, 7, pooling="image_text_max")
+    assert head(feats, NV).shape == (3, 7) and _linears(head)[0] == (3 * D, 2 * D)
+    with pytest.raises(ValueError, match="image_text_max"):
+        pool_features(torch.randn(2, NV, D), NV, "image_text_max")

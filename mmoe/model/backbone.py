@@ -52,6 +52,7 @@ class MultiwayTransformer(nn.Module):
             dim=config.dim,
             kind=config.patch_embed,
             stem_blocks=config.stem_blocks,
+            stem_width=config.stem_width,
         )
         self.text_embed: TextEmbed | None = TextEmbed(
             vocab_size=config.vocab_size, max_len=config.max_text_len, dim=config.dim

@@ -103,7 +103,8 @@ class MultiwayConfig:
     Sizes: `dim`, `depth`, `num_heads` (attention heads), `ffn_dim`. Vision: `img_size`, `patch_size`,
     `patch_embed` ("linear": BEiT-3's patchify; "conv": the convolutional stem of Xiao et al. 2021, mmoe.model.embed);
     `stem_blocks` extra 3x3 stride-1 conv blocks at the patch resolution at the end of the conv stem (each widens
-    a token's view by 2p pixels: 2 blocks let a 64-px world's token see its whole object);
+    a token's view by 2p pixels: 2 blocks let a 64-px world's token see its whole object); `stem_width` the first
+    conv's channels (doubling up to `dim`; default dim / 2^(log2(p) - 1));
     text: `vocab_size`, `max_text_len` (usable text positions; BEiT-3's fairseq tables have two more
     unused rows, dropped on import). `attention="decoupled"` gives per-modality q/k/v/out and norms as in
     the released BEiT-3; `"shared"` shares the attention sublayer as in the paper. `subln` is Magneto's
@@ -121,6 +122,7 @@ class MultiwayConfig:
     patch_size: int = 16
     patch_embed: PatchEmbedKind = "linear"
     stem_blocks: int = 0
+    stem_width: int | None = None
     in_chans: int = 3
     dim: int = 768
     depth: int = 12
@@ -171,8 +173,10 @@ class MultiwayConfig:
             )
         if not isinstance(self.stem_blocks, int) or self.stem_blocks < 0:
             raise ValueError(f"MultiwayConfig.stem_blocks: expected an int >= 0, got {self.stem_blocks!r}")
-        if self.stem_blocks and self.patch_embed != "conv":
-            raise ValueError("MultiwayConfig.stem_blocks: extra stem blocks need patch_embed='conv'")
+        if self.stem_width is not None and (not isinstance(self.stem_width, int) or self.stem_width < 1):
+            raise ValueError(f"MultiwayConfig.stem_width: expected a positive int or null, got {self.stem_width!r}")
+        if (self.stem_blocks or self.stem_width is not None) and self.patch_embed != "conv":
+            raise ValueError("MultiwayConfig.stem_blocks/stem_width: a stem setting needs patch_embed='conv'")
         _check_literal("MultiwayConfig", "tokenizer", self.tokenizer, TokenizerKind)
         _check_fraction("MultiwayConfig", "drop_path", self.drop_path)
         _check_fraction("MultiwayConfig", "dropout", self.dropout)

@@ -24,20 +24,23 @@ class ConvStem(nn.Module):
     """Convolutional patch embedding (Xiao et al. 2021, sec. 3): (B, C, H, W) -> (B, H/p * W/p, D).
 
     n = log2(patch_size) blocks of 3x3 stride-2 conv (padding 1) -> BatchNorm -> ReLU whose widths double up to
-    `dim` (dim / 2^(n-1), ..., dim), then `extra_blocks` 3x3 stride-1 blocks at the patch resolution, then a 1x1
-    conv. Unlike the linear patchify, each token sees a window of
+    `dim` (dim / 2^(n-1), ..., dim; or from `width`, doubling, capped at `dim`), then `extra_blocks` 3x3 stride-1
+    blocks at the patch resolution, then a 1x1 conv. Unlike the linear patchify, each token sees a window of
     2p - 1 pixels per side: its own patch plus the p - 1 pixels above and left of it (15 px for p = 8). The
     overlap gives the translation-robust local features a small ViT lacks. For masked image modeling it means
     a masked patch's pixels reach the tokens right of and below it; BEiT's blockwise masking keeps most masked
     patches next to other masked ones.
     """
 
-    def __init__(self, *, patch_size: int, in_chans: int, dim: int, extra_blocks: int = 0) -> None:
+    def __init__(
+        self, *, patch_size: int, in_chans: int, dim: int, extra_blocks: int = 0, width: int | None = None
+    ) -> None:
         super().__init__()
         n = patch_size.bit_length() - 1
         if patch_size < 2 or 1 << n != patch_size:
             raise ValueError(f"MultiwayConfig.patch_size: the conv stem needs a power of 2 >= 2, got {patch_size}")
-        widths = [max(dim >> (n - 1 - i), 1) for i in range(n)]
+        first = width if width is not None else max(dim >> (n - 1), 1)
+        widths = [min(first << i, max(dim, first)) for i in range(n)]
         layers: list[nn.Module] = []
         prev = in_chans
         for width in widths:
@@ -61,7 +64,15 @@ class VisionEmbed(nn.Module):
     """
 
     def __init__(
-        self, *, img_size: int, patch_size: int, in_chans: int, dim: int, kind: str = "linear", stem_blocks: int = 0
+        self,
+        *,
+        img_size: int,
+        patch_size: int,
+        in_chans: int,
+        dim: int,
+        kind: str = "linear",
+        stem_blocks: int = 0,
+        stem_width: int | None = None,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
@@ -71,7 +82,9 @@ class VisionEmbed(nn.Module):
                 img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dim, strict_img_size=False
             )
         elif kind == "conv":
-            self.patch_embed = ConvStem(patch_size=patch_size, in_chans=in_chans, dim=dim, extra_blocks=stem_blocks)
+            self.patch_embed = ConvStem(
+                patch_size=patch_size, in_chans=in_chans, dim=dim, extra_blocks=stem_blocks, width=stem_width
+            )
         else:
             raise ValueError(f"MultiwayConfig.patch_embed: expected 'linear' or 'conv', got {kind!r}")
         self.grid_size: tuple[int, int] = (img_size // patch_size, img_size // patch_size)

@@ -13,6 +13,11 @@ One ``ClassificationHead`` serves every classification fine-tuning task; only th
 * ``"image_text_cls"`` (VQA variant, not in BEiT-3): concat(image CLS, text CLS) of the fused input -> 2D;
   LN -> Linear(2D, 2D) -> LN -> GELU -> Linear(2D, C). For small, briefly pretrained backbones whose image
   CLS has not yet learned to read the question (the synthetic-world recipes), the text CLS carries it.
+* ``"image_text_max"`` (VQA variant, not in BEiT-3): concat(image CLS, text CLS, the max over the patch tokens)
+  -> 3D, then as ``"image_text_cls"``. The max is a direct path from every patch's question-conditioned
+  feature to the answer, as the max-pooled FiLM network has (Perez et al. 2018); trained from scratch on the
+  shapes world, a CLS read out through attention that has yet to become selective learns several times slower
+  (docs/results/learning.md).
 * ``"mean_patch"`` (ImageNet): mean of the patch tokens (CLS excluded) -> LN -> Linear(D, C). BEiT-3
   scales the last layer's initial weights by ``init_scale = 0.001``.
 
@@ -29,11 +34,17 @@ from torch import nn
 
 __all__ = ["Pooler", "ClassificationHead", "Pooling", "pool_features"]
 
-Pooling = Literal["image_cls", "image_text_cls", "pair", "mean_patch"]
+Pooling = Literal["image_cls", "image_text_cls", "image_text_max", "pair", "mean_patch"]
 
 # unilm beit3 head shapes ([B3] sec. 3): hidden width multiplier (None = a single Linear), whether an input LN leads.
-_DEFAULT_HIDDEN_MULT: dict[str, int | None] = {"image_cls": 2, "image_text_cls": 2, "pair": 2, "mean_patch": None}
-_IN_MULT: dict[str, int] = {"image_cls": 1, "image_text_cls": 2, "pair": 4, "mean_patch": 1}
+_DEFAULT_HIDDEN_MULT: dict[str, int | None] = {
+    "image_cls": 2,
+    "image_text_cls": 2,
+    "image_text_max": 2,
+    "pair": 2,
+    "mean_patch": None,
+}
+_IN_MULT: dict[str, int] = {"image_cls": 1, "image_text_cls": 2, "image_text_max": 3, "pair": 4, "mean_patch": 1}
 
 
 def _init_linear_ln(module: nn.Module, std: float = 0.02) -> None:
@@ -81,6 +92,13 @@ def pool_features(features_BND: torch.Tensor, num_vision_tokens: int, pooling: P
                 "pool_features('image_text_cls'): no text tokens after the image tokens (need image + text input)"
             )
         return torch.cat([features_BND[:, 0], features_BND[:, num_vision_tokens]], dim=-1)
+    if pooling == "image_text_max":
+        if features_BND.shape[1] <= num_vision_tokens or num_vision_tokens < 2:
+            raise ValueError(
+                "pool_features('image_text_max'): needs patch tokens and text tokens after them (image + text input)"
+            )
+        patches = features_BND[:, 1:num_vision_tokens].amax(dim=1)
+        return torch.cat([features_BND[:, 0], features_BND[:, num_vision_tokens], patches], dim=-1)
     if pooling == "pair":
         if features_BND.shape[1] <= num_vision_tokens:
             raise ValueError("pool_features('pair'): no text tokens after the image tokens (need image + text input)")
@@ -92,7 +110,8 @@ def pool_features(features_BND: torch.Tensor, num_vision_tokens: int, pooling: P
         img0_BD, img1_BD = cls_2BD.chunk(2, dim=0)
         return torch.cat([img0_BD, img1_BD], dim=-1)
     raise ValueError(
-        f"pool_features: unknown pooling {pooling!r}; expected 'image_cls', 'image_text_cls', 'pair' or 'mean_patch'"
+        f"pool_features: unknown pooling {pooling!r}; expected 'image_cls', 'image_text_cls', 'image_text_max', 'pair' "
+        "or 'mean_patch'"
     )
 
 

@@ -141,6 +141,7 @@ def param_groups(
     layer_decay: float = 1.0,
     head_lr_mult: float = 1.0,
     backbone_attr: str = "backbone",
+    stem_lr_mult: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Split ``module``'s trainable parameters into AdamW groups (docs/interfaces.md section 7).
 
@@ -148,13 +149,15 @@ def param_groups(
     (layer-wise lr decay ``decay^(top - id)``; ``layer_decay=1`` disables it). Everything else in
     ``module`` (heads, MIM/MLM predictors) is a head: lr ``lr * head_lr_mult``, decay on >= 2-D weights only.
     Parameters shared between the backbone and a head (tied embeddings) are optimized once, as backbone
-    parameters. Returns a list of dicts with ``params``, ``lr``, ``weight_decay``, ``lr_scale``
-    and ``name`` (the LearningRateMonitor label).
+    parameters. ``stem_lr_mult`` scales the lr of the conv patch stem (``vision_embed.patch_embed``), a
+    BatchNorm CNN whose best lr need not be the Transformer's (docs/results/learning.md). Returns a list of
+    dicts with ``params``, ``lr``, ``weight_decay``, ``lr_scale`` and ``name`` (the LearningRateMonitor label).
     """
     _check_positive("lr", lr)
     _check_positive("weight_decay", weight_decay)
     _check_positive("layer_decay", layer_decay, allow_zero=False)
     _check_positive("head_lr_mult", head_lr_mult)
+    _check_positive("stem_lr_mult", stem_lr_mult, allow_zero=False)
     if layer_decay > 1.0:
         raise ValueError(f"mmoe.train.optim: argument layer_decay={layer_decay} must be in (0, 1]")
     backbone = getattr(module, backbone_attr, None)
@@ -164,22 +167,24 @@ def param_groups(
         layer_id = backbone_layer_ids(backbone)
         top = max(layer_id.values(), default=0) + 1  # the heads' level: scale 1
         nwd = no_decay_names(backbone)
-        by_key: dict[tuple[int, bool], list[nn.Parameter]] = {}
+        by_key: dict[tuple[int, bool, bool], list[nn.Parameter]] = {}
         for name, p in backbone.named_parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
             decay = p.ndim > 1 and not any(fnmatch.fnmatch(name, pat) for pat in nwd)
-            by_key.setdefault((layer_id.get(name, top - 1), decay), []).append(p)
-        for (lid, decay), params in sorted(by_key.items()):
-            scale = layer_decay ** (top - lid)
+            stem = stem_lr_mult != 1.0 and name.startswith("vision_embed.patch_embed.")
+            by_key.setdefault((layer_id.get(name, top - 1), decay, stem), []).append(p)
+        for (lid, decay, stem), params in sorted(by_key.items()):
+            scale = layer_decay ** (top - lid) * (stem_lr_mult if stem else 1.0)
+            label = f"{backbone_attr}.{'stem' if stem else f'layer{lid}'}_{'decay' if decay else 'no_decay'}"
             groups.append(
                 {
                     "params": params,
                     "lr": lr * scale,
                     "weight_decay": weight_decay if decay else 0.0,
                     "lr_scale": scale,
-                    "name": f"{backbone_attr}.layer{lid}_{'decay' if decay else 'no_decay'}",
+                    "name": label,
                 }
             )
     elif backbone is not None:
@@ -231,6 +236,7 @@ def build_optimizer(
     layer_decay: float = 1.0,
     head_lr_mult: float = 1.0,
     backbone_attr: str = "backbone",
+    stem_lr_mult: float = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; defaults are the [B3]/[MH1] pretraining betas and eps ([B3] sec. 2.3)."""
     b = tuple(float(x) for x in betas)
@@ -244,6 +250,7 @@ def build_optimizer(
         layer_decay=layer_decay,
         head_lr_mult=head_lr_mult,
         backbone_attr=backbone_attr,
+        stem_lr_mult=stem_lr_mult,
     )
     return torch.optim.AdamW(groups, lr=lr, betas=(b[0], b[1]), eps=eps, weight_decay=weight_decay)
 
@@ -293,6 +300,7 @@ class OptimConfig:
     eps: float = 1e-6
     layer_decay: float = 1.0
     head_lr_mult: float = 1.0
+    stem_lr_mult: float = 1.0
     warmup_steps: int = 0
     total_steps: int | None = None
     min_lr_ratio: float = 0.0
@@ -340,6 +348,7 @@ def configure_optimizers(
         layer_decay=cfg.layer_decay,
         head_lr_mult=cfg.head_lr_mult,
         backbone_attr=backbone_attr,
+        stem_lr_mult=cfg.stem_lr_mult,
     )
     scheduler = cosine_with_warmup(
         optimizer, warmup_steps=cfg.warmup_steps, total_steps=total, min_lr_ratio=cfg.min_lr_ratio
