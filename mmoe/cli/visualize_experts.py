@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from mmoe.viz.capture import ModelRouting, collect_routing, resolve_model
+from mmoe.viz.html import write_html
 from mmoe.viz.inputs import load_inputs
 from mmoe.viz.report import DEFAULT_THRESHOLD, write_comparison, write_report
 
@@ -45,13 +46,16 @@ def visualize(
     threshold: float = DEFAULT_THRESHOLD,
     seed: int = 0,
     layers: Sequence[str] | None = None,
+    html: bool = False,
 ) -> dict[str, Any]:
     """The whole job of `mmoe-viz` as one call: read the inputs, run each model, write the reports.
 
     `checkpoint` (and `compare`) is one of our Lightning checkpoints, an mmoe model file, or a
     registered model name / YAML for a freshly initialized model. With `compare`, each model writes
     to `out/<label>/` and the side-by-side figures go to `out/compare/`; otherwise everything goes to
-    `out/`. Returns {"reports": [experts.json per model], "compare": compare.json or None}.
+    `out/`. With `html`, `out/index.html` is the interactive viewer of every model side by side
+    (`mmoe.viz.html`). Returns {"reports": [experts.json per model], "compare": compare.json or None,
+    "html": the page's path or None}.
     """
     specs = [checkpoint] + ([compare] if compare else [])
     if labels is not None and len(labels) != len(specs):
@@ -72,7 +76,15 @@ def visualize(
         reports.append(write_report(result, out / label if compare else out, threshold=threshold, layers=layers))
         results.append(result)
     summary = write_comparison(results, out / "compare", threshold=threshold, layers=layers) if compare else None
-    return {"reports": reports, "compare": summary}
+    page = None
+    if html:
+        files = ["experts.json", *reports[0]["files"]] if not compare else []
+        if compare:
+            for r in reports:
+                files += [f"{r['model']['label']}/{f}" for f in ["experts.json", *r["files"]]]
+            files += [f"compare/{f}" for f in ["compare.json", *summary["files"]]]
+        page = write_html(results, out, threshold=threshold, files=files)
+    return {"reports": reports, "compare": summary, "html": page}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation threshold: an expert is active when its share of a layer's routed sub-tokens is at least this",
     )
     p.add_argument("--layers", nargs="+", help="draw per-image maps only for these MoE layers (e.g. layer1 layer7)")
+    p.add_argument(
+        "--html", action="store_true", help="also write OUT/index.html, the interactive routing viewer (self-contained)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for freshly initialized models")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     return p
@@ -126,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             threshold=args.threshold,
             seed=args.seed,
             layers=args.layers,
+            html=args.html,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"mmoe-viz: {exc}", file=sys.stderr)
@@ -136,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: {n} input(s), {len(report['files'])} files; activation ratio per layer: {json.dumps(ratios)}")
     if done["compare"] is not None:
         print(f"comparison: {len(done['compare']['files'])} figures in {Path(args.out) / 'compare'}")
+    if done["html"] is not None:
+        print(f"routing viewer: {done['html']}")
     print(f"written to {args.out}")
     return 0
 
