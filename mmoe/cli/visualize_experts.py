@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from mmoe.cli.progress import ToolProgress, add_progress_flag
 from mmoe.viz.capture import ModelRouting, collect_routing, resolve_model
 from mmoe.viz.html import write_html
 from mmoe.viz.inputs import load_inputs
@@ -47,6 +48,7 @@ def visualize(
     seed: int = 0,
     layers: Sequence[str] | None = None,
     html: bool = False,
+    progress: ToolProgress | None = None,
 ) -> dict[str, Any]:
     """The whole job of `mmoe-viz` as one call: read the inputs, run each model, write the reports.
 
@@ -55,11 +57,12 @@ def visualize(
     to `out/<label>/` and the side-by-side figures go to `out/compare/`; otherwise everything goes to
     `out/`. With `html`, `out/index.html` is the interactive viewer of every model side by side
     (`mmoe.viz.html`). Returns {"reports": [experts.json per model], "compare": compare.json or None,
-    "html": the page's path or None}.
+    "html": the page's path or None}. `progress` draws bars per model (forward passes, figures).
     """
     specs = [checkpoint] + ([compare] if compare else [])
     if labels is not None and len(labels) != len(specs):
         raise ValueError(f"visualize: labels needs {len(specs)} names (one per model), got {list(labels)}")
+    progress = progress or ToolProgress("mmoe-viz", enabled=False)
     inputs = load_inputs(image, text=text, limit=limit)
     out = Path(out)
     results: list[ModelRouting] = []
@@ -70,12 +73,17 @@ def visualize(
             label = labels[n]
         elif n == 1 and label == results[0].label:
             label = f"{label}_2"
-        result = collect_routing(model, inputs, label=label, source=spec, batch_size=batch_size)
+        advance = progress.task(f"{label}: routing", total=len(inputs))
+        result = collect_routing(model, inputs, label=label, source=spec, batch_size=batch_size, progress=advance)
         if not result.accumulator.layers:
             raise ValueError(f"visualize: {spec}: the model has no MoE layers (a dense model); nothing to draw")
-        reports.append(write_report(result, out / label if compare else out, threshold=threshold, layers=layers))
+        with progress.step(f"{label}: figures"):
+            reports.append(write_report(result, out / label if compare else out, threshold=threshold, layers=layers))
         results.append(result)
-    summary = write_comparison(results, out / "compare", threshold=threshold, layers=layers) if compare else None
+    summary = None
+    if compare:
+        with progress.step("side-by-side figures"):
+            summary = write_comparison(results, out / "compare", threshold=threshold, layers=layers)
     page = None
     if html:
         files = ["experts.json", *reports[0]["files"]] if not compare else []
@@ -83,7 +91,8 @@ def visualize(
             for r in reports:
                 files += [f"{r['model']['label']}/{f}" for f in ["experts.json", *r["files"]]]
             files += [f"compare/{f}" for f in ["compare.json", *summary["files"]]]
-        page = write_html(results, out, threshold=threshold, files=files)
+        with progress.step("routing viewer"):
+            page = write_html(results, out, threshold=threshold, files=files)
     return {"reports": reports, "compare": summary, "html": page}
 
 
@@ -117,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for freshly initialized models")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    add_progress_flag(p)
     return p
 
 
@@ -129,20 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        done = visualize(
-            args.checkpoint or args.model,
-            out=args.out,
-            image=args.image,
-            text=args.text,
-            compare=args.compare,
-            labels=args.labels,
-            limit=args.limit or None,
-            batch_size=args.batch_size,
-            threshold=args.threshold,
-            seed=args.seed,
-            layers=args.layers,
-            html=args.html,
-        )
+        with ToolProgress.from_args("mmoe-viz", args) as progress:
+            done = visualize(
+                args.checkpoint or args.model,
+                out=args.out,
+                image=args.image,
+                text=args.text,
+                compare=args.compare,
+                labels=args.labels,
+                limit=args.limit or None,
+                batch_size=args.batch_size,
+                threshold=args.threshold,
+                seed=args.seed,
+                layers=args.layers,
+                html=args.html,
+                progress=progress,
+            )
     except (FileNotFoundError, ValueError) as exc:
         print(f"mmoe-viz: {exc}", file=sys.stderr)
         return 1
@@ -155,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     if done["html"] is not None:
         print(f"routing viewer: {done['html']}")
     print(f"written to {args.out}")
+    files = sum(len(r["files"]) for r in done["reports"]) + (len(done["compare"]["files"]) if done["compare"] else 0)
+    n = len(done["reports"][0]["inputs"])
+    progress.summary(f"{len(done['reports'])} model(s) on {n} input(s), {files} figures in {args.out}")
     return 0
 
 
