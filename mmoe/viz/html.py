@@ -108,7 +108,7 @@ def viewer_data(
         "diversity_colors": {str(h): [_hex(c) for c in diversity_colors(np.arange(1, h + 1), h)[0]] for h in num_h},
         "heat": [_hex(heat(i)) for i in range(heat.N)],
         "inputs": [
-            {"index": i, "source": x.source, "name": Path(x.source.split(":")[-1]).name or x.source, "text": x.text}
+            {"index": i, "source": x.source, "name": x.source.replace("\\", "/").rsplit("/", 1)[-1], "text": x.text}
             for i, x in enumerate(results[0].inputs)
         ],
         "images": images,
