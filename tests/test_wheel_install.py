@@ -72,6 +72,7 @@ def test_wheel_carries_the_configs_and_the_commands(installed: tuple[Path, Path]
     shipped = {f"mmoe/configs/{p.relative_to(REPO / 'configs').as_posix()}" for p in REPO.glob("configs/*/*.yaml")}
     assert len(shipped) > 20 and shipped <= names, sorted(shipped - names)
     assert "mmoe/configs/__init__.py" in names and "mmoe/cli/recipes.py" in names
+    assert {"mmoe/viz/viewer.js", "mmoe/viz/viewer.css"} <= names  # mmoe-viz --html inlines them
     assert not any(n.startswith(("tests/", "tools/", "configs/", "datasets/")) for n in names)
     scripts = entry_points.split("[console_scripts]", 1)[1].split("\n[", 1)[0]
     assert {k.strip(): v.strip() for k, v in (x.split("=") for x in scripts.strip().splitlines())} == CONSOLE_SCRIPTS

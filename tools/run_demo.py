@@ -223,15 +223,18 @@ class Demo:
             self.note("expert picture skipped: no pretraining checkpoint")
             return None
         out = self.out / "experts"
-        if (out / "experts.json").exists() and (out / "experts.json").stat().st_mtime >= ckpt.stat().st_mtime:
+        done = (out / "experts.json").exists() and (out / "index.html").exists()
+        if done and (out / "experts.json").stat().st_mtime >= ckpt.stat().st_mtime:
             self.note("expert picture reused")
             return out
-        images = SAMPLES / "coco" / "val2017"
-        if not images.is_dir():
+        # the real COCO pairs (each photo with its caption: the viewer shows the text routing too), else photos
+        shards = sorted((self.out / "samples_shards" / "pair").glob("coco-samples-*.tar"))
+        images = shards[0] if shards else SAMPLES / "coco" / "val2017"
+        if not shards and not images.is_dir():
             images = self.out / "world" / "coco" / "val2014"
         cmd = [
             sys.executable, str(VIZ_TOOL), "--checkpoint", str(ckpt), "--image", str(images),
-            "--limit", "2" if self.quick else "4", "--out", str(out),
+            "--limit", "2" if self.quick else "4", "--out", str(out), "--html", "--no-progress",
         ]  # fmt: skip
         return out if self.run("experts", cmd) else None
 
@@ -294,6 +297,9 @@ class Demo:
                 lines.append(f"![{png.name}]({png.relative_to(self.out)})")
             if not pngs:
                 lines.append(f"(no PNG written under {pic})")
+            if (pic / "index.html").exists():
+                page = (pic / "index.html").relative_to(self.out)
+                lines += ["", f"Interactive routing viewer (opens from disk in a browser): `{page}`"]
         else:
             lines.append("Not drawn (see notes).")
         if self.notes:

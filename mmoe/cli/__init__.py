@@ -13,6 +13,9 @@ Each module has ``main(argv=None) -> int`` (the exit status) and also runs as ``
 ``compare_pretraining`` (no console script; ``python -m mmoe.cli.compare_pretraining``) runs the tiny
 Dense/SMoE/X-MoE/MH-MoE pretraining comparison of ``docs/results/tiny_pretraining.md``.
 
+``progress`` holds what the offline commands share for long work: rich progress bars on stderr (``--no-progress``)
+and the closing summary line.
+
 Training itself is the ``mmoe`` command (``mmoe.train.cli``). In a source checkout ``tools/<module>.py`` is a
 wrapper running the same ``main``.
 """

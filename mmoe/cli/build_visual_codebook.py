@@ -18,22 +18,33 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmoe.cli import entry_point
+from mmoe.cli.progress import ToolProgress, add_progress_flag
 from mmoe.data import codebook
 from mmoe.data.codebook import normalize_patches, patchify, save_codebook
 from mmoe.train.data.pretraining import PretrainDataModule
 
 
 def collect_patches(
-    patterns: list[str], *, image_size: int, patch_size: int, max_images: int, batch_size: int, seed: int
+    patterns: list[str],
+    *,
+    image_size: int,
+    patch_size: int,
+    max_images: int,
+    batch_size: int,
+    seed: int,
+    progress: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
-    """Normalized patch vectors (N, patch_size^2 * 3) of up to ``max_images`` images read from ``patterns``."""
+    """Normalized patch vectors (N, patch_size^2 * 3) of up to ``max_images`` images read from ``patterns``.
+
+    `progress` is called with the number of images each batch added.
+    """
     batch_size = min(batch_size, max_images)  # never read (and cycle through) more images than asked for
     steps = max(1, math.ceil(max_images / batch_size))
     dm = PretrainDataModule(
@@ -53,6 +64,8 @@ def collect_patches(
         images = batch["image"]["image"][: max_images - seen]
         chunks.append(normalize_patches(patchify(images, patch_size)).flatten(0, 1))
         seen += images.shape[0]
+        if progress is not None:
+            progress(images.shape[0])
         if seen >= max_images:
             break
     if not chunks:
@@ -82,11 +95,14 @@ def run(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--iters", type=int, default=20, help="Lloyd iterations")
     p.add_argument("--seed", type=int, default=0)
+    add_progress_flag(p)
     args = p.parse_args(argv)
-    t0 = time.perf_counter()
     names = ("image_size", "patch_size", "max_images", "batch_size", "seed")
-    patches = collect_patches(args.shards, **{k: getattr(args, k) for k in names})
-    centroids, inertia = kmeans(patches, args.codes, iters=args.iters, seed=args.seed)
+    with ToolProgress.from_args("mmoe-codebook", args) as progress:
+        read = progress.task("images read", total=args.max_images)
+        patches = collect_patches(args.shards, progress=read, **{k: getattr(args, k) for k in names})
+        lloyd = progress.task(f"k-means, {args.codes} codes", total=args.iters)
+        centroids, inertia = kmeans(patches, args.codes, iters=args.iters, seed=args.seed, progress=lloyd)
     meta = {
         "shards": list(args.shards),
         "image_size": args.image_size,
@@ -96,8 +112,12 @@ def run(argv: list[str] | None = None) -> dict:
         "mean_sq_distance": inertia,
     }
     save_codebook(Path(args.out), centroids, patch_size=args.patch_size, **meta)
-    summary = {"out": args.out, "codes": args.codes, **meta, "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {"out": args.out, "codes": args.codes, **meta, "seconds": round(progress.seconds, 1)}
     print(json.dumps(summary, indent=1))
+    progress.summary(
+        f"{args.codes} codes from {summary['num_patches']} patches written to {args.out}, "
+        f"mean squared distance {inertia:.4f}"
+    )
     return summary
 
 

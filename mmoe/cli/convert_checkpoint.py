@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mmoe.cli.progress import ToolProgress, add_progress_flag
 from mmoe.model import create_model, get_config, load_backbone_weights, save_model
 from mmoe.model.backbone import MultiwayTransformer
 from mmoe.model.convert import (
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="upcycling with a shared pool: which dense FFN seeds each expert",
     )
     p.add_argument("--trust-pickle", action="store_true", help="allow torch.load(weights_only=False)")
+    add_progress_flag(p)
     return p
 
 
@@ -108,11 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     convert = run_upcycle if args.upcycle else (convert_beit3 if args.source_format == "beit3" else convert_timm)
-    try:
-        model, extra = convert(args)
-    except ValueError as err:  # a refused conversion is a usage error: one line, exit status 2, nothing written
-        parser.error(str(err))
-    save_model(model, args.output, extra=extra)
+    with ToolProgress.from_args("mmoe-convert", args) as progress:
+        what = f"upcycling {args.input}" if args.upcycle else f"reading and converting {args.input}"
+        try:
+            with progress.step(what):
+                model, extra = convert(args)
+        except ValueError as err:  # a refused conversion is a usage error: one line, exit status 2, nothing written
+            parser.error(str(err))
+        with progress.step(f"writing {args.output}"):
+            save_model(model, args.output, extra=extra)
     n_params = sum(p.numel() for p in model.parameters())
     cfg = model.config
     print(
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("unused_keys", "not_loaded"):
         if extra.get(key):
             print(f"{key} ({len(extra[key])}): {extra[key][:8]}{' ...' if len(extra[key]) > 8 else ''}")
+    progress.summary(f"{args.input} -> {args.output}, {n_params / 1e6:.1f}M parameters")
     return 0
 
 

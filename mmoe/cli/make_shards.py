@@ -23,10 +23,9 @@ temporary name and renamed when complete; ``OUT/sizes.json`` maps each shard to 
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 
 from mmoe.cli import entry_point
+from mmoe.cli.progress import ToolProgress, add_progress_flag
 from mmoe.data.shard_writer import (
     SkipReport,
     iter_coco_captions,
@@ -50,6 +49,7 @@ def run(argv: list[str] | None = None) -> SkipReport:
     common.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard (soft limit)")
     common.add_argument("--max-side", type=int, default=None, help="shrink larger images to this longer side (JPEG)")
     common.add_argument("--start-index", type=int, default=0, help="number of the first shard")
+    add_progress_flag(common)
 
     a = sub.add_parser("coco", parents=[common], help="COCO caption JSON + image folder -> pairs")
     a.add_argument("--ann", required=True)
@@ -81,19 +81,19 @@ def run(argv: list[str] | None = None) -> SkipReport:
         )
     else:
         samples, kind = iter_text_files(args.files, unit=args.unit), "text"
-    t0 = time.perf_counter()
-    report = write_shards(
-        samples,
-        args.out,
-        kind=kind,  # type: ignore[arg-type]
-        prefix=args.prefix,
-        maxcount=args.maxcount,
-        maxsize=args.maxsize,
-        max_side=args.max_side,
-        start_index=args.start_index,
-    )
+    with ToolProgress.from_args("mmoe-shards", args) as progress:
+        report = write_shards(
+            progress.track(samples, f"{kind} samples read"),
+            args.out,
+            kind=kind,  # type: ignore[arg-type]
+            prefix=args.prefix,
+            maxcount=args.maxcount,
+            maxsize=args.maxsize,
+            max_side=args.max_side,
+            start_index=args.start_index,
+        )
     print(report.summary())
-    print(f"{kind} shards in {args.out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    progress.summary(f"{report.written} {kind} samples written to {args.out}, {report.num_skipped} skipped")
     return report
 
 

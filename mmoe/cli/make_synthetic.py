@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from mmoe.cli import entry_point
+from mmoe.cli.progress import ToolProgress, add_progress_flag
 from mmoe.data.synthetic import WORLD_VARIANTS, make_world
 
 
@@ -46,15 +46,19 @@ def run(argv: list[str] | None = None) -> dict:
     p.add_argument("--vqa-noise", type=float, default=0.05, help="probability an annotator gives another answer")
     p.add_argument("--shards", action="store_true", help="also write webdataset shards under OUT/shards")
     p.add_argument("--shard-maxcount", type=int, default=1000, help="samples per shard")
+    add_progress_flag(p)
     args = p.parse_args(argv)
-    t0 = time.perf_counter()
     names = ("num_train", "num_val", "image_size", "seed", "vqa_noise", "shards", "shard_maxcount", "variant")
     world = {k: getattr(args, k) for k in names}
-    summary = make_world(args.out, nlvr2_sets=tuple(args.nlvr2_sets) if args.nlvr2_sets else None, **world)
+    sets = tuple(args.nlvr2_sets) if args.nlvr2_sets else None
+    with ToolProgress.from_args("mmoe-synthetic", args) as progress:
+        summary = make_world(args.out, nlvr2_sets=sets, progress=progress.stages("shapes world"), **world)
     print(json.dumps(summary["splits"], indent=1))
     if "shards" in summary:
         print(json.dumps(summary["shards"], indent=1))
-    print(f"wrote {args.out} in {time.perf_counter() - t0:.1f} s")
+    scenes = sum(s.get("images", 0) for s in summary["splits"].values())
+    shards = f", {sum(summary['shards'].values())} shard samples" if "shards" in summary else ""
+    progress.summary(f"wrote {args.out}: {scenes} scenes in {len(summary['splits'])} splits{shards}")
     return summary
 
 

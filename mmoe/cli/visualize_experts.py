@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
+from mmoe.cli.progress import ToolProgress, add_progress_flag
 from mmoe.viz.capture import ModelRouting, collect_routing, resolve_model
+from mmoe.viz.html import write_html
 from mmoe.viz.inputs import load_inputs
 from mmoe.viz.report import DEFAULT_THRESHOLD, write_comparison, write_report
 
@@ -45,17 +47,22 @@ def visualize(
     threshold: float = DEFAULT_THRESHOLD,
     seed: int = 0,
     layers: Sequence[str] | None = None,
+    html: bool = False,
+    progress: ToolProgress | None = None,
 ) -> dict[str, Any]:
     """The whole job of `mmoe-viz` as one call: read the inputs, run each model, write the reports.
 
     `checkpoint` (and `compare`) is one of our Lightning checkpoints, an mmoe model file, or a
     registered model name / YAML for a freshly initialized model. With `compare`, each model writes
     to `out/<label>/` and the side-by-side figures go to `out/compare/`; otherwise everything goes to
-    `out/`. Returns {"reports": [experts.json per model], "compare": compare.json or None}.
+    `out/`. With `html`, `out/index.html` is the interactive viewer of every model side by side
+    (`mmoe.viz.html`). Returns {"reports": [experts.json per model], "compare": compare.json or None,
+    "html": the page's path or None}. `progress` draws bars per model (forward passes, figures).
     """
     specs = [checkpoint] + ([compare] if compare else [])
     if labels is not None and len(labels) != len(specs):
         raise ValueError(f"visualize: labels needs {len(specs)} names (one per model), got {list(labels)}")
+    progress = progress or ToolProgress("mmoe-viz", enabled=False)
     inputs = load_inputs(image, text=text, limit=limit)
     out = Path(out)
     results: list[ModelRouting] = []
@@ -66,13 +73,27 @@ def visualize(
             label = labels[n]
         elif n == 1 and label == results[0].label:
             label = f"{label}_2"
-        result = collect_routing(model, inputs, label=label, source=spec, batch_size=batch_size)
+        advance = progress.task(f"{label}: routing", total=len(inputs))
+        result = collect_routing(model, inputs, label=label, source=spec, batch_size=batch_size, progress=advance)
         if not result.accumulator.layers:
             raise ValueError(f"visualize: {spec}: the model has no MoE layers (a dense model); nothing to draw")
-        reports.append(write_report(result, out / label if compare else out, threshold=threshold, layers=layers))
+        with progress.step(f"{label}: figures"):
+            reports.append(write_report(result, out / label if compare else out, threshold=threshold, layers=layers))
         results.append(result)
-    summary = write_comparison(results, out / "compare", threshold=threshold, layers=layers) if compare else None
-    return {"reports": reports, "compare": summary}
+    summary = None
+    if compare:
+        with progress.step("side-by-side figures"):
+            summary = write_comparison(results, out / "compare", threshold=threshold, layers=layers)
+    page = None
+    if html:
+        files = ["experts.json", *reports[0]["files"]] if not compare else []
+        if compare:
+            for r in reports:
+                files += [f"{r['model']['label']}/{f}" for f in ["experts.json", *r["files"]]]
+            files += [f"compare/{f}" for f in ["compare.json", *summary["files"]]]
+        with progress.step("routing viewer"):
+            page = write_html(results, out, threshold=threshold, files=files)
+    return {"reports": reports, "compare": summary, "html": page}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,8 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation threshold: an expert is active when its share of a layer's routed sub-tokens is at least this",
     )
     p.add_argument("--layers", nargs="+", help="draw per-image maps only for these MoE layers (e.g. layer1 layer7)")
+    p.add_argument(
+        "--html", action="store_true", help="also write OUT/index.html, the interactive routing viewer (self-contained)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for freshly initialized models")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    add_progress_flag(p)
     return p
 
 
@@ -114,19 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        done = visualize(
-            args.checkpoint or args.model,
-            out=args.out,
-            image=args.image,
-            text=args.text,
-            compare=args.compare,
-            labels=args.labels,
-            limit=args.limit or None,
-            batch_size=args.batch_size,
-            threshold=args.threshold,
-            seed=args.seed,
-            layers=args.layers,
-        )
+        with ToolProgress.from_args("mmoe-viz", args) as progress:
+            done = visualize(
+                args.checkpoint or args.model,
+                out=args.out,
+                image=args.image,
+                text=args.text,
+                compare=args.compare,
+                labels=args.labels,
+                limit=args.limit or None,
+                batch_size=args.batch_size,
+                threshold=args.threshold,
+                seed=args.seed,
+                layers=args.layers,
+                html=args.html,
+                progress=progress,
+            )
     except (FileNotFoundError, ValueError) as exc:
         print(f"mmoe-viz: {exc}", file=sys.stderr)
         return 1
@@ -136,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: {n} input(s), {len(report['files'])} files; activation ratio per layer: {json.dumps(ratios)}")
     if done["compare"] is not None:
         print(f"comparison: {len(done['compare']['files'])} figures in {Path(args.out) / 'compare'}")
+    if done["html"] is not None:
+        print(f"routing viewer: {done['html']}")
     print(f"written to {args.out}")
+    files = sum(len(r["files"]) for r in done["reports"]) + (len(done["compare"]["files"]) if done["compare"] else 0)
+    n = len(done["reports"][0]["inputs"])
+    progress.summary(f"{len(done['reports'])} model(s) on {n} input(s), {files} figures in {args.out}")
     return 0
 
 

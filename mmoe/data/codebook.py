@@ -17,6 +17,7 @@ M or N patch vectors.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +95,19 @@ def assign_codes(patches_MC: torch.Tensor, centroids_KC: torch.Tensor) -> torch.
 
 
 def kmeans(
-    x_NC: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, chunk: int = 65536
+    x_NC: torch.Tensor,
+    k: int,
+    *,
+    iters: int = 20,
+    seed: int = 0,
+    chunk: int = 65536,
+    progress: Callable[[int], object] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Lloyd's k-means with k-means++ seeding; returns (centroids (k, C), mean squared distance to the centroid).
 
     Deterministic for a given ``seed``; empty clusters are re-seeded on random points. Raises ``ValueError``
-    when there are fewer vectors than codes.
+    when there are fewer vectors than codes. `progress`, when given, is called with 1 after each Lloyd iteration
+    (a command's progress bar).
     """
     n = x_NC.shape[0]
     if n < k:
@@ -122,4 +130,6 @@ def kmeans(
         if empty.any():  # re-seed empty clusters on random points
             centroids[empty] = x[torch.randint(n, (int(empty.sum()),), generator=g)]
         inertia = float((x - centroids[assign]).pow(2).sum(-1).mean())
+        if progress is not None:
+            progress(1)
     return centroids, inertia

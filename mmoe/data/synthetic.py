@@ -744,6 +744,7 @@ def make_world(
     shards: bool = False,
     shard_maxcount: int = 1000,
     variant: str = "standard",
+    progress: Callable[[str, int, int], object] | None = None,
 ) -> dict[str, Any]:
     """Write the whole shapes world under ``out_dir`` (layout: docs/interfaces.md section 6).
 
@@ -758,6 +759,8 @@ def make_world(
         shard_maxcount: samples per shard when ``shards`` is set.
         variant: ``"standard"`` or ``"alt"`` (``WORLD_VARIANTS``): the second world's other words, colours,
             sizes and questions (``WorldSpec``), for judging a recipe on a world it was not tuned on.
+        progress: called as ``progress(stage, done, total)`` after each stage (a split's COCO/VQA, NLVR2,
+            ImageFolder, text; the shards), for a command's progress bar; the library prints nothing.
 
     Returns:
         A summary dict of counts per split (also written to ``world.json``).
@@ -782,13 +785,26 @@ def make_world(
         "positions": sorted(set(POSITIONS.values())),
         "splits": {},
     }
+    done, total = 0, 4 * len(counts) + int(shards)
+
+    def stage(name: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(name, done, total)
+
     for split, num in counts.items():
         stats = _write_coco_vqa(out, split, num, image_size, seed, vqa_noise, world)
+        stage(f"{split} COCO/VQA")
         stats.update(_write_nlvr2(out, split, sets[split], image_size, seed, world))
+        stage(f"{split} NLVR2")
         stats.update(_write_imagefolder(out, split, num, image_size, seed, world))
+        stage(f"{split} ImageFolder")
         stats.update(_write_text(out, split, num, seed, world))
+        stage(f"{split} text")
         summary["splits"][split] = stats
     if shards:
         summary["shards"] = write_world_shards(out, maxcount=shard_maxcount)
+        stage("shards")
     _atomic_bytes(out / "world.json", json.dumps(summary, indent=1).encode("utf-8"))
     return summary

@@ -9,7 +9,7 @@ are reduced by `mmoe.viz.records` (that is, by `mmoe.moe.stats`); `mmoe.viz.repo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,7 @@ from mmoe.viz.records import (
     RoutingAccumulator,
     diversity,
     majority_expert,
-    patch_gates,
-    patch_grid,
+    patch_routing,
     split_routing,
 )
 from mmoe.viz.text import TokenPieces, split_words, text_rows
@@ -150,6 +149,8 @@ class ModelRouting:
     images: dict[int, np.ndarray] = field(default_factory=dict)  # input index -> (H, W, 3) display image
     first: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # key -> input -> (gh, gw, h)
     gates: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    topk_experts: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # key -> input -> (gh, gw, h, K)
+    topk_gates: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
     texts: list[TextResult] = field(default_factory=list)
     num_experts: dict[str, int] = field(default_factory=dict)
     num_heads: dict[str, int] = field(default_factory=dict)
@@ -162,9 +163,19 @@ class ModelRouting:
 
 
 def collect_routing(
-    model: torch.nn.Module, inputs: Sequence[VizInput], *, label: str, source: str = "", batch_size: int = 8
+    model: torch.nn.Module,
+    inputs: Sequence[VizInput],
+    *,
+    label: str,
+    source: str = "",
+    batch_size: int = 8,
+    progress: Callable[[int], object] | None = None,
 ) -> ModelRouting:
-    """Run `model` over `inputs` in batches (inputs with and without text never share a batch)."""
+    """Run `model` over `inputs` in batches (inputs with and without text never share a batch).
+
+    `progress`, when given, is called with the number of inputs each finished batch covered (a progress bar's
+    advance; the library itself prints nothing).
+    """
     result = ModelRouting(label=label, source=source or label, inputs=list(inputs))
     cfg = model.config
     transform = image_transform(model) if any(x.image is not None for x in inputs) else None
@@ -206,11 +217,12 @@ def collect_routing(
             result.num_experts[v.key] = v.num_experts
             result.num_heads[v.key] = v.num_heads
             if v.vision is not None and routed.grid_size is not None:
-                first = patch_grid(v.vision, routed.grid_size)
-                gates = patch_gates(v.vision, routed.grid_size)
+                ids, gates = patch_routing(v.vision, routed.grid_size)
                 for b, i in enumerate(idx):
-                    result.first.setdefault(v.key, {})[i] = first[b]
-                    result.gates.setdefault(v.key, {})[i] = gates[b]
+                    result.first.setdefault(v.key, {})[i] = ids[b, ..., 0]
+                    result.gates.setdefault(v.key, {})[i] = gates[b, ..., 0]
+                    result.topk_experts.setdefault(v.key, {})[i] = ids[b]
+                    result.topk_gates.setdefault(v.key, {})[i] = gates[b]
             if v.text is not None:
                 for b, tr in enumerate(texts):
                     n = len(tr.pieces.pieces)
@@ -218,6 +230,8 @@ def collect_routing(
                     tr.gates[v.key] = v.text.gates[b, :n, :, 0]
                     tr.rows[v.key] = text_rows(v.text.slice(0, n), b, tr.pieces)
         result.texts += texts
+        if progress is not None:
+            progress(len(idx))
     return result
 
 

@@ -198,8 +198,8 @@ def split_routing(routing: Mapping[str, Any], *, num_vision_tokens: int, num_tex
     return views
 
 
-def patch_grid(vision: TokenRouting, grid_size: tuple[int, int]) -> np.ndarray:
-    """(B, gh, gw, h) first-choice expert of every patch sub-token.
+def patch_routing(vision: TokenRouting, grid_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(B, gh, gw, h, K) experts and gates of every patch sub-token's top-k choices (-1 / 0 for padding).
 
     The vision tokens are [CLS, patches...] (interfaces.md sec. 2); any prefix tokens before the
     gh*gw patches are dropped, patches are in row-major order as the patch embedding flattens them.
@@ -207,16 +207,19 @@ def patch_grid(vision: TokenRouting, grid_size: tuple[int, int]) -> np.ndarray:
     gh, gw = (int(v) for v in grid_size)
     prefix = vision.num_tokens - gh * gw
     if prefix < 0:
-        raise ValueError(f"patch_grid: {vision.num_tokens} vision tokens cannot hold a {gh}x{gw} patch grid")
-    first = vision.first_choice()[:, prefix:]
-    return first.reshape(first.shape[0], gh, gw, first.shape[-1])
+        raise ValueError(f"patch_routing: {vision.num_tokens} vision tokens cannot hold a {gh}x{gw} patch grid")
+    shape = (vision.expert_ids.shape[0], gh, gw, vision.num_heads, vision.top_k)
+    return vision.expert_ids[:, prefix:].reshape(shape), vision.gates[:, prefix:].reshape(shape)
+
+
+def patch_grid(vision: TokenRouting, grid_size: tuple[int, int]) -> np.ndarray:
+    """(B, gh, gw, h) first-choice expert of every patch sub-token (`patch_routing`'s first choices)."""
+    return patch_routing(vision, grid_size)[0][..., 0]
 
 
 def patch_gates(vision: TokenRouting, grid_size: tuple[int, int]) -> np.ndarray:
     """(B, gh, gw, h) gate of every patch sub-token's first choice."""
-    gh, gw = (int(v) for v in grid_size)
-    g = vision.gates[:, vision.num_tokens - gh * gw :, :, 0]
-    return g.reshape(g.shape[0], gh, gw, g.shape[-1])
+    return patch_routing(vision, grid_size)[1][..., 0]
 
 
 def majority_expert(first: np.ndarray, gates: np.ndarray | None = None) -> np.ndarray:
