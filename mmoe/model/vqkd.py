@@ -62,6 +62,10 @@ RELEASED_TOKENIZER = "vqkd_encoder_base_decoder_3x768x12_clip"
 SKIPPED_PREFIXES: tuple[str, ...] = ("decoder.", "decode_task_layer.", "teacher_model.", "scaling_layer.", "loss")
 
 
+#: Patch features looked up at once: bounds the (rows, K) distance matrix (4096 x 8192 float32 = 128 MiB).
+_LOOKUP_ROWS = 4096
+
+
 @dataclass(kw_only=True)
 class VQKDConfig:
     """Sizes of a VQ-KD tokenizer's encoder side; the defaults are the released base tokenizer's.
@@ -288,27 +292,38 @@ class VQKDTokenizer(nn.Module):
         z_BPE = self.features(x_BCHW)
         z_NE = rearrange(z_BPE, "b p e -> (b p) e")
         book_KE = self.quantize.embedding.weight.float()
-        dist_NK = (z_NE * z_NE).sum(-1, keepdim=True) + (book_KE * book_KE).sum(-1)[None, :] - 2.0 * z_NE @ book_KE.t()
-        return dist_NK.argmin(dim=-1).view(z_BPE.shape[0], z_BPE.shape[1])
+        book_sq_K = (book_KE * book_KE).sum(-1)
+        codes_N = torch.empty(z_NE.shape[0], dtype=torch.long, device=z_NE.device)
+        for i in range(0, z_NE.shape[0], _LOOKUP_ROWS):  # (rows, K) distances at a time: 8192 codes per row
+            z = z_NE[i : i + _LOOKUP_ROWS]
+            dist = (z * z).sum(-1, keepdim=True) + book_sq_K[None, :] - 2.0 * z @ book_KE.t()
+            codes_N[i : i + _LOOKUP_ROWS] = dist.argmin(dim=-1)
+        return codes_N.view(z_BPE.shape[0], z_BPE.shape[1])
 
     @torch.no_grad()
-    def codes_from(self, image_BCHW: torch.Tensor, *, mean: Iterable[float], std: Iterable[float]) -> torch.Tensor:
-        """Codes of a batch normalized with another model's ``mean``/``std``, at any size.
+    def to_tokenizer_input(
+        self, image_BCHW: torch.Tensor, *, mean: Iterable[float], std: Iterable[float]
+    ) -> torch.Tensor:
+        """A batch normalized with another model's ``mean``/``std``, at any size, as this tokenizer's input.
 
         The batch is mapped back to [0, 1] pixels, resized to the tokenizer's input size when it differs (bicubic
         with antialiasing, clamped to [0, 1]; BEiT v2 resized the tokenizer's copy of each crop on its own) and
-        normalized with the tokenizer's own mean/std.
+        normalized with the tokenizer's own mean/std. Float32, on the batch's device.
         """
         x = image_BCHW.float()
-        shape = (1, -1, 1, 1)
-        pixels = x * torch.tensor(list(std), device=x.device).view(shape) + torch.tensor(
-            list(mean), device=x.device
-        ).view(shape)
+        other_mean = torch.tensor(list(mean), dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        other_std = torch.tensor(list(std), dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        pixels = x * other_std + other_mean
         size = self.config.img_size
         if tuple(pixels.shape[-2:]) != (size, size):
             pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
             pixels = pixels.clamp(0.0, 1.0)
-        return self.codes((pixels - self.mean.float()) / self.std.float())
+        return (pixels - self.mean.float()) / self.std.float()
+
+    @torch.no_grad()
+    def codes_from(self, image_BCHW: torch.Tensor, *, mean: Iterable[float], std: Iterable[float]) -> torch.Tensor:
+        """:meth:`codes` of a batch in another model's normalization and size (:meth:`to_tokenizer_input`)."""
+        return self.codes(self.to_tokenizer_input(image_BCHW, mean=mean, std=std))
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         """:meth:`codes`."""
