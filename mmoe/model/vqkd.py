@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mmoe.model.config import _check_positive
+from mmoe.model.config import _check_positive, check_vit_sizes
 from mmoe.model.convert import unwrap_state_dict
 
 __all__ = [
@@ -90,21 +90,9 @@ class VQKDConfig:
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
-        for name in ("img_size", "patch_size", "in_chans", "dim", "depth", "num_heads", "ffn_dim"):
-            _check_positive("VQKDConfig", name, getattr(self, name))
+        check_vit_sizes("VQKDConfig", self)
         _check_positive("VQKDConfig", "codebook_size", self.codebook_size)
         _check_positive("VQKDConfig", "codebook_dim", self.codebook_dim)
-        if self.dim % self.num_heads:
-            raise ValueError(f"VQKDConfig.num_heads: dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"VQKDConfig.img_size: {self.img_size} is not divisible by patch_size {self.patch_size}")
-        self.image_mean = tuple(float(v) for v in self.image_mean)
-        self.image_std = tuple(float(v) for v in self.image_std)
-        if len(self.image_mean) != self.in_chans or len(self.image_std) != self.in_chans:
-            raise ValueError(
-                f"VQKDConfig.image_mean/image_std: expected {self.in_chans} values each, got "
-                f"{len(self.image_mean)} and {len(self.image_std)}"
-            )
         if any(s <= 0 for s in self.image_std):
             raise ValueError(f"VQKDConfig.image_std: every value must be > 0, got {list(self.image_std)}")
 
