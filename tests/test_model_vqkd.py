@@ -21,6 +21,10 @@ def _tiny_file(tmp_path: Path, seed: int = 0) -> Path:
     return write_vqkd_file(tmp_path / f"vqkd_{seed}.pth", seed=seed)
 
 
+def _state(tmp_path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(_tiny_file(tmp_path), weights_only=True)["model"]
+
+
 def _images(n: int = 3, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -77,6 +81,25 @@ def test_state_dict_bare_or_under_model(tmp_path: Path) -> None:
     assert torch.equal(
         load_vqkd(tmp_path / "bare.pth", TINY_VQKD).codes(x), load_vqkd(_tiny_file(tmp_path), TINY_VQKD).codes(x)
     )
+
+
+class _Opaque:
+    """An object that ``torch.load(weights_only=True)`` does not know."""
+
+
+def test_training_checkpoint_with_arguments_loads_and_other_objects_are_refused(tmp_path: Path) -> None:
+    """BEiT v2's training script saves ``args`` (an argparse.Namespace) beside ``model``: still weights_only."""
+    import argparse
+
+    state = _state(tmp_path)
+    torch.save({"model": state, "epoch": 99, "args": argparse.Namespace(lr=1e-4, model="vqkd")}, tmp_path / "t.pth")
+    x = _images()
+    assert torch.equal(
+        load_vqkd(tmp_path / "t.pth", TINY_VQKD).codes(x), load_vqkd(_tiny_file(tmp_path), TINY_VQKD).codes(x)
+    )
+    torch.save({"model": state, "extra": _Opaque()}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match=r"odd\.pth: cannot be read with torch\.load\(weights_only=True\)"):
+        load_vqkd(tmp_path / "odd.pth", TINY_VQKD)
 
 
 def _reference_features(state: dict[str, torch.Tensor], x: torch.Tensor, cfg: VQKDConfig) -> torch.Tensor:
@@ -155,10 +178,6 @@ def test_frozen_and_always_in_eval_mode() -> None:
     assert not any(p.requires_grad for p in tok.parameters())
     x = _images().requires_grad_(True)
     assert not tok.features(x).requires_grad
-
-
-def _state(tmp_path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(_tiny_file(tmp_path), weights_only=True)["model"]
 
 
 def test_wrong_layouts_are_refused_naming_the_first_mismatched_key(tmp_path: Path) -> None:

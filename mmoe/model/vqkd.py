@@ -3,8 +3,8 @@
 BEiT-3 predicts, for every masked patch, the discrete code the VQ-KD tokenizer of [BEiT2] gives that patch (8192
 codes). The tokenizer is a ViT-B/16 encoder, a small projection (``encode_task_layer``: Linear, tanh, Linear down to
 the 32-dimensional code space) and a factorized codebook: the projected patch feature and the 8192 x 32 codebook
-vectors are l2-normalized and the code is the nearest vector ([BEiT2] sec. 2.2, eq. 1; the low code dimension is
-the "factorized" codebook of ViT-VQGAN that [BEiT2] adopts). Only the encoder side is needed to produce targets;
+vectors are l2-normalized and the code is the nearest vector ([BEiT2] sec. 2.2, eq. 1; a normalized,
+low-dimensional codebook as in ViT-VQGAN, which [BEiT2] builds on). Only the encoder side is needed to produce targets;
 the decoder that reconstructed the CLIP teacher's features during tokenizer training is not built here.
 
 :class:`VQKDTokenizer` keeps the released checkpoint's own parameter names (``encoder.*``, ``encode_task_layer.*``,
@@ -26,9 +26,12 @@ Hd attention heads, Dh head width, E code dimension, K codebook size, N = B * P.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,6 +368,22 @@ def load_vqkd_state_dict(
     return skipped
 
 
+def _read_tokenizer_file(path: Path, map_location: str | torch.device) -> Any:
+    """``torch.load(weights_only=True)``, also accepting the ``argparse.Namespace`` of training arguments that the
+    BEiT v2 training script stores next to ``"model"`` in its checkpoints; any other object is refused by name."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    try:
+        with allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext():
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"VQ-KD tokenizer file {path}: cannot be read with torch.load(weights_only=True) ({first}); keep only its "
+            "state dict, e.g. torch.save({'model': torch.load(path, weights_only=False)['model']}, new_path) for a "
+            "file you trust"
+        ) from e
+
+
 def load_vqkd(
     path: str | os.PathLike[str],
     config: VQKDConfig | Mapping[str, Any] | None = None,
@@ -373,9 +392,10 @@ def load_vqkd(
 ) -> VQKDTokenizer:
     """Build a :class:`VQKDTokenizer` of ``config`` (default: the released base) and load a tokenizer file into it.
 
-    The file is the released checkpoint, read with ``torch.load(weights_only=True)``; its state dict may be bare
-    or under ``"model"`` as in the released files (``mmoe.model.convert.unwrap_state_dict``). What must match:
-    :func:`load_vqkd_state_dict`. The skipped keys per prefix are logged and kept in ``tokenizer.skipped_keys``.
+    The file is the released checkpoint, read with ``torch.load(weights_only=True)`` (training arguments stored
+    beside the weights are allowed); its state dict may be bare or under ``"model"`` as in the released files
+    (``mmoe.model.convert.unwrap_state_dict``). What must match: :func:`load_vqkd_state_dict`. The skipped keys
+    per prefix are logged and kept in ``tokenizer.skipped_keys``.
     """
     path = Path(path)
     if not path.is_file():
@@ -385,7 +405,7 @@ def load_vqkd(
         )
     cfg = config if isinstance(config, VQKDConfig) else VQKDConfig.from_dict(config)
     source = f"VQ-KD tokenizer file {path}"
-    state = unwrap_state_dict(torch.load(path, map_location=map_location, weights_only=True), source=source)
+    state = unwrap_state_dict(_read_tokenizer_file(path, map_location), source=source)
     tokenizer = VQKDTokenizer(cfg)
     skipped = load_vqkd_state_dict(tokenizer, state, source=source)
     tokenizer.skipped_keys = skipped
