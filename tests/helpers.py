@@ -75,3 +75,104 @@ def shard_args(world: Path, *, val: bool) -> list[str]:
     s = world / "shards"
     train = [f"--data.init_args.{k}_shards=[{s}/{k}/train-*.tar]" for k in STREAMS]
     return train + [f"--data.init_args.val_{k}_shards=" + (f"[{s}/{k}/val-*.tar]" if val else "null") for k in STREAMS]
+
+
+# A VQ-KD tokenizer small enough for CPU tests (mmoe.model.vqkd.VQKDConfig fields): a 4 x 4 code grid, 64 codes.
+TINY_VQKD = {
+    "img_size": 16,
+    "patch_size": 4,
+    "dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "ffn_dim": 64,
+    "codebook_size": 64,
+    "codebook_dim": 8,
+}
+
+
+def vqkd_release_layout(
+    *,
+    img_size: int = 224,
+    patch_size: int = 16,
+    dim: int = 768,
+    depth: int = 12,
+    ffn_dim: int = 3072,
+    codebook_size: int = 8192,
+    codebook_dim: int = 32,
+    decoder_depth: int = 3,
+    decoder_out: int = 512,
+    **_: object,
+) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a released BEiT v2 VQ-KD tokenizer file, written out from the BEiT v2 code (unilm ``beit2``).
+
+    The defaults are ``vqkd_encoder_base_decoder_3x768x12_clip``: a ViT-B/16 encoder (pre-norm blocks with q/v biases,
+    ``fc_norm``, no final norm or head), ``encode_task_layer`` (Linear, Tanh, Linear to the code dimension), the EMA
+    quantizer (codebook ``quantize.embedding.weight`` (8192, 32) and its statistics), the decoder (a ViT over the
+    14 x 14 code map: patch 1, input channels = code dimension) with ``decode_task_layer`` to the 512-d CLIP space,
+    and the scaling layer of the CLIP teacher's input; in the order of the released model's ``state_dict``.
+    Independent of ``mmoe.model.vqkd`` so that the tests check that module against it.
+    """
+    grid = img_size // patch_size
+    layout: dict[str, tuple[int, ...]] = {}
+
+    def vit(prefix: str, in_chans: int, patch: int, blocks: int) -> None:
+        layout[f"{prefix}.cls_token"] = (1, 1, dim)
+        layout[f"{prefix}.pos_embed"] = (1, 1 + grid * grid, dim)
+        layout[f"{prefix}.patch_embed.proj.weight"] = (dim, in_chans, patch, patch)
+        layout[f"{prefix}.patch_embed.proj.bias"] = (dim,)
+        for i in range(blocks):
+            b = f"{prefix}.blocks.{i}"
+            layout.update({f"{b}.norm1.weight": (dim,), f"{b}.norm1.bias": (dim,)})
+            layout.update(
+                {f"{b}.attn.q_bias": (dim,), f"{b}.attn.v_bias": (dim,), f"{b}.attn.qkv.weight": (3 * dim, dim)}
+            )
+            layout.update({f"{b}.attn.proj.weight": (dim, dim), f"{b}.attn.proj.bias": (dim,)})
+            layout.update({f"{b}.norm2.weight": (dim,), f"{b}.norm2.bias": (dim,)})
+            layout.update({f"{b}.mlp.fc1.weight": (ffn_dim, dim), f"{b}.mlp.fc1.bias": (ffn_dim,)})
+            layout.update({f"{b}.mlp.fc2.weight": (dim, ffn_dim), f"{b}.mlp.fc2.bias": (dim,)})
+        layout.update({f"{prefix}.fc_norm.weight": (dim,), f"{prefix}.fc_norm.bias": (dim,)})
+
+    vit("encoder", 3, patch_size, depth)
+    vit("decoder", codebook_dim, 1, decoder_depth)
+    layout["quantize.cluster_size"] = (codebook_size,)
+    layout["quantize.embedding.weight"] = (codebook_size, codebook_dim)
+    layout["quantize.embedding.cluster_size"] = (codebook_size,)
+    layout["quantize.embedding.embed_avg"] = (codebook_size, codebook_dim)
+    layout["quantize.embedding.initted"] = (1,)
+    layout["scaling_layer.shift"] = (1, 3, 1, 1)
+    layout["scaling_layer.scale"] = (1, 3, 1, 1)
+    for name, out in (("encode_task_layer", codebook_dim), ("decode_task_layer", decoder_out)):
+        layout.update({f"{name}.0.weight": (dim, dim), f"{name}.0.bias": (dim,)})
+        layout.update({f"{name}.2.weight": (out, dim), f"{name}.2.bias": (out,)})
+    return layout
+
+
+def random_vqkd_state(layout: dict[str, tuple[int, ...]], *, seed: int = 0) -> dict[str, object]:
+    """Random tensors for a :func:`vqkd_release_layout`: norms near 1, l2-normalized codebook, weights ~N(0, 0.2)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, object] = {}
+    for key, shape in layout.items():
+        if key.endswith(("norm1.weight", "norm2.weight", "fc_norm.weight")):
+            value = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif key.startswith("quantize.embedding.") and len(shape) == 2:
+            value = torch.nn.functional.normalize(torch.randn(shape, generator=g), dim=-1)
+        elif key.endswith("initted"):
+            value = torch.ones(shape)
+        elif "cluster_size" in key:
+            value = torch.rand(shape, generator=g)
+        else:
+            value = 0.2 * torch.randn(shape, generator=g)
+        state[key] = value
+    return state
+
+
+def write_vqkd_file(path: Path, *, seed: int = 0, **sizes: int) -> Path:
+    """A random tokenizer file in the released layout (``{"model": state_dict}``, as released); sizes as
+    :func:`vqkd_release_layout` (default :data:`TINY_VQKD` with a 1-block decoder)."""
+    import torch
+
+    sizes = {**TINY_VQKD, "decoder_depth": 1, "decoder_out": 16, **sizes}
+    torch.save({"model": random_vqkd_state(vqkd_release_layout(**sizes), seed=seed)}, path)
+    return path

@@ -44,6 +44,27 @@ def _check_fraction(owner: str, name: str, value: float) -> None:
         raise ValueError(f"{owner}.{name}: expected a value in [0, 1), got {value!r}")
 
 
+def check_vit_sizes(owner: str, cfg: Any) -> None:
+    """Checks every ViT-like config shares (this backbone's, the VQ-KD tokenizer's); normalizes mean/std to tuples.
+
+    Positive `img_size`, `patch_size`, `in_chans`, `dim`, `depth`, `num_heads`, `ffn_dim`; `dim` divisible by
+    `num_heads`, `img_size` by `patch_size`; `image_mean`/`image_std` one float per input channel.
+    """
+    for name in ("img_size", "patch_size", "in_chans", "dim", "depth", "num_heads", "ffn_dim"):
+        _check_positive(owner, name, getattr(cfg, name))
+    if cfg.dim % cfg.num_heads:
+        raise ValueError(f"{owner}.num_heads: dim {cfg.dim} is not divisible by num_heads {cfg.num_heads}")
+    if cfg.img_size % cfg.patch_size:
+        raise ValueError(f"{owner}.img_size: {cfg.img_size} is not divisible by patch_size {cfg.patch_size}")
+    cfg.image_mean = tuple(float(v) for v in cfg.image_mean)
+    cfg.image_std = tuple(float(v) for v in cfg.image_std)
+    if len(cfg.image_mean) != cfg.in_chans or len(cfg.image_std) != cfg.in_chans:
+        raise ValueError(
+            f"{owner}.image_mean/image_std: expected {cfg.in_chans} values each, got "
+            f"{len(cfg.image_mean)} and {len(cfg.image_std)}"
+        )
+
+
 @dataclass(kw_only=True)
 class MoEConfig:
     """Mixture-of-experts settings of the FFN in every `every`-th block.
@@ -154,16 +175,9 @@ class MultiwayConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
-        for name in ("img_size", "patch_size", "in_chans", "dim", "depth", "num_heads", "ffn_dim"):
-            _check_positive("MultiwayConfig", name, getattr(self, name))
+        check_vit_sizes("MultiwayConfig", self)
         _check_positive("MultiwayConfig", "vocab_size", self.vocab_size)
         _check_positive("MultiwayConfig", "max_text_len", self.max_text_len)
-        if self.dim % self.num_heads:
-            raise ValueError(f"MultiwayConfig.num_heads: dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"MultiwayConfig.img_size: {self.img_size} is not divisible by patch_size {self.patch_size}"
-            )
         _check_literal("MultiwayConfig", "attention", self.attention, AttentionKind)
         _check_literal("MultiwayConfig", "attn_impl", self.attn_impl, AttnImpl)
         _check_literal("MultiwayConfig", "patch_embed", self.patch_embed, PatchEmbedKind)
@@ -200,13 +214,6 @@ class MultiwayConfig:
             raise ValueError(
                 f"MultiwayConfig.modalities: expected one of {[list(m) for m in MODALITY_SETS]}, got "
                 f"{list(self.modalities)}"
-            )
-        self.image_mean = tuple(float(v) for v in self.image_mean)  # type: ignore[assignment]
-        self.image_std = tuple(float(v) for v in self.image_std)  # type: ignore[assignment]
-        if len(self.image_mean) != self.in_chans or len(self.image_std) != self.in_chans:
-            raise ValueError(
-                f"MultiwayConfig.image_mean/image_std: expected {self.in_chans} values each, got "
-                f"{len(self.image_mean)} and {len(self.image_std)}"
             )
         if self.tokenizer == "sentencepiece" and not self.tokenizer_path:
             raise ValueError("MultiwayConfig.tokenizer_path: required when tokenizer='sentencepiece'")

@@ -13,6 +13,10 @@ Image targets (``image_target``):
 - ``"codebook"``: discrete codes from a k-means codebook over normalized patch pixels (``mmoe.data.codebook``,
   built by ``mmoe-codebook``); cross-entropy over codes, so image perplexity ``exp(CE)`` can be reported
   next to text perplexity, as [MH1] Table 4's "masked multimodal perplexity".
+- ``"vqkd"``: BEiT-3's own targets ([B3] sec. 2.2): the codes of the BEiT v2 VQ-KD visual tokenizer
+  (``mmoe.model.vqkd``, the released file given as ``vqkd_checkpoint``), computed on the fly from each image or pair
+  batch at the tokenizer's input size and normalization; cross-entropy over its 8192 codes, image perplexity
+  logged as for the codebook. The tokenizer's code grid must be the backbone's patch grid (one code per patch).
 
 Dimension legend: B batch, L text length, P patches per image, D width, V text vocabulary, K codebook size,
 M masked positions (flattened over the batch), C pixel values per patch (= patch_size^2 * channels).
@@ -32,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from mmoe.data.codebook import assign_codes, load_codebook, normalize_patches, patchify
+from mmoe.model.vqkd import VQKDTokenizer, load_vqkd
 from mmoe.moe.stats import DEFAULT_ACTIVATION_THRESHOLD, RoutingTally, log_metrics, summarize
 from mmoe.train.base import TaskModule
 from mmoe.train.optim import OptimConfig
@@ -89,8 +94,13 @@ class MaskedPretraining(TaskModule):
         init_from: an mmoe model file or one of our Lightning checkpoints to start the backbone from (position
             tables are resampled to this backbone's ``img_size``, as in fine-tuning).
         optim: AdamW + warm-up/cosine settings (:class:`mmoe.train.optim.OptimConfig`).
-        image_target: ``"pixels"`` (normalized pixels, MSE) or ``"codebook"`` (k-means codes, cross-entropy).
+        image_target: ``"pixels"`` (normalized pixels, MSE), ``"codebook"`` (k-means codes, cross-entropy) or
+            ``"vqkd"`` (VQ-KD tokenizer codes, cross-entropy; BEiT-3's targets).
         codebook: path of the codebook file (required for ``image_target="codebook"``).
+        vqkd_checkpoint: path of the VQ-KD tokenizer file (required for ``image_target="vqkd"``; the released
+            ``vqkd_encoder_base_decoder_3x768x12_clip``, datasets/vqkd/README.md).
+        vqkd_config: fields of :class:`mmoe.model.vqkd.VQKDConfig` replacing the released base tokenizer's (another
+            tokenizer size, e.g. a tiny one in tests); ``None`` = the released base.
         mlm_weight / mim_weight: weights of the text and image losses in the sum.
         aux_loss_scale: multiplies the backbone's aux loss, which already carries the MoE config's per-layer
             weights (load balance 0.01, z-loss ``moe.z_loss_weight``) summed over layers ([MH1] sec. 3.3).
@@ -109,8 +119,10 @@ class MaskedPretraining(TaskModule):
         backbone_overrides: dict[str, Any] | None = None,
         init_from: str | None = None,
         optim: OptimConfig | None = None,
-        image_target: Literal["pixels", "codebook"] = "pixels",
+        image_target: Literal["pixels", "codebook", "vqkd"] = "pixels",
         codebook: str | None = None,
+        vqkd_checkpoint: str | None = None,
+        vqkd_config: dict[str, Any] | None = None,
         mlm_weight: float = 1.0,
         mim_weight: float = 1.0,
         aux_loss_scale: float = 1.0,
@@ -119,10 +131,16 @@ class MaskedPretraining(TaskModule):
         log_routing_every: int = 1,
         eval_grounding: bool = True,
     ) -> None:
-        if image_target not in ("pixels", "codebook"):
-            raise ValueError(f"MaskedPretraining: image_target={image_target!r}, expected 'pixels' or 'codebook'")
+        if image_target not in ("pixels", "codebook", "vqkd"):
+            raise ValueError(
+                f"MaskedPretraining: image_target={image_target!r}, expected 'pixels', 'codebook' or 'vqkd'"
+            )
         if image_target == "codebook" and not codebook:
             raise ValueError("MaskedPretraining: image_target='codebook' needs codebook=<path of a codebook file>")
+        if image_target == "vqkd" and not vqkd_checkpoint:
+            raise ValueError(
+                "MaskedPretraining: image_target='vqkd' needs vqkd_checkpoint=<path of the VQ-KD tokenizer file>"
+            )
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"MaskedPretraining: on_nonfinite={on_nonfinite!r}, expected 'raise' or 'skip'")
         for name, value in (("mlm_weight", mlm_weight), ("mim_weight", mim_weight), ("aux_loss_scale", aux_loss_scale)):
@@ -143,7 +161,12 @@ class MaskedPretraining(TaskModule):
         self.patch_size = cfg.patch_size
         dim = cfg.dim
         self.mlm_head = nn.Linear(dim, cfg.vocab_size)
-        if image_target == "codebook":
+        self.vqkd: VQKDTokenizer | None = None
+        if image_target == "vqkd":
+            self.centroids = None
+            self.vqkd = self._load_vqkd(vqkd_checkpoint, vqkd_config)  # type: ignore[arg-type]
+            self.mim_head = nn.Linear(dim, self.vqkd.num_codes)
+        elif image_target == "codebook":
             centroids = load_codebook(codebook, patch_size=cfg.patch_size)  # type: ignore[arg-type]
             expected = cfg.patch_size * cfg.patch_size * cfg.in_chans
             if centroids.shape[1] != expected:
@@ -163,6 +186,48 @@ class MaskedPretraining(TaskModule):
         self._val_sums: dict[str, list[float]] = {}
         self._last_counts: dict[str, int] = {}
 
+    # ------------------------------------------------------------------ VQ-KD targets
+    def _load_vqkd(self, path: str, overrides: dict[str, Any] | None) -> VQKDTokenizer:
+        """The frozen tokenizer, refused unless its code grid is the backbone's patch grid (one code per patch)."""
+        tokenizer = load_vqkd(path, overrides)
+        cfg = self.backbone.config
+        grid = (cfg.img_size // cfg.patch_size,) * 2
+        if tokenizer.grid_size != grid:
+            t = tokenizer.config
+            raise ValueError(
+                f"MaskedPretraining: the VQ-KD tokenizer {path} gives a {t.grid_size[0]}x{t.grid_size[1]} code grid "
+                f"({t.img_size} px / patch {t.patch_size}), the backbone a {grid[0]}x{grid[1]} patch grid "
+                f"({cfg.img_size} px / patch {cfg.patch_size}); they must match (BEiT-3: 224 / 16 = 14 for both)"
+            )
+        return tokenizer
+
+    def _vqkd_codes(self, image_B3HW: torch.Tensor, mask_BP: torch.Tensor) -> torch.Tensor:
+        """Codes (M,) of the masked patches; the batch is in the backbone's normalization and size."""
+        assert self.vqkd is not None
+        codes_BP = self.vqkd.codes_from(
+            image_B3HW, mean=self.backbone.config.image_mean, std=self.backbone.config.image_std
+        )
+        if codes_BP.shape != mask_BP.shape:
+            gh, gw = image_B3HW.shape[-2] // self.patch_size, image_B3HW.shape[-1] // self.patch_size
+            raise ValueError(
+                f"MaskedPretraining: this image batch has a {gh}x{gw} patch grid ({tuple(image_B3HW.shape[-2:])} px), "
+                f"the VQ-KD tokenizer gives {self.vqkd.grid_size[0]}x{self.vqkd.grid_size[1]} codes per image"
+            )
+        return codes_BP[mask_BP]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The frozen tokenizer is rebuilt from vqkd_checkpoint (a hyper-parameter): 87M values
+        # (base) not written into every checkpoint.
+        if self.vqkd is not None and isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("vqkd.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.vqkd is not None and isinstance(checkpoint.get("state_dict"), dict):
+            # Strict loading then finds the tokenizer's tensors: those just loaded from vqkd_checkpoint.
+            checkpoint["state_dict"].update({f"vqkd.{k}": v for k, v in self.vqkd.state_dict().items()})
+
     # ------------------------------------------------------------------ losses
     def _mlm(self, text_feats_BLD: torch.Tensor, labels_BL: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Cross-entropy on masked text positions only ([B3] sec. 2.2); returns (loss, number of targets)."""
@@ -180,6 +245,10 @@ class MaskedPretraining(TaskModule):
         n = int(mask_BP.sum())
         if n == 0:
             return patch_feats_BPD.sum() * 0.0, 0
+        if self.vqkd is not None:
+            return F.cross_entropy(
+                self.mim_head(patch_feats_BPD[mask_BP]).float(), self._vqkd_codes(image_B3HW, mask_BP)
+            ), n
         target_MC = normalize_patches(patchify(image_B3HW, self.patch_size)[mask_BP])
         pred = self.mim_head(patch_feats_BPD[mask_BP]).float()
         if self.centroids is None:
@@ -265,7 +334,7 @@ class MaskedPretraining(TaskModule):
         self.log("train/aux_loss", aux.detach().float(), batch_size=bs)
         for name, value in losses.items():
             self.log(f"train/loss_{name}", value.detach(), batch_size=bs)
-            if name.startswith("mlm") or self.centroids is not None:
+            if name.startswith("mlm") or self.image_target != "pixels":
                 self.log(f"train/ppl_{name}", torch.exp(value.detach().clamp(max=30.0)), batch_size=bs)
         if self.log_routing_every and self.global_step % self.log_routing_every == 0 and routing:
             for key, value in routing_metrics(routing, threshold=self.activation_threshold).items():
@@ -320,7 +389,7 @@ class MaskedPretraining(TaskModule):
         # summarized over the whole evaluation set, the way [MH1] Fig. 1 measures the expert activation ratio.
         means: dict[str, float] = {}
         for name, (total, count) in sorted(self._val_sums.items()):
-            if name.startswith("mlm") or self.centroids is not None:
+            if name.startswith("mlm") or self.image_target != "pixels":
                 sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
                 sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
                 mean = float(sums[0] / sums[1].clamp(min=1))
