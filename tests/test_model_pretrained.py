@@ -245,3 +245,7 @@ def test_model_file_and_folder_hold_the_same_model(tmp_path):
     assert a.config == b.config and all(
         torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
     )
+    from mmoe.viz.capture import resolve_model  # mmoe-viz --checkpoint FOLDER
+
+    viz_model, label = resolve_model(str(tmp_path / "m"))
+    assert label == "m" and viz_model.config == a.config and not viz_model.training
