@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import random_timm_vit
 
 from mmoe.model import create_model, from_pretrained, load_model, save_model
 from mmoe.model.io import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, load_checkpoint_file
@@ -204,15 +205,9 @@ def test_convert_lightning_checkpoint_into_a_folder(tmp_path):
 
 
 def test_convert_timm_safetensors_folder(tmp_path):
-    timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    sizes = dict(img_size=64, patch_size=8, embed_dim=128, depth=2, num_heads=4, num_classes=0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **sizes).eval()
-    with torch.no_grad():
-        for p in vit.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    vit = random_timm_vit()
     hub = tmp_path / "hub"  # the layout of a timm model downloaded from the Hugging Face hub
     hub.mkdir()
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, hub / "model.safetensors")
