@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 COUNTABLE = dict(depth=2, attn_impl="manual", vocab_size=1000, pad_id=998, mask_id=999)
 CASES = {
     "dense linear patchify": ("tiny", {"patch_embed": "linear"}),
-    "dense conv stem + VL-FFN": ("tiny", {"patch_embed": "conv", "vlffn_layers": 1}),
+    "dense conv stem + VL-FFN": ("tiny", {"patch_embed": "conv", "stem_blocks": 2, "vlffn_layers": 1}),
     "MH-MoE": ("tiny_mhmoe", {"moe": {"extra": {"expert_impl": "per_expert"}}}),
     "SMoE": ("tiny_smoe", {"moe": {"extra": {"expert_impl": "per_expert"}}}),
     "X-MoE": ("tiny_xmoe", {"moe": {"extra": {"expert_impl": "per_expert"}}}),

@@ -7,7 +7,7 @@ Counted, as multiply-adds (MACs) then doubled to FLOPs, the matrix products `tor
 (tests/test_model_flops.py checks the two agree):
 
 - patch embedding: linear patchify ``P * C * p^2 * D``; conv stem (`mmoe.model.embed.ConvStem`) its 3x3
-  stride-2 convolutions and the closing 1x1;
+  stride-2 convolutions, its `stem_blocks` 3x3 stride-1 ones and the closing 1x1;
 - attention per block: q, k, v, out projections ``4 N D^2``, scores and weighted values ``2 N^2 D``
   (N = 1 + P vision tokens + L text tokens; padding counted, as the kernels compute it);
 - FFN per dense block ``2 N D F`` (V-FFN, L-FFN or VL-FFN: one of them per token);
@@ -42,6 +42,7 @@ def patch_embed_macs(config: MultiwayConfig, height: int, width: int) -> int:
         h, w = (h + 1) // 2, (w + 1) // 2
         macs += h * w * width_i * prev * 9
         prev = width_i
+    macs += config.stem_blocks * h * w * prev * prev * 9  # stride-1 3x3 blocks at the patch resolution
     return macs + patches * prev * dim
 
 
