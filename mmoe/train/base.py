@@ -4,8 +4,9 @@ A task module subclasses :class:`TaskModule` and keeps only its heads, steps and
 
 - the backbone, built by the one builder ``mmoe.model.create_model`` from ``backbone`` (a registered name or a
   model YAML; ``None`` rebuilds the configuration of ``init_from``), ``backbone_overrides`` and ``init_from``
-  (an mmoe model file or one of our Lightning checkpoints; position tables resampled, the text branch of a
-  full checkpoint skipped by name in a vision-only backbone): :meth:`TaskModule.init_backbone`;
+  (an mmoe model file, a ``save_pretrained`` folder or one of our Lightning checkpoints; position tables
+  resampled, the text branch of a full checkpoint skipped by name in a vision-only backbone):
+  :meth:`TaskModule.init_backbone`;
 - ``optim`` as an :class:`mmoe.train.optim.OptimConfig` (each task its own default), stored in the
   hyper-parameters as a plain dict so checkpoints load with ``torch.load(weights_only=True)``, and
   ``configure_optimizers`` (AdamW, layer decay, head lr multiplier, warm-up + cosine per step);
