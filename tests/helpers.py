@@ -176,3 +176,18 @@ def write_vqkd_file(path: Path, *, seed: int = 0, **sizes: int) -> Path:
     sizes = {**TINY_VQKD, "decoder_depth": 1, "decoder_out": 16, **sizes}
     torch.save({"model": random_vqkd_state(vqkd_release_layout(**sizes), seed=seed)}, path)
     return path
+
+
+def random_timm_vit():
+    """A small timm ViT (64 px, 8-px patches, d=128, 2 blocks, no classifier) with every weight perturbed, in eval
+    mode: the source model of the timm import tests. Skips the calling test without timm."""
+    import torch
+
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    sizes = dict(img_size=64, patch_size=8, embed_dim=128, depth=2, num_heads=4, num_classes=0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **sizes).eval()
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return vit

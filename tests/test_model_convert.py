@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import random_timm_vit
 
 from mmoe.model import MultiwayTransformer, create_model, load_backbone_weights, load_model, save_model
 from mmoe.model.convert import beit3_config_from_state_dict, convert_beit3_state_dict, convert_timm_vit_state_dict
@@ -183,13 +184,7 @@ def test_convert_cli_beit3_with_sentencepiece(tmp_path, reference):
 
 
 def test_timm_vit_import_matches_timm(tmp_path):
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    sizes = dict(img_size=64, patch_size=8, embed_dim=128, depth=2, num_heads=4, num_classes=0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **sizes).eval()
-    with torch.no_grad():
-        for p in vit.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    vit = random_timm_vit()
     model = create_model("tiny", depth=2, subln=False, layernorm_eps=1e-6).eval()
     converted = convert_timm_vit_state_dict(vit.state_dict(), model.config)
     missing, unexpected = load_backbone_weights(model, converted, strict=False)

@@ -1,15 +1,21 @@
-"""``mmoe-convert``: convert foreign checkpoints into mmoe model files, or upcycle a dense mmoe model into an MoE one.
+"""``mmoe-convert``: convert checkpoints into shareable mmoe weights, or upcycle a dense mmoe model into an MoE one.
 
+    # one of our Lightning checkpoints (or an mmoe model file) -> a folder: config.json + model.safetensors
+    mmoe-convert --from mmoe runs/pretrain/tiny_mhmoe/checkpoints/last.ckpt out/tiny_mhmoe
     # released BEiT-3 (torchscale BEiT3 state dict, bare or under "model", optionally "beit3."-prefixed)
     mmoe-convert --from beit3 beit3_base_patch16_224.pth out/beit3.pt --tokenizer beit3.spm
-    # timm ViT into the vision side of a dense config (use subln: false, layernorm_eps: 1e-6 for exactness)
-    mmoe-convert --from timm vit.pth out/vit.pt --model my_vit.yaml [--copy-to-text]
+    # timm ViT into the vision side of a dense config (use subln: false, layernorm_eps: 1e-6 for exactness);
+    # IN may be a .pth, timm's model.safetensors, or a downloaded timm folder holding model.safetensors
+    mmoe-convert --from timm vit/model.safetensors out/vit --model my_vit.yaml [--copy-to-text]
     # sparse upcycling: experts start from the dense FFNs; CONFIG's `moe:` block is used
     mmoe-convert --upcycle tiny_mhmoe dense.pt out/upcycled.pt --mode split
 
-Without `--model`, BEiT-3 sizes are inferred from the state dict (heads: BEiT-3's head width 64, or --num-heads).
-The output is read back by `mmoe.model.load_model(OUT)`. Files are read with `torch.load(weights_only=True)`;
-`--trust-pickle` allows full unpickling for checkpoints that also pickle Python objects (only for trusted files).
+OUT ending in .pt or .pth is an mmoe model file; any other OUT is a `save_pretrained` folder (config.json with the
+MultiwayConfig and the tokenizer spec, model.safetensors). Both are read back by `mmoe.model.from_pretrained(OUT)`
+/ `load_model(OUT)` and by every `init_from`. Without `--model`, BEiT-3 sizes are inferred from the state dict
+(heads: BEiT-3's head width 64, or --num-heads). Inputs are read with `torch.load(weights_only=True)` or, for
+.safetensors, with safetensors (no pickle); `--trust-pickle` allows full unpickling for checkpoints that also pickle
+Python objects (only for trusted files).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 import torch
 
 from mmoe.cli.progress import ToolProgress, add_progress_flag
-from mmoe.model import create_model, get_config, load_backbone_weights, save_model
+from mmoe.model import create_model, get_config, load_backbone_weights, load_model, save_model, save_pretrained
 from mmoe.model.backbone import MultiwayTransformer
 from mmoe.model.convert import (
     beit3_config_from_state_dict,
@@ -32,10 +38,25 @@ from mmoe.model.convert import (
 )
 from mmoe.model.upcycling import upcycle
 
+MODEL_FILE_SUFFIXES = (".pt", ".pth")
+
 
 def read_state(path: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
+    """The state dict of a foreign checkpoint: a torch file, a ``.safetensors`` file or a folder holding
+    ``model.safetensors`` (how timm models are published on the Hugging Face hub)."""
+    source = Path(path)
+    if source.is_dir() and (source / "model.safetensors").is_file():
+        source = source / "model.safetensors"
+    if not source.is_file():
         raise SystemExit(f"mmoe-convert: input {path} does not exist")
+    if source.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(source, device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise SystemExit(f"mmoe-convert: cannot read {source} as safetensors ({err})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:  # noqa: BLE001 - report why the safe loader refused the file
@@ -70,6 +91,13 @@ def convert_timm(args: argparse.Namespace) -> tuple[MultiwayTransformer, dict[st
     return model, {"converted_from": "timm", "source": str(args.input), "not_loaded": missing}
 
 
+def convert_mmoe(args: argparse.Namespace) -> tuple[MultiwayTransformer, dict[str, Any]]:
+    """One of our Lightning checkpoints, an mmoe model file or a pretrained folder: its backbone, as it is."""
+    if not Path(args.input).exists():
+        raise SystemExit(f"mmoe-convert: input {args.input} does not exist")
+    return load_model(args.input), {"converted_from": "mmoe", "source": str(args.input)}
+
+
 def run_upcycle(args: argparse.Namespace) -> tuple[MultiwayTransformer, dict[str, Any]]:
     moe = get_config(args.upcycle).moe
     if moe is None:
@@ -83,10 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mmoe-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--from", dest="source_format", choices=["beit3", "timm"], help="foreign checkpoint format")
+    what.add_argument(
+        "--from",
+        dest="source_format",
+        choices=["mmoe", "beit3", "timm"],
+        help="input format: mmoe (our Lightning checkpoint, model file or folder), beit3 or timm",
+    )
     what.add_argument("--upcycle", metavar="CONFIG", help="model name or YAML whose `moe:` block to upcycle into")
     p.add_argument("input", help="input checkpoint")
-    p.add_argument("output", help="output mmoe model file")
+    p.add_argument("output", help="output: a save_pretrained folder, or an mmoe model file when it ends in .pt/.pth")
     p.add_argument("--model", help="registered model name or YAML (BEiT-3: architecture to check against)")
     p.add_argument("--num-heads", type=int, help="attention heads when --model is absent (default dim // 64)")
     p.add_argument("--tokenizer", help="sentencepiece model of the checkpoint's vocabulary (e.g. beit3.spm)")
@@ -109,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mmoe-convert`` console script; exit status 0 when the model file is written."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    convert = run_upcycle if args.upcycle else (convert_beit3 if args.source_format == "beit3" else convert_timm)
+    converters = {"mmoe": convert_mmoe, "beit3": convert_beit3, "timm": convert_timm}
+    convert = run_upcycle if args.upcycle else converters[args.source_format]
     with ToolProgress.from_args("mmoe-convert", args) as progress:
         what = f"upcycling {args.input}" if args.upcycle else f"reading and converting {args.input}"
         try:
@@ -118,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:  # a refused conversion is a usage error: one line, exit status 2, nothing written
             parser.error(str(err))
         with progress.step(f"writing {args.output}"):
-            save_model(model, args.output, extra=extra)
+            if Path(args.output).suffix in MODEL_FILE_SUFFIXES:
+                save_model(model, args.output, extra=extra)
+            else:
+                save_pretrained(model, args.output, extra=extra)
     n_params = sum(p.numel() for p in model.parameters())
     cfg = model.config
     print(

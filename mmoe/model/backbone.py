@@ -5,12 +5,15 @@ Dimension legend: B batch, G vision tokens (CLS + patches), L text tokens, N = G
 Sequence layout ([B3] sec. 2.1): vision tokens first ([CLS, patches...]), then text. The number
 of vision tokens is passed explicitly to every block. Returns features plus the routing records and the
 summed auxiliary loss of every MoE layer ([MH1] sec. 3.3). Offers timm's backbone contract
-(`forward_features`, `no_weight_decay`, `group_matcher`, `set_grad_checkpointing`).
+(`forward_features`, `no_weight_decay`, `group_matcher`, `set_grad_checkpointing`) and its classifier contract
+(`num_classes`, `reset_classifier`, `get_classifier`, `forward_head`, `pretrained_cfg`), so timm's data helpers
+(`timm.data.resolve_data_config(model=...)`) and training scripts that only rely on those can use it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,6 +91,8 @@ class MultiwayTransformer(nn.Module):
         self.init_weights()
         if not config.has_text:
             self._remove_text_branch()
+        # Built after init_weights so that the random stream of the backbone does not depend on the head.
+        self.head: nn.Module = self._new_head(config.num_classes)
 
     def _remove_text_branch(self) -> None:
         """Vision-only backbone (`MultiwayConfig.modalities`): drop the text embedding and every text copy.
@@ -167,6 +172,20 @@ class MultiwayTransformer(nn.Module):
                     if branch is not None:
                         branch.requires_grad_(False)
         return self
+
+    # ------------------------------------------------------------------ weights as users share them
+    def save_pretrained(self, path: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
+        """Write `config.json` + `model.safetensors` into the folder `path` (`mmoe.model.io.save_pretrained`)."""
+        from mmoe.model.io import save_pretrained
+
+        return save_pretrained(self, path, extra=extra)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, strict: bool = True, **overrides: Any) -> MultiwayTransformer:
+        """The backbone of a `save_pretrained` folder (`mmoe.model.from_pretrained`)."""
+        from mmoe.model.registry import from_pretrained
+
+        return from_pretrained(path, strict=strict, **overrides)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -294,6 +313,83 @@ class MultiwayTransformer(nn.Module):
             raise ValueError("MultiwayTransformer.forward: `text_padding_mask` given without `text`")
         x_BND = self.embed_drop(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
         return x_BND, num_vision, grid, padding_BN
+
+    # ------------------------------------------------------------------ timm classifier contract
+    def _new_head(self, num_classes: int) -> nn.Module:
+        """A fresh image classifier (timm's `head`): Linear(D, num_classes) initialised like the backbone, or
+        an identity for ``num_classes=0`` (no parameters, so headless state dicts are unchanged)."""
+        if not num_classes:
+            return nn.Identity()
+        ref = self.vision_embed.cls_token
+        head = nn.Linear(self.config.dim, num_classes, device=ref.device, dtype=ref.dtype)
+        nn.init.normal_(head.weight, std=self.config.init_std)
+        nn.init.zeros_(head.bias)
+        return head
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the image classifier (`get_classifier`); 0 = none, `forward_head` returns features."""
+        return self.config.num_classes
+
+    @property
+    def global_pool(self) -> str:
+        """How `forward_head` pools the image tokens: "token" (CLS feature) or "avg" (mean patch feature)."""
+        return self.config.global_pool
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier by a fresh one of `num_classes` outputs (0 removes it), as timm's models do.
+
+        The change is recorded in `config` (`num_classes`, `global_pool`), so `save_pretrained` / `save_model`
+        and `from_pretrained` keep it.
+        """
+        changes: dict[str, Any] = {"num_classes": num_classes}
+        if global_pool is not None:
+            changes["global_pool"] = global_pool
+        self.config = self.config.replace(**changes)
+        self.head = self._new_head(self.config.num_classes)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits (B, num_classes) from `forward_features` output (B, 1 + P, D), as timm's ViT `forward_head`.
+
+        Pools the CLS token ("token") or the mean of the patch tokens ("avg"); `pre_logits` returns the pooled
+        (B, D) features. With `num_classes=0` the head is an identity, so the pooled features come back.
+        """
+        if x.ndim != 3:
+            raise ValueError(f"forward_head: expected features of shape (B, 1 + P, D), got {tuple(x.shape)}")
+        pooled = x[:, 1:].mean(dim=1) if self.config.global_pool == "avg" else x[:, 0]
+        return pooled if pre_logits else self.head(pooled)
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's `pretrained_cfg`: what `timm.data.resolve_data_config(model=...)` reads (input size, mean, std).
+
+        Mean and std are the config's (`image_mean` / `image_std`, the normalisation the weights were trained
+        with); bicubic resizing and timm's 0.875 centre crop are what `mmoe.data.transforms.build_transform`
+        does for `eval_resize="center_crop"`.
+        """
+        cfg = self.config
+        return {
+            "architecture": "mmoe.MultiwayTransformer",
+            "input_size": (cfg.in_chans, cfg.img_size, cfg.img_size),
+            "fixed_input_size": False,
+            "interpolation": "bicubic",
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "mean": tuple(cfg.image_mean),
+            "std": tuple(cfg.image_std),
+            "num_classes": cfg.num_classes,
+            "first_conv": "vision_embed.patch_embed." + ("proj" if cfg.patch_embed == "linear" else "net.0"),
+            "classifier": "head",
+        }
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """Older timm's name for `pretrained_cfg`."""
+        return self.pretrained_cfg
 
     # ------------------------------------------------------------------ timm backbone contract
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ RouterKind = Literal["linear", "xmoe"]
 ExpertActivation = Literal["gelu", "swiglu"]
 PoolKind = Literal["shared", "per_modality"]
 TokenizerKind = Literal["openclip", "sentencepiece"]
+GlobalPool = Literal["token", "avg"]
 MODALITY_SETS: tuple[tuple[str, ...], ...] = (("vision", "text"), ("vision",))
 
 
@@ -130,7 +131,10 @@ class MultiwayConfig:
     unused rows, dropped on import). `attention="decoupled"` gives per-modality q/k/v/out and norms as in
     the released BEiT-3; `"shared"` shares the attention sublayer as in the paper. `subln` is Magneto's
     sub-LN. `vlffn_layers` adds the paper's vision-language FFN to the top layers of a dense model.
-    Tokenizer fields describe what the text ids mean (docs/interfaces.md section 3).
+    Tokenizer fields describe what the text ids mean (docs/interfaces.md section 3). `num_classes` (0 = none)
+    and `global_pool` ("token": the CLS feature, "avg": the mean patch feature) describe the optional image
+    classifier of timm's backbone contract (`reset_classifier`, `forward_head`); the task modules keep their
+    own heads and leave it at 0.
 
     `modalities=("vision",)` builds a vision-only backbone: no text embedding, no text halves of the multiway
     norms/attention/FFNs (nor the VL-FFN, which only runs on image-text sequences), only the vision expert of
@@ -170,6 +174,8 @@ class MultiwayConfig:
     pad_id: int = 49408
     mask_id: int = 49409
     modalities: tuple[str, ...] = ("vision", "text")
+    num_classes: int = 0
+    global_pool: GlobalPool = "token"
     moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
@@ -192,6 +198,11 @@ class MultiwayConfig:
         if (self.stem_blocks or self.stem_width is not None) and self.patch_embed != "conv":
             raise ValueError("MultiwayConfig.stem_blocks/stem_width: a stem setting needs patch_embed='conv'")
         _check_literal("MultiwayConfig", "tokenizer", self.tokenizer, TokenizerKind)
+        _check_literal("MultiwayConfig", "global_pool", self.global_pool, GlobalPool)
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
+            raise ValueError(
+                f"MultiwayConfig.num_classes: expected an int >= 0 (0 = no classifier), got {self.num_classes!r}"
+            )
         _check_fraction("MultiwayConfig", "drop_path", self.drop_path)
         _check_fraction("MultiwayConfig", "dropout", self.dropout)
         _check_fraction("MultiwayConfig", "attn_dropout", self.attn_dropout)

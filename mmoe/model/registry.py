@@ -52,8 +52,9 @@ def get_config(name_or_yaml: str | Path | MultiwayConfig, **overrides: Any) -> M
     return config.replace(**overrides) if overrides else config
 
 
-#: What ``init_from`` accepts: a path of an mmoe model file or of one of our Lightning checkpoints, or such a
-#: checkpoint already loaded with ``torch.load`` (a caller that also needs the file's other weights reads it once).
+#: What ``init_from`` accepts: a path of an mmoe model file, of a ``save_pretrained`` folder or of one of our
+#: Lightning checkpoints, or such a checkpoint already loaded (``mmoe.model.io.load_checkpoint_file``; a caller
+#: that also needs the file's other weights reads it once).
 InitFrom = str | os.PathLike[str] | Mapping[str, Any]
 
 
@@ -70,8 +71,9 @@ def create_model(
     Args:
         name_or_yaml: a registered name (`list_models()`), a model YAML path or a `MultiwayConfig`. ``None`` with
             `init_from` rebuilds the checkpoint's own configuration (what `mmoe.model.load_model` does).
-        init_from: an mmoe model file, one of our Lightning checkpoints (backbone under ``backbone.``, config in
-            ``mmoe_config``) or such a checkpoint already loaded. Its backbone weights are loaded into the new
+        init_from: an mmoe model file, a ``save_pretrained`` folder (``config.json`` + ``model.safetensors``), one
+            of our Lightning checkpoints (backbone under ``backbone.``, config in ``mmoe_config``) or such a
+            checkpoint already loaded. Its backbone weights are loaded into the new
             model with :func:`mmoe.model.io.load_backbone_weights`: vision and text position tables are resampled
             to the new `img_size` / `max_text_len`; into a vision-only model the text-branch tensors are skipped
             by name (their number is logged); other missing/unexpected keys raise when `strict`.
@@ -111,3 +113,13 @@ def load_model(path: InitFrom, *, strict: bool = True, **overrides: Any) -> Mult
     when the image size changes.
     """
     return create_model(None, init_from=path, strict=strict, **overrides)
+
+
+def from_pretrained(path: str | os.PathLike[str], *, strict: bool = True, **overrides: Any) -> MultiwayTransformer:
+    """Rebuild the backbone of a ``save_pretrained`` folder, offline and without unpickling anything.
+
+    ``config.json`` gives the `MultiwayConfig` (classifier included), ``model.safetensors`` the weights, loaded
+    exactly (bit for bit). `overrides` change the config as in :func:`load_model` (position tables resampled).
+    Model files and Lightning checkpoints of ours are read too (then through ``torch.load(weights_only=True)``).
+    """
+    return load_model(path, strict=strict, **overrides)

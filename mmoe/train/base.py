@@ -4,8 +4,9 @@ A task module subclasses :class:`TaskModule` and keeps only its heads, steps and
 
 - the backbone, built by the one builder ``mmoe.model.create_model`` from ``backbone`` (a registered name or a
   model YAML; ``None`` rebuilds the configuration of ``init_from``), ``backbone_overrides`` and ``init_from``
-  (an mmoe model file or one of our Lightning checkpoints; position tables resampled, the text branch of a
-  full checkpoint skipped by name in a vision-only backbone): :meth:`TaskModule.init_backbone`;
+  (an mmoe model file, a ``save_pretrained`` folder or one of our Lightning checkpoints; position tables
+  resampled, the text branch of a full checkpoint skipped by name in a vision-only backbone):
+  :meth:`TaskModule.init_backbone`;
 - ``optim`` as an :class:`mmoe.train.optim.OptimConfig` (each task its own default), stored in the
   hyper-parameters as a plain dict so checkpoints load with ``torch.load(weights_only=True)``, and
   ``configure_optimizers`` (AdamW, layer decay, head lr multiplier, warm-up + cosine per step);
@@ -14,6 +15,9 @@ A task module subclasses :class:`TaskModule` and keeps only its heads, steps and
   dropped (checkpoints written when vision tasks still built the full backbone);
 - ``load_from_checkpoint`` that also reads checkpoints written under the old class paths
   (:mod:`mmoe.train.compat`);
+- ``flops_per_batch``, what Lightning's ``ThroughputMonitor`` (``mmoe.train.callbacks.Throughput``) reads for
+  FLOP/s and MFU: the backbone's active FLOPs for the shapes of the batch in flight (``mmoe.model.flops``), three
+  times the forward in training (backward = 2x forward); task heads are not counted;
 - :func:`gather_objects`, the one DDP object gather (per-rank result rows to every rank).
 """
 
@@ -27,7 +31,9 @@ import torch
 from lightning.pytorch import LightningModule
 
 from mmoe.model import create_model
+from mmoe.model.flops import forward_flops
 from mmoe.model.io import drop_text_branch, load_checkpoint_file, parse_checkpoint
+from mmoe.train.callbacks import batch_forwards
 from mmoe.train.compat import migrated_checkpoint_file
 from mmoe.train.optim import OptimConfig, configure_optimizers
 
@@ -67,6 +73,7 @@ class TaskModule(LightningModule):
         # the parsed config with its "_class_path", so that `--ckpt_path` can re-parse it.
         self.save_hyperparameters(ignore=["optim", "default_optim", "hparams_ignore", *hparams_ignore])
         self.hparams["optim"] = dataclasses.asdict(self.optim)  # plain dict: weights_only=True loads it
+        self._batch_flops: int | None = None
 
     def init_backbone(
         self,
@@ -97,6 +104,35 @@ class TaskModule(LightningModule):
         if fine_tune:
             self.backbone.freeze_mask_token_()
         return ckpt
+
+    # ------------------------------------------------------------------ FLOPs (Lightning's ThroughputMonitor)
+    def batch_flops(self, batch: Any, *, training: bool) -> int | None:
+        """Active backbone FLOPs of `batch` (its forwards per ``batch_forwards``), x3 when `training`."""
+        backbone = getattr(self, "backbone", None)
+        if backbone is None:
+            return None
+        flops = sum(
+            forward_flops(backbone.config, batch=n, image_size=size, text_len=length)
+            for n, size, length in batch_forwards(batch)
+        )
+        return 3 * flops if training else flops
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """FLOPs of the batch in flight (set at each batch start); None before the first batch."""
+        return self._batch_flops
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_flops = self.batch_flops(batch, training=True)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_flops = self.batch_flops(batch, training=False)
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_flops = self.batch_flops(batch, training=False)
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_flops = self.batch_flops(batch, training=False)
 
     # ------------------------------------------------------------------ optimizer, checkpoints
     def configure_optimizers(self) -> dict[str, Any]:

@@ -2,8 +2,13 @@
 
 - :class:`PlainProgress`: one plain line per ``every_n_steps`` steps, used when stdout is not a TTY (CI logs, the
   demo's log file), where a rich/tqdm bar would write carriage-return soup.
-- :class:`StepTimer`: wall time per optimizer step and samples per second (``train/step_time``,
-  ``train/samples_per_sec``), the "step time" column of the [MH1] Table 1-style comparison.
+- :class:`StepTimer`: wall time per optimizer step without data loading (``train/step_time``), the "step time"
+  column of the [MH1] Table 1-style comparison. Lightning's ``ThroughputMonitor`` cannot give it: it times from one
+  batch end to the next, data loading included.
+- :class:`Throughput`: Lightning's ``ThroughputMonitor`` with our batch sizes and the backbone's FLOPs per batch
+  (``TaskModule.flops_per_batch``, from ``mmoe.model.flops``): ``train/device/samples_per_sec``,
+  ``train/device/flops_per_sec``, ``train/device/mfu`` (where the device's peak is known: Lightning's table of
+  GPUs, or ``peak_flops``), the same under ``validate/``; with several devices also the global rates.
 - :class:`AtomicCheckpointIO`: Lightning's ``_atomic_save`` writes through an fsspec transaction whose temp file
   lives in the system temp dir and is then ``shutil.move``-d, which is a copy (not atomic) when ``/tmp`` is on
   another file system. This plugin writes through ``mmoe.files`` (a temp file next to the target, renamed).
@@ -20,12 +25,21 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mmoe.files import atomic_torch_save
 
-__all__ = ["PlainProgress", "StepTimer", "AtomicCheckpointIO", "RNGState", "batch_size_of"]
+__all__ = [
+    "PlainProgress",
+    "StepTimer",
+    "Throughput",
+    "AtomicCheckpointIO",
+    "RNGState",
+    "batch_forwards",
+    "batch_size_of",
+]
 
 
 def batch_size_of(batch: Any) -> int:
@@ -44,6 +58,58 @@ def batch_size_of(batch: Any) -> int:
     if isinstance(batch, list | tuple) and batch:
         return batch_size_of(batch[0])
     return 0
+
+
+def batch_forwards(batch: Any) -> list[tuple[int, tuple[int, int] | None, int]]:
+    """The backbone forwards one of our batches implies: ``(sequences, (H, W) or None, text length)`` each.
+
+    Per docs/interfaces.md section 4: a task batch's ``image`` and/or ``text`` is one forward (NLVR2's ``image2``
+    a second one with the same text), a detection batch's ``images`` one forward per image at its size, and a
+    pretraining batch the forwards of its streams.
+    """
+    if not isinstance(batch, dict):
+        return []
+    image, text = batch.get("image"), batch.get("text")
+    image = image if isinstance(image, torch.Tensor) and image.ndim == 4 else None
+    text = text if isinstance(text, torch.Tensor) and text.ndim == 2 else None
+    if image is not None or text is not None:
+        n = int((image if image is not None else text).shape[0])  # type: ignore[union-attr]
+        size = (int(image.shape[-2]), int(image.shape[-1])) if image is not None else None
+        length = int(text.shape[1]) if text is not None else 0
+        out = [(n, size, length)]
+        image2 = batch.get("image2")
+        if isinstance(image2, torch.Tensor) and image2.ndim == 4:
+            out.append((n, (int(image2.shape[-2]), int(image2.shape[-1])), length))
+        return out
+    if isinstance(batch.get("images"), list | tuple):
+        return [(1, (int(im.shape[-2]), int(im.shape[-1])), 0) for im in batch["images"]]
+    return [f for v in batch.values() if isinstance(v, dict) for f in batch_forwards(v)]
+
+
+class Throughput(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` set up for mmoe batches (the ``mmoe`` CLI adds one by default).
+
+    Samples per batch come from :func:`batch_size_of`, FLOPs per batch from the module's ``flops_per_batch``
+    (``TaskModule``: the backbone's active FLOPs for the batch's shapes, x3 in training). Rates are rolling
+    averages over ``window_size`` batches and appear once that many batches were seen. MFU needs the device's peak
+    FLOP/s: Lightning knows many GPUs; where it does not (a CPU, or a GPU name missing from its table) give
+    ``peak_flops`` (per device, for the run's precision), otherwise only FLOP/s are logged.
+    """
+
+    def __init__(self, window_size: int = 10, peak_flops: float | None = None) -> None:
+        if window_size < 2:
+            raise ValueError(f"Throughput: window_size={window_size} must be >= 2 (rates need two time points)")
+        if peak_flops is not None and not peak_flops > 0:
+            raise ValueError(f"Throughput: peak_flops={peak_flops!r} must be > 0 (FLOP/s of one device) or None")
+        super().__init__(batch_size_fn=batch_size_of, window_size=window_size)
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops is not None:
+            self.available_flops = int(self.peak_flops)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
 
 
 class PlainProgress(ProgressBar):
@@ -107,10 +173,11 @@ def _is_number(v: Any) -> bool:
 
 
 class StepTimer(Callback):
-    """Logs ``train/step_time`` (seconds per optimizer step, wall clock) and ``train/samples_per_sec``.
+    """Logs ``train/step_time``: seconds per optimizer step, wall clock, without data loading.
 
     Timing starts at batch start and ends at batch end, so data loading between batches is excluded: this is the
-    model's step time. The first ``skip`` steps (warm-up, allocator growth) are not logged.
+    model's step time. The first ``skip`` steps (warm-up, allocator growth) are not logged. Samples and FLOPs per
+    second come from :class:`Throughput` (Lightning's ``ThroughputMonitor``), which times data loading too.
     """
 
     def __init__(self, skip: int = 1) -> None:
@@ -127,12 +194,7 @@ class StepTimer(Callback):
         if trainer.global_step <= self.skip:
             return
         dt = time.perf_counter() - self._start
-        n = batch_size_of(batch) * trainer.world_size
         pl_module.log("train/step_time", dt, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
-        if dt > 0 and n:
-            pl_module.log(
-                "train/samples_per_sec", n / dt, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True
-            )
 
 
 class RNGState(Callback):

@@ -13,8 +13,9 @@ Run folder (``trainer.default_root_dir``, default ``runs/mmoe``)::
 ``--ckpt_path last`` resumes from ``<root>/checkpoints/last.ckpt``; the resumed run logs into a new
 ``version_N``. Defaults added here: TensorBoard + CSV loggers (when ``trainer.logger`` is left unset),
 a ModelCheckpoint configurable as ``checkpoint.*`` (every ``checkpoint.every_n_train_steps`` steps, plus
-``last.ckpt``), LearningRateMonitor, StepTimer (step time, samples/s), RNGState (exact resume), and a rich
-progress bar on a TTY or a plain one-line-per-N-steps log otherwise.
+``last.ckpt``), LearningRateMonitor, StepTimer (step time), Throughput (Lightning's ThroughputMonitor: samples/s,
+FLOP/s, MFU where the device's peak is known), RNGState (exact resume), and a rich progress bar on a TTY or a plain
+one-line-per-N-steps log otherwise.
 
 A configuration that is refused before training (an unknown or mistyped key, a value that a constructor rejects,
 such as ``create_model: unknown model ...`` or ``optim.lr=-1.0 must be ...``) ends with one line,
@@ -42,11 +43,11 @@ from typing import Any
 import torch
 import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, ThroughputMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from mmoe.train.callbacks import AtomicCheckpointIO, PlainProgress, RNGState, StepTimer
+from mmoe.train.callbacks import AtomicCheckpointIO, PlainProgress, RNGState, StepTimer, Throughput
 from mmoe.train.compat import migrate_class_path, migrate_config, migrate_hparams
 
 __all__ = ["ConfigError", "MMoECLI", "build_cli", "main", "migrate_args", "next_version"]
@@ -232,6 +233,8 @@ class MMoECLI(LightningCLI):
         given = trainer_cfg.get("callbacks")
         callbacks: list[Callback] = [] if given is None else (list(given) if isinstance(given, list) else [given])
         callbacks += [StepTimer(), RNGState()]
+        if not any(isinstance(c, ThroughputMonitor) for c in callbacks):
+            callbacks.append(Throughput())
         if out.get("logger", trainer_cfg.get("logger")) not in (False, None, []):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if trainer_cfg.get("enable_progress_bar", True) is not False and not any(

@@ -1,4 +1,4 @@
-"""Lightning callback: TensorBoard pictures of which experts image patches go to, during validation.
+"""Lightning callback: pictures of which experts image patches go to, during validation, through any logger.
 
 Every `every_n_val_steps` validation batches it takes up to `max_images` images from the batch,
 runs the module's `backbone` on them (image only, no masking; docs/interfaces.md sec. 2 and 7: the
@@ -10,8 +10,12 @@ module is only assumed to have `.backbone`) and logs:
 - `{tag}/load`: the experts x layers load heat map over those images ([MH1] Fig. 5) -- picture (c);
 - `{tag}/diversity` (optional): distinct experts per patch ([MH1] Fig. 8).
 
-Images go to every logger whose `experiment` has `add_image` (TensorBoard's SummaryWriter), and,
-when `save_dir` is set, also to PNG files there.
+Every configured logger gets the pictures in its own way (:func:`send_pictures`): TensorBoard through its
+SummaryWriter's `add_image`, Weights & Biases through `WandbLogger.log_image`, MLflow through the client's
+`log_image` (one artifact per picture and step; `log_artifact` of a PNG on clients without it), and a logger that
+takes no images (CSV, or any other) as PNG files in its run folder, `{log_dir}/{tag}/step{S}_val{V}/{name}.png`.
+The loggers are recognised by what they offer, not by class, so none of their packages is needed here. With
+`save_dir` set, the PNGs are also written there.
 """
 
 from __future__ import annotations
@@ -30,6 +34,76 @@ from mmoe.viz.experts import draw_assignment, draw_load_heatmaps, draw_map_grid,
 from mmoe.viz.records import RoutingAccumulator, diversity, majority_expert, patch_gates, patch_grid
 
 _STREAM_ORDER = ("pair", "image")
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_pngs(folder: Path, pictures: Mapping[str, np.ndarray]) -> list[Path]:
+    """Write each picture as `folder/{name with / as _}.png` (atomically); returns the paths."""
+    paths = []
+    for name, arr in pictures.items():
+        path = folder / (name.replace("/", "_") + ".png")
+        atomic_write(path, lambda f, arr=arr: f.write(_png_bytes(arr)))
+        paths.append(path)
+    return paths
+
+
+def send_pictures(
+    loggers: list[Any], pictures: Mapping[str, np.ndarray], *, tag: str, step: int, subfolder: str
+) -> list[str]:
+    """Send (H, W, 3) uint8 `pictures` (name -> array) to every logger in the way it takes images.
+
+    - `experiment.add_image` (TensorBoard's SummaryWriter): one image per `{tag}/{name}` at `step`;
+    - `log_image(key=, images=, step=)` on the logger (Lightning's `WandbLogger`);
+    - `run_id` and `experiment.log_image` (Lightning's `MLFlowLogger` on an `MlflowClient`): one artifact
+      `{tag}/{name}/step{step:08d}.png`; a client without `log_image` gets the PNG through `log_artifact`;
+    - anything else (`CSVLogger`, custom loggers): PNG files in its `log_dir` (else `save_dir`) under
+      `{tag}/{subfolder}/`; loggers sharing a folder get the files once. A logger with no folder is skipped.
+
+    Returns one line per delivery (``"tensorboard"``, ``"wandb"``, ``"mlflow"``, ``"files:<folder>"``), for
+    the callback's record and the tests.
+    """
+    sent: list[str] = []
+    folders: set[Path] = set()
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            for name, arr in pictures.items():
+                experiment.add_image(f"{tag}/{name}", arr, global_step=step, dataformats="HWC")
+            sent.append("tensorboard")
+        elif callable(getattr(logger, "log_image", None)):
+            for name, arr in pictures.items():
+                logger.log_image(key=f"{tag}/{name}", images=[arr], step=step)
+            sent.append("wandb")
+        elif getattr(logger, "run_id", None) is not None and hasattr(experiment, "log_image"):
+            for name, arr in pictures.items():
+                experiment.log_image(logger.run_id, arr, artifact_file=f"{tag}/{name}/step{step:08d}.png")
+            sent.append("mlflow")
+        elif getattr(logger, "run_id", None) is not None and hasattr(experiment, "log_artifact"):
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                for path in write_pngs(Path(tmp) / subfolder, pictures):
+                    experiment.log_artifact(logger.run_id, str(path), artifact_path=f"{tag}/{subfolder}")
+            sent.append("mlflow")
+        else:
+            root = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+            if not root:
+                continue
+            folder = Path(root) / tag / subfolder
+            if folder not in folders:
+                folders.add(folder)
+                write_pngs(folder, pictures)
+                sent.append(f"files:{folder}")
+    return sent
 
 
 def find_images(batch: Any) -> torch.Tensor | None:
@@ -55,7 +129,7 @@ class ExpertVisualizationCallback(Callback):
     Args:
         every_n_val_steps: log on every N-th validation batch (counted across epochs, sanity check excluded).
         max_images: images taken from the batch.
-        tag: TensorBoard tag prefix.
+        tag: tag prefix (TensorBoard tag, W&B key, MLflow artifact folder, folder of the PNG files).
         log_heads: also log the per-head panels of the first image, one picture per MoE layer.
         log_diversity: also log the distinct-experts-per-patch grid.
         save_dir: also write the PNGs to `save_dir/step{global_step:08d}_val{validation step:06d}/`.
@@ -83,6 +157,7 @@ class ExpertVisualizationCallback(Callback):
         self.log_heads, self.log_diversity = log_heads, log_diversity
         self.val_steps = 0
         self.logged: list[int] = []  # global steps at which pictures were logged
+        self.deliveries: list[list[str]] = []  # per logging, where the pictures went (send_pictures)
 
     def state_dict(self) -> dict[str, Any]:
         return {"val_steps": self.val_steps}
@@ -121,19 +196,13 @@ class ExpertVisualizationCallback(Callback):
         if not pictures:
             return
         step = int(trainer.global_step)
-        for logger in trainer.loggers:
-            writer = getattr(logger, "experiment", None)
-            if hasattr(writer, "add_image"):
-                for name, arr in pictures.items():
-                    writer.add_image(f"{self.tag}/{name}", arr, global_step=step, dataformats="HWC")
+        subfolder = f"step{step:08d}_val{self.val_steps:06d}"
+        sent = send_pictures(trainer.loggers, pictures, tag=self.tag, step=step, subfolder=subfolder)
         if self.save_dir:
-            from PIL import Image
-
-            folder = Path(self.save_dir) / f"step{step:08d}_val{self.val_steps:06d}"
-            for name, arr in pictures.items():
-                path = folder / (name.replace("/", "_") + ".png")
-                atomic_write(path, lambda f, arr=arr: Image.fromarray(arr).save(f, format="PNG"))
+            write_pngs(Path(self.save_dir) / subfolder, pictures)
+            sent.append(f"files:{Path(self.save_dir) / subfolder}")
         self.logged.append(step)
+        self.deliveries.append(sent)
 
     @staticmethod
     def route(backbone: torch.nn.Module, images: torch.Tensor) -> RoutedBatch:

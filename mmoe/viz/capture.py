@@ -42,7 +42,7 @@ __all__ = [
 
 
 def resolve_model(spec: str, *, seed: int = 0) -> tuple[torch.nn.Module, str]:
-    """A model from a path (mmoe model file or one of our Lightning checkpoints) or a registered name.
+    """A model from a path (mmoe model file, `save_pretrained` folder, one of our Lightning checkpoints) or a name.
 
     Both go through `mmoe.model.create_model`, the one backbone builder: a file rebuilds its own configuration
     (`init_from`), a registered name (or a model YAML) gives a freshly initialized model seeded with `seed`.
@@ -51,7 +51,9 @@ def resolve_model(spec: str, *, seed: int = 0) -> tuple[torch.nn.Module, str]:
     from mmoe.model import create_model, list_models
 
     p = Path(spec)
-    if p.is_file() and p.suffix not in (".yaml", ".yml"):
+    if p.is_dir() and (p / "config.json").is_file():  # a save_pretrained folder
+        model, label = create_model(None, init_from=str(p)), p.name
+    elif p.is_file() and p.suffix not in (".yaml", ".yml"):
         model = create_model(None, init_from=str(p))  # the checkpoint's own configuration
         # Lightning keeps run/checkpoints/last.ckpt: name it after the run, "last" alone says little
         label = (
