@@ -1,4 +1,4 @@
-"""Image-text retrieval recall at K (R@1/5/10 both ways), as reported on COCO (5k) and Flickr30k (1k) ([B3] Table 4).
+"""Image-text retrieval recall at K (R@1/5/10 both ways), as reported on COCO (5k) and Flickr30k (1k) ([B3] sec. 3.1).
 
 Inputs: ``scores`` (I, T), the similarity of every image to every text, and ``text_to_image`` (T,), the index of
 the image each text describes (COCO has about 5 captions per image, so several texts share an image).
@@ -113,7 +113,7 @@ def recall_at_k(
     Args:
         scores: (num_images, num_texts) similarities (a tensor or an array; any real dtype).
         text_to_image: (num_texts,) the image index (row of ``scores``) of each text.
-        ks: the cut-offs; ``rsum`` is the sum of all the recalls returned ([B3] Table 4's R@1/5/10 both ways).
+        ks: the cut-offs; ``rsum`` is the sum of all the recalls returned ([B3] sec. 3.1 reports R@1/5/10 both ways).
         block_elements: score elements compared at a time (memory bound of the ranking).
     """
     ks = [int(k) for k in ks]
