@@ -22,7 +22,7 @@ def test_loss_against_a_hand_computation() -> None:
     v = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     t = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
     scale = torch.tensor(2.0)
-    loss, logits = contrastive_loss(v, t, scale)
+    loss, logits, labels = contrastive_loss(v, t, scale)
     sim = [[0.8, 0.0], [0.48 + 0.48, 0.8]]  # <v_i, t_j>
 
     def ce(row: list[float], target: int) -> float:
@@ -31,7 +31,7 @@ def test_loss_against_a_hand_computation() -> None:
     i2t = (ce(sim[0], 0) + ce(sim[1], 1)) / 2
     t2i = (ce([sim[0][0], sim[1][0]], 0) + ce([sim[0][1], sim[1][1]], 1)) / 2
     assert float(loss) == pytest.approx((i2t + t2i) / 2, rel=1e-6)
-    assert torch.allclose(logits, 2.0 * torch.tensor(sim))
+    assert torch.allclose(logits, 2.0 * torch.tensor(sim)) and labels.tolist() == [0, 1]
 
 
 def test_head_normalises_and_clips_the_scale() -> None:

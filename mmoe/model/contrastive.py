@@ -14,7 +14,7 @@ negatives of a rank are the rows of every rank: embeddings are gathered with
 on its rows. Each rank computes the loss of its own rows against all columns (open_clip's ``local_loss``); the
 mean of these over ranks is the full-batch loss, and DDP's gradient mean is then exactly the full-batch gradient.
 
-ITM ([VLMo] sec. 2.2, as [ALBEF] sec. 3.2): for each image a negative text and for each text a negative image,
+ITM ([VLMo] sec. 2.3, as [ALBEF] sec. 3.2): for each image a negative text and for each text a negative image,
 drawn with probability ``softmax`` of the ITC similarities (the positive excluded), so the matching head learns on
 the pairs the contrastive embedding finds hardest to tell apart.
 """
@@ -114,12 +114,12 @@ def gather_with_grad(x_BE: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def contrastive_loss(
     image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale: torch.Tensor, *, gather: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE of this rank's B pairs against the N pairs of all ranks (module docstring).
 
     ``image_BE[i]`` and ``text_BE[i]`` are a matched pair; every other row of the gathered batch is a negative.
-    Returns ``(loss, logits_per_image (B, N))``; the loss is the mean of the image -> text and text -> image
-    cross-entropies over this rank's rows.
+    Returns ``(loss, logits_per_image (B, N), labels (B,))``: the loss is the mean of the image -> text and
+    text -> image cross-entropies over this rank's rows, ``labels[i]`` the column of row i's own pair.
     """
     if image_BE.shape != text_BE.shape or image_BE.dim() != 2:
         raise ValueError(
@@ -135,7 +135,7 @@ def contrastive_loss(
     logits_per_image_BN = logit_scale * image_BE @ all_text_NE.t()
     logits_per_text_BN = logit_scale * text_BE @ all_image_NE.t()
     loss = 0.5 * (F.cross_entropy(logits_per_image_BN, labels_B) + F.cross_entropy(logits_per_text_BN, labels_B))
-    return loss, logits_per_image_BN
+    return loss, logits_per_image_BN, labels_B
 
 
 @torch.no_grad()
