@@ -202,6 +202,14 @@ def test_recipe_trains_a_step_and_tests_through_the_cli(world: Path, tmp_path: P
     metrics = (sorted(root.glob("version_*"))[-1] / "metrics.csv").read_text()
     assert "val/rsum" in metrics and "val/t2i_r1" in metrics
     scores = tmp_path / "scores.pt"
-    main(["test", *common, f"--ckpt_path={ckpt}", f"--model.init_args.scores_path={scores}"])
+    main(
+        [
+            "test",
+            *common,
+            f"--trainer.default_root_dir={root}",
+            f"--ckpt_path={ckpt}",
+            f"--model.init_args.scores_path={scores}",
+        ]
+    )
     s, t2i = load_scores(scores)
     assert s.shape == (3, 15) and t2i.shape == (15,)
