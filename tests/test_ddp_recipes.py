@@ -125,6 +125,7 @@ def test_synthetic_recipes_are_all_covered() -> None:
     assert SYNTHETIC == [
         "coco_captioning_synthetic.yaml",
         "coco_detection_synthetic.yaml",
+        "coco_retrieval_synthetic.yaml",
         "imagenet_synthetic.yaml",
         "nlvr2_synthetic.yaml",
         "vqav2_synthetic.yaml",
@@ -143,6 +144,18 @@ def pretrain_ddp(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> lis
 def test_tiny_pretraining_trains_under_ddp(pretrain_ddp: list[dict[str, str]]) -> None:
     assert [int(r["step"]) for r in pretrain_ddp] == [0, 1, 2]
     assert all(math.isfinite(float(r["train/loss"])) for r in pretrain_ddp)
+
+
+@pytest.mark.slow
+def test_tiny_pretraining_with_itc_and_itm_trains_under_ddp(workdir: Path, tmp_path: Path) -> None:
+    """ITC gathers the pair embeddings of both ranks with gradients; every ITC/ITM parameter gets a gradient."""
+    root = tmp_path / "run"
+    extra = ["--model.init_args.itc_weight=1.0", "--model.init_args.itm_weight=1.0", "--data.init_args.batch_size=6"]
+    _fit_ddp(workdir, PRETRAIN, root, *_pretrain_args(*extra))  # 6 = 2 pairs a rank: ITM needs a negative
+    _trained_checkpoint(root)
+    rows = _train_rows(root)
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert all(math.isfinite(float(r["train/loss_itc_pair"])) and float(r["train/loss_itm_pair"]) > 0 for r in rows)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ Two on-disk sources are read unchanged (nothing is downloaded):
 * the Karpathy split file ``dataset_coco.json`` ({"images": [{"split", "filepath", "filename", "cocoid",
   "sentences": [{"raw", ...}]}]}); splits ``train`` + ``restval`` train, ``val`` / ``test`` hold 5000 images each
   ([Karpathy]; [B3] sec. 3.1 reports on this split). Image path = ``image_root / filepath / filename``.
+  ``dataset_flickr30k.json`` has the same layout without ``filepath`` and ``cocoid`` (its id is ``imgid``).
 * official COCO caption annotations ``captions_{split}2014.json`` ({"images": [{"id", "file_name"}],
   "annotations": [{"image_id", "caption"}]}); image path = ``image_root / file_name``.
 
@@ -42,6 +43,7 @@ __all__ = [
     "references_of",
     "image_id_from_filename",
     "list_images",
+    "load_image",
     "CaptionDataset",
     "ImageListDataset",
     "CaptionCollator",
@@ -85,11 +87,13 @@ def load_karpathy(path: str | Path, image_root: str | Path, splits: Sequence[str
             if img["split"] not in splits:
                 continue
             caps = tuple(str(s["raw"]).strip() for s in img["sentences"])
-            out.append(CaptionRecord(int(img["cocoid"]), str(root / img.get("filepath", "") / img["filename"]), caps))
+            # COCO entries carry the COCO id; dataset_flickr30k.json has only the file's index ``imgid``
+            image_id = int(img["cocoid"] if "cocoid" in img else img["imgid"])
+            out.append(CaptionRecord(image_id, str(root / img.get("filepath", "") / img["filename"]), caps))
         except KeyError as e:
             raise ValueError(
-                f"load_karpathy: {path} image entry {i} lacks key {e}; expected split, filepath, "
-                "filename, cocoid, sentences[].raw"
+                f"load_karpathy: {path} image entry {i} lacks key {e}; expected split, filepath (COCO), "
+                "filename, cocoid (COCO) or imgid, sentences[].raw"
             ) from e
     return out
 
@@ -168,7 +172,8 @@ def list_images(path: str | Path) -> list[Path]:
     return files
 
 
-def _load_image(path: str) -> Image.Image:
+def load_image(path: str) -> Image.Image:
+    """The RGB image at ``path``; an unreadable file raises an ``OSError`` naming it."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
@@ -201,7 +206,7 @@ class CaptionDataset(Dataset):
         i, j = self.index[idx]
         r = self.records[i]
         return {
-            "image": self.transform(_load_image(r.path)),
+            "image": self.transform(load_image(r.path)),
             "caption": r.captions[j] if j >= 0 else "",
             "image_id": r.image_id,
         }
@@ -223,7 +228,7 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         return {
-            "image": self.transform(_load_image(self.files[idx])),
+            "image": self.transform(load_image(self.files[idx])),
             "image_id": self.image_ids[idx],
             "file_name": os.path.basename(self.files[idx]),
         }

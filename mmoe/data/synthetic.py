@@ -59,6 +59,7 @@ __all__ = [
     "render_scene",
     "sample_scene",
     "vqa_for_scene",
+    "write_retrieval_split",
     "write_world_shards",
 ]
 
@@ -732,6 +733,47 @@ def write_world_shards(world_dir: str | os.PathLike[str], *, maxcount: int = 100
     return out
 
 
+def write_retrieval_split(world_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """``retrieval/dataset_coco.json``: the world's COCO captions as a Karpathy split file ([Karpathy] layout).
+
+    For image-text retrieval (``mmoe.data.retrieval``): the training scenes are split ``train``; of the validation
+    scenes the first half is ``val`` and the rest (at least one) ``test``, so the test images are never seen in
+    validation. Paths are ``filepath/filename`` under the world's ``coco`` folder. Returns the images per split.
+    """
+    root = Path(world_dir)
+    images: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    sent_id = 0
+    for source in ("train", "val"):
+        data = json.loads((root / "coco" / "annotations" / f"captions_{source}2014.json").read_text())
+        caps: dict[int, list[str]] = {}
+        for ann in data["annotations"]:
+            caps.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]))
+        num = len(data["images"])
+        for k, img in enumerate(data["images"]):
+            split = "train" if source == "train" else ("val" if k < num // 2 else "test")
+            counts[split] = counts.get(split, 0) + 1
+            imgid = len(images)
+            sentences = []
+            for raw in caps.get(int(img["id"]), []):
+                tokens = "".join(c if c.isalnum() else " " for c in raw.lower()).split()
+                sentences.append({"tokens": tokens, "raw": raw, "imgid": imgid, "sentid": sent_id})
+                sent_id += 1
+            images.append(
+                {
+                    "filepath": f"{source}2014",
+                    "sentids": [x["sentid"] for x in sentences],
+                    "filename": img["file_name"],
+                    "imgid": imgid,
+                    "split": split,
+                    "sentences": sentences,
+                    "cocoid": int(img["id"]),
+                }
+            )
+    _atomic_json(root / "retrieval" / "dataset_coco.json", {"images": images, "dataset": "coco"})
+    return counts
+
+
 def make_world(
     out_dir: str | os.PathLike[str],
     *,
@@ -803,6 +845,7 @@ def make_world(
         stats.update(_write_text(out, split, num, seed, world))
         stage(f"{split} text")
         summary["splits"][split] = stats
+    summary["retrieval"] = write_retrieval_split(out)
     if shards:
         summary["shards"] = write_world_shards(out, maxcount=shard_maxcount)
         stage("shards")

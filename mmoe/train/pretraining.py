@@ -36,6 +36,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from mmoe.data.codebook import assign_codes, load_codebook, normalize_patches, patchify
+from mmoe.model.contrastive import ContrastiveHead, contrastive_loss, sample_hard_negatives
+from mmoe.model.heads import ClassificationHead
 from mmoe.model.vqkd import VQKDTokenizer, load_vqkd
 from mmoe.moe.stats import DEFAULT_ACTIVATION_THRESHOLD, RoutingTally, log_metrics, summarize
 from mmoe.train.base import TaskModule
@@ -111,6 +113,14 @@ class MaskedPretraining(TaskModule):
         log_routing_every: compute training routing statistics every this many steps (0 = never).
         eval_grounding: at validation, also score pair-text MLM against mismatched images and log
             ``val/ppl_mlm_pair_mismatched`` and ``val/grounding_gain`` (how much the right image helps the text).
+        itc_weight: weight of an image-text contrastive loss on the pair stream (0 = off, BEiT-3's masked data
+            modeling alone): the unmasked image and text each alone through the backbone, CLS -> ``itc_head``
+            (``mmoe.model.contrastive``), InfoNCE both ways over the pairs of all ranks ([VLMo] sec. 2.3). Logged as
+            ``loss_itc_pair``; its projections are what zero-shot retrieval (``RetrievalTask``) starts from.
+        itm_weight: weight of image-text matching on the pair stream (0 = off; needs ``itc_weight > 0``): each
+            pair, its image with a hard negative text and its text with a hard negative image (drawn from the ITC
+            similarities of the rank's batch) fused through the backbone, image CLS -> 2-way ``itm_head``
+            ([VLMo] sec. 2.3, [ALBEF] sec. 3.2). Logged as ``loss_itm_pair``.
     """
 
     def __init__(
@@ -130,6 +140,8 @@ class MaskedPretraining(TaskModule):
         activation_threshold: float | None = None,
         log_routing_every: int = 1,
         eval_grounding: bool = True,
+        itc_weight: float = 0.0,
+        itm_weight: float = 0.0,
     ) -> None:
         if image_target not in ("pixels", "codebook", "vqkd"):
             raise ValueError(
@@ -143,9 +155,14 @@ class MaskedPretraining(TaskModule):
             )
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"MaskedPretraining: on_nonfinite={on_nonfinite!r}, expected 'raise' or 'skip'")
-        for name, value in (("mlm_weight", mlm_weight), ("mim_weight", mim_weight), ("aux_loss_scale", aux_loss_scale)):
+        weights = {"mlm_weight": mlm_weight, "mim_weight": mim_weight, "aux_loss_scale": aux_loss_scale}
+        for name, value in {**weights, "itc_weight": itc_weight, "itm_weight": itm_weight}.items():
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"MaskedPretraining: {name}={value!r} must be a finite number >= 0")
+        if itm_weight > 0 and not itc_weight > 0:
+            raise ValueError(
+                "MaskedPretraining: itm_weight > 0 needs itc_weight > 0 (ITM's hard negatives come from ITC)"
+            )
         if log_routing_every < 0:
             raise ValueError(f"MaskedPretraining: log_routing_every={log_routing_every} must be >= 0")
         super().__init__(optim=optim)
@@ -182,6 +199,9 @@ class MaskedPretraining(TaskModule):
         for head in (self.mlm_head, self.mim_head):
             nn.init.trunc_normal_(head.weight, std=cfg.init_std)
             nn.init.zeros_(head.bias)
+        self.itc_weight, self.itm_weight = itc_weight, itm_weight
+        self.itc_head = ContrastiveHead(dim, init_std=cfg.init_std) if itc_weight > 0 else None
+        self.itm_head = ClassificationHead(dim, 2, pooling="image_cls") if itm_weight > 0 else None
         self._val_routing: dict[str, Any] = {}  # layer -> RoutingTally over the validation epoch
         self._val_sums: dict[str, list[float]] = {}
         self._last_counts: dict[str, int] = {}
@@ -296,15 +316,64 @@ class MaskedPretraining(TaskModule):
                 aux = out.aux_loss if aux is None else aux + out.aux_loss
             for key, record in out.routing.items():
                 routing.setdefault(key, []).append(record)
+        if self.itc_head is not None and "pair" in present:
+            extra, extra_aux = self._pair_itc_itm(batch["pair"])
+            losses.update(extra)
+            counts.update({name: int(batch["pair"]["image"].shape[0]) for name in extra})
+            aux = extra_aux if aux is None else aux + extra_aux
         if aux is None:
             aux = torch.zeros((), device=self.device)
         self._last_counts = counts
         return losses, aux, routing
 
+    def _pair_itc_itm(self, sub: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """ITC (and ITM) losses of a pair sub-batch on its unmasked image and text; returns (losses, aux loss).
+
+        The masked text is restored from ``text_labels``. The extra passes add their MoE aux loss, not their
+        routing records: the routing statistics stay those of the masked-modeling streams, comparable across runs.
+        """
+        image, text, pad = sub["image"], sub["text"], sub.get("text_padding_mask")
+        labels = sub.get("text_labels")
+        clean = torch.where(labels != -100, labels, text) if labels is not None else text
+        image_out = self.backbone(image=image)
+        text_out = self.backbone(text=clean, text_padding_mask=pad)
+        image_BE = self.itc_head.embed_image(image_out.features[:, 0])  # type: ignore[union-attr]
+        text_BE = self.itc_head.embed_text(text_out.features[:, 0])  # type: ignore[union-attr]
+        itc, _, _ = contrastive_loss(image_BE, text_BE, self.itc_head.scale())  # type: ignore[union-attr]
+        losses = {"itc_pair": itc}
+        outs = [image_out, text_out]
+        b = image.shape[0]
+        if self.itm_head is not None and b < 2:
+            raise ValueError(
+                f"MaskedPretraining: itm_weight > 0 needs at least 2 pair samples per batch and rank (got {b}): "
+                "the hard negatives are the batch's other pairs; raise data.batch_size or data.pair_ratio"
+            )
+        if self.itm_head is not None:
+            # drawn from a generator seeded by the batch and the step: reproducible on resume, global RNG untouched
+            seed = (int(clean.sum()) * 1_000_003 + self.global_step) % (1 << 62)
+            gen = torch.Generator(device=image.device).manual_seed(seed)
+            neg_text, neg_image = sample_hard_negatives((image_BE @ text_BE.t()).detach(), generator=gen)
+            fused = self.backbone(
+                image=torch.cat([image, image, image[neg_image]]),
+                text=torch.cat([clean, clean[neg_text], clean]),
+                text_padding_mask=torch.cat([pad, pad[neg_text], pad]) if pad is not None else None,
+            )
+            logits_3B2 = self.itm_head(fused.features, fused.num_vision_tokens).float()
+            target = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(image.device)
+            losses["itm_pair"] = F.cross_entropy(logits_3B2, target)
+            outs.append(fused)
+        aux = sum((o.aux_loss for o in outs if o.aux_loss is not None), image_BE.new_zeros(()))
+        return losses, aux
+
+    def _has_perplexity(self, name: str) -> bool:
+        """Cross-entropy losses over tokens or codes have a perplexity; MSE, ITC and ITM do not."""
+        return name.startswith("mlm") or (name.startswith("mim") and self.image_target != "pixels")
+
     def _total(self, losses: dict[str, torch.Tensor], aux: torch.Tensor) -> torch.Tensor:
         total = aux.float() * self.aux_loss_scale
+        weight = {"mlm": self.mlm_weight, "mim": self.mim_weight, "itc": self.itc_weight, "itm": self.itm_weight}
         for name, value in losses.items():
-            total = total + value * (self.mlm_weight if name.startswith("mlm") else self.mim_weight)
+            total = total + value * weight[name.split("_", 1)[0]]
         return total
 
     @staticmethod
@@ -334,7 +403,7 @@ class MaskedPretraining(TaskModule):
         self.log("train/aux_loss", aux.detach().float(), batch_size=bs)
         for name, value in losses.items():
             self.log(f"train/loss_{name}", value.detach(), batch_size=bs)
-            if name.startswith("mlm") or self.image_target != "pixels":
+            if self._has_perplexity(name):
                 self.log(f"train/ppl_{name}", torch.exp(value.detach().clamp(max=30.0)), batch_size=bs)
         if self.log_routing_every and self.global_step % self.log_routing_every == 0 and routing:
             for key, value in routing_metrics(routing, threshold=self.activation_threshold).items():
@@ -389,7 +458,7 @@ class MaskedPretraining(TaskModule):
         # summarized over the whole evaluation set, the way [MH1] Fig. 1 measures the expert activation ratio.
         means: dict[str, float] = {}
         for name, (total, count) in sorted(self._val_sums.items()):
-            if name.startswith("mlm") or self.image_target != "pixels":
+            if self._has_perplexity(name):
                 sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
                 sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
                 mean = float(sums[0] / sums[1].clamp(min=1))
