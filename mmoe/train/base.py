@@ -29,8 +29,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 
 from mmoe.model import create_model
+from mmoe.model.config import MultiwayConfig
 from mmoe.model.flops import forward_flops
 from mmoe.model.io import drop_text_branch, load_checkpoint_file, parse_checkpoint
 from mmoe.train.callbacks import batch_forwards
@@ -143,6 +145,21 @@ class TaskModule(LightningModule):
         checkpoint["mmoe_config"] = self.backbone.config.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The backbone the checkpoint was written with wins over what its hyperparameters name today: a named
+        # size may have changed since (e.g. the tiny models' conv stem), and the full config is in the file.
+        saved = checkpoint.get("mmoe_config")
+        backbone = getattr(self, "backbone", None)
+        if isinstance(saved, dict) and isinstance(backbone, torch.nn.Module) and hasattr(backbone, "config"):
+            config = MultiwayConfig.from_dict(dict(saved), source="checkpoint mmoe_config")
+            if config.to_dict() != backbone.config.to_dict():
+                frozen_mask = not backbone.vision_embed.mask_token.requires_grad
+                rank_zero_warn(
+                    f"{type(self).__name__}: the checkpoint's backbone config differs from the one its arguments "
+                    "build today; rebuilding the backbone from the checkpoint's mmoe_config"
+                )
+                self.backbone = create_model(config)
+                if frozen_mask:
+                    self.backbone.freeze_mask_token_()
         # A vision-only backbone restored from a checkpoint written with the full backbone: its text tensors
         # have no place here (for a backbone with a text branch nothing is dropped).
         if isinstance(checkpoint.get("state_dict"), dict):
