@@ -17,6 +17,10 @@ COUNTABLE = dict(depth=2, attn_impl="manual", vocab_size=1000, pad_id=998, mask_
 CASES = {
     "dense linear patchify": ("tiny", {"patch_embed": "linear"}),
     "dense conv stem + VL-FFN": ("tiny", {"patch_embed": "conv", "stem_blocks": 2, "vlffn_layers": 1}),
+    "dense conv stem, 16-px patches from 48 channels": (
+        "tiny",
+        {"patch_embed": "conv", "patch_size": 16, "stem_width": 48, "stem_blocks": 1},
+    ),
     "MH-MoE": ("tiny_mhmoe", {"moe": {"extra": {"expert_impl": "per_expert"}}}),
     "SMoE": ("tiny_smoe", {"moe": {"extra": {"expert_impl": "per_expert"}}}),
     "X-MoE": ("tiny_xmoe", {"moe": {"extra": {"expert_impl": "per_expert"}}}),

@@ -354,12 +354,12 @@ class Runner:
                 assert pre is not None and short is not None
                 steps = round(steps * (1 + pre["fit_seconds"] / short["fit_seconds"]))
                 flags += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
-            flags.append(f"--checkpoint.every_n_train_steps={min(steps, self.args.checkpoint_every)}")
-            seconds = self._fit(folder, config, flags)
+            every = f"--checkpoint.every_n_train_steps={min(steps, self.args.checkpoint_every)}"
+            seconds = self._fit(folder, config, [*flags, every])
             test = [sys.executable, "-m", "mmoe.train.cli", "test", f"--config={config}",
                     f"--trainer.default_root_dir={folder}", f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}",
-                    *flags[: len(flags) - 1]]  # fmt: skip
-            self._cli(folder, "test", [x for x in test if not x.startswith("--model.init_args.init_from")])
+                    *(f for f in flags if not f.startswith("--model.init_args.init_from"))]  # fmt: skip
+            self._cli(folder, "test", test)
             rows = [r for r in read_run_metrics(folder) if r.get(TASK_METRIC[task])]
             if not rows:
                 raise RuntimeError(f"{folder}: no {TASK_METRIC[task]} in the test metrics")

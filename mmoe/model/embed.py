@@ -20,6 +20,16 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed
 from torch import nn
 
 
+def conv_stem_widths(patch_size: int, dim: int, width: int | None = None) -> list[int]:
+    """Channels of the conv stem's log2(patch_size) stride-2 convs: from `width` (default dim / 2^(n-1)),
+    doubling, capped at `dim` (also what `mmoe.model.flops` counts)."""
+    n = patch_size.bit_length() - 1
+    if patch_size < 2 or 1 << n != patch_size:
+        raise ValueError(f"MultiwayConfig.patch_size: the conv stem needs a power of 2 >= 2, got {patch_size}")
+    first = width if width is not None else max(dim >> (n - 1), 1)
+    return [min(first << i, max(dim, first)) for i in range(n)]
+
+
 class ConvStem(nn.Module):
     """Convolutional patch embedding (Xiao et al. 2021, sec. 3): (B, C, H, W) -> (B, H/p * W/p, D).
 
@@ -36,16 +46,11 @@ class ConvStem(nn.Module):
         self, *, patch_size: int, in_chans: int, dim: int, extra_blocks: int = 0, width: int | None = None
     ) -> None:
         super().__init__()
-        n = patch_size.bit_length() - 1
-        if patch_size < 2 or 1 << n != patch_size:
-            raise ValueError(f"MultiwayConfig.patch_size: the conv stem needs a power of 2 >= 2, got {patch_size}")
-        first = width if width is not None else max(dim >> (n - 1), 1)
-        widths = [min(first << i, max(dim, first)) for i in range(n)]
         layers: list[nn.Module] = []
         prev = in_chans
-        for width in widths:
-            layers += [nn.Conv2d(prev, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-            prev = width
+        for w in conv_stem_widths(patch_size, dim, width):
+            layers += [nn.Conv2d(prev, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            prev = w
         for _ in range(extra_blocks):  # stride 1 at the patch resolution: a wider view, same token grid
             layers += [nn.Conv2d(prev, prev, 3, 1, 1, bias=False), nn.BatchNorm2d(prev), nn.ReLU(inplace=True)]
         layers.append(nn.Conv2d(prev, dim, 1))

@@ -24,6 +24,7 @@ checkpointing is not model FLOPs and is left out, as in the MFU convention.
 from __future__ import annotations
 
 from mmoe.model.config import MultiwayConfig
+from mmoe.model.embed import conv_stem_widths
 from mmoe.moe.parity import moe_cost
 
 __all__ = ["forward_flops", "patch_embed_macs"]
@@ -35,10 +36,8 @@ def patch_embed_macs(config: MultiwayConfig, height: int, width: int) -> int:
     patches = (height // p) * (width // p)
     if config.patch_embed == "linear":
         return patches * chans * p * p * dim
-    n = p.bit_length() - 1  # ConvStem: n stride-2 3x3 convs, widths doubling up to dim, then a 1x1 conv
-    macs, prev, h, w = 0, chans, height, width
-    for i in range(n):
-        width_i = max(dim >> (n - 1 - i), 1)
+    macs, prev, h, w = 0, chans, height, width  # ConvStem: stride-2 3x3 convs, extra blocks, a 1x1 conv
+    for width_i in conv_stem_widths(p, dim, config.stem_width):
         h, w = (h + 1) // 2, (w + 1) // 2
         macs += h * w * width_i * prev * 9
         prev = width_i
