@@ -199,8 +199,8 @@ class Model:
 
     @classmethod
     def parse(cls, text: str) -> Model:
-        label, _, rest = text.partition("=") if "=" in text.split(":")[0] else (text.split(":")[0], "", text)
-        recipe, _, over = rest.partition(":")
+        head, _, over = text.partition(":")
+        label, _, recipe = head.rpartition("=")
         overrides: dict[str, Any] = {}
         for item in filter(None, over.split(",")):
             k, sep, v = item.partition("=")
