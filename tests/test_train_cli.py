@@ -217,3 +217,19 @@ def test_ddp_two_processes_read_different_shards(world: Path, tmp_path: Path) ->
     losses = _losses_by_step(_read_csv(root))
     assert sorted(losses) == [0, 1, 2] and all(math.isfinite(v) for v in losses.values())
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_cpu_bf16_warning_names_the_key(monkeypatch):
+    import torch
+
+    from mmoe.train import cli
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    msg = cli.cpu_bf16_warning("bf16-mixed", "cpu")
+    assert msg is not None and "trainer.precision" in msg and "32-true" in msg
+    assert cli.cpu_bf16_warning("bf16-mixed", "auto", cuda=False) is not None
+    assert cli.cpu_bf16_warning("bf16-mixed", "auto", cuda=True) is None
+    assert cli.cpu_bf16_warning("bf16-mixed", "gpu") is None
+    assert cli.cpu_bf16_warning("32-true", "cpu") is None
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert cli.cpu_bf16_warning("bf16-mixed", "cpu") is None

@@ -124,6 +124,25 @@ def test_configure_optimizers_dict() -> None:
         configure_optimizers(_Module(), OptimConfig())  # no trainer, no total_steps
 
 
+def test_fused_adamw_is_the_same_update() -> None:
+    """``optim.fused`` switches to torch's one-kernel AdamW: same groups, the same parameters after a few steps."""
+    torch.manual_seed(0)
+    plain_mod, fused_mod = _Module(), _Module()
+    fused_mod.load_state_dict(plain_mod.state_dict())
+    plain = build_optimizer(plain_mod, lr=1e-2, weight_decay=0.05, layer_decay=0.8, head_lr_mult=3.0)
+    fused = build_optimizer(fused_mod, lr=1e-2, weight_decay=0.05, layer_decay=0.8, head_lr_mult=3.0, fused=True)
+    assert fused.defaults["fused"] and not plain.defaults.get("fused")
+    x = torch.randn(6, 8)
+    for _ in range(3):
+        for mod, opt in ((plain_mod, plain), (fused_mod, fused)):
+            opt.zero_grad()
+            mod.head(mod.backbone.patch_embed(x)).square().mean().backward()
+            opt.step()
+    for (name, a), (_, b) in zip(plain_mod.named_parameters(), fused_mod.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert configure_optimizers(_Module(), {"lr": 1e-3, "total_steps": 5, "fused": True})["optimizer"].defaults["fused"]
+
+
 class _NoMatcher(nn.Module):
     """A backbone without ``group_matcher``: embedding, three numbered blocks, a final norm."""
 

@@ -115,6 +115,27 @@ def next_version(root: str | os.PathLike[str]) -> int:
     return max(taken, default=-1) + 1
 
 
+def cpu_bf16_warning(precision: object, accelerator: object, *, cuda: bool | None = None) -> str | None:
+    """A warning when ``trainer.precision`` asks for bf16 on a CPU that has no bf16 matrix instructions.
+
+    Why: oneDNN's bf16 GEMM and convolution need avx512_bf16 or AMX; without them torch falls back to a scalar
+    path. Measured on a 2-core AVX2 machine: a 2048^3 bf16 matmul 360x slower than fp32, a tiny-model step 2-9x
+    slower (docs/results/learning.md). The recipes that say ``bf16-mixed`` are written for GPUs and such CPUs.
+    """
+    if "bf16" not in str(precision):
+        return None
+    on_gpu = torch.cuda.is_available() if cuda is None else cuda
+    runs_on_cpu = str(accelerator) == "cpu" or (str(accelerator) in ("auto", "None") and not on_gpu)
+    if not runs_on_cpu:
+        return None
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return (
+        f"trainer.precision={precision!s} on a CPU without bf16 matrix instructions (no avx512_bf16/AMX): torch's "
+        "fallback is many times slower than fp32 here; pass --trainer.precision 32-true"
+    )
+
+
 def _stdout_is_tty() -> bool:
     try:
         return sys.stdout.isatty()
@@ -248,6 +269,9 @@ class MMoECLI(LightningCLI):
         if not any(isinstance(p, AtomicCheckpointIO) or type(p).__name__.endswith("CheckpointIO") for p in plugin_list):
             plugin_list.append(AtomicCheckpointIO())
         out["plugins"] = plugin_list
+        slow_bf16 = cpu_bf16_warning(trainer_cfg.get("precision"), trainer_cfg.get("accelerator", "auto"))
+        if slow_bf16 is not None:
+            warnings.warn(slow_bf16, stacklevel=2)
         return super().instantiate_trainer(**{**kwargs, **out})
 
 
