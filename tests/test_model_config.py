@@ -131,7 +131,6 @@ def test_overrides_drop_moe_and_keep_fields():
         ({"moe": {"num_experts": 2, "expert_hidden": 8, "router": "hash"}}, "router"),
         ({"moe": {"num_experts": 2, "expert_hidden": 8, "num_heads": 3}}, "num_heads"),
         ({"vlffn_layers": 1, "moe": {"num_experts": 2, "expert_hidden": 8}}, "vlffn_layers"),
-        ({"text_embed_std": 0.0}, "text_embed_std"),
         ({"colour": "red"}, "unknown MultiwayConfig keys"),
     ],
 )
@@ -147,14 +146,3 @@ def test_keyword_only_and_unknown_name():
         create_model("nope")
     with pytest.raises(FileNotFoundError):
         create_model("/does/not/exist.yaml")
-
-
-def test_text_embed_std_sets_only_the_word_embedding():
-    torch.manual_seed(0)
-    base = create_model("tiny", patch_embed="conv")
-    wide = create_model("tiny", patch_embed="conv", text_embed_std=1.0)
-    assert base.text_embed.token_embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
-    assert wide.text_embed.token_embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
-    # every other tensor keeps the init_std rule
-    assert wide.text_embed.pos_embed.std().item() == pytest.approx(0.02, rel=0.2)
-    assert wide.vision_embed.cls_token.std().item() < 0.1

@@ -134,8 +134,7 @@ class MultiwayTransformer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                text_std = self.config.text_embed_std
-                init(module.weight, std=std if text_std is None else text_std)
+                init(module.weight, std=std)
         for param in (self.vision_embed.cls_token, self.vision_embed.mask_token, self.vision_embed.pos_embed):
             init(param, std=std)
         if self.text_embed is not None:

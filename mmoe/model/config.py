@@ -131,10 +131,6 @@ class MultiwayConfig:
     unused rows, dropped on import). `attention="decoupled"` gives per-modality q/k/v/out and norms as in
     the released BEiT-3; `"shared"` shares the attention sublayer as in the paper. `subln` is Magneto's
     sub-LN. `vlffn_layers` adds the paper's vision-language FFN to the top layers of a dense model.
-    `init_std` is the std of every Linear and embedding at init (0.02, BEiT-3); `text_embed_std` (null = `init_std`)
-    overrides it for the word embedding: with a conv stem, whose patch tokens start near std 0.4, 0.02-std words
-    are drowned by the first attention output, and a small model trained from scratch learns to read the
-    question far later (docs/results/learning.md).
     Tokenizer fields describe what the text ids mean (docs/interfaces.md section 3). `num_classes` (0 = none)
     and `global_pool` ("token": the CLS feature, "avg": the mean patch feature) describe the optional image
     classifier of timm's backbone contract (`reset_classifier`, `forward_head`); the task modules keep their
@@ -170,7 +166,6 @@ class MultiwayConfig:
     attn_dropout: float = 0.0
     vlffn_layers: int = 0
     init_std: float = 0.02
-    text_embed_std: float | None = None
     grad_checkpointing: bool = False
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -202,10 +197,6 @@ class MultiwayConfig:
             raise ValueError(f"MultiwayConfig.stem_width: expected a positive int or null, got {self.stem_width!r}")
         if (self.stem_blocks or self.stem_width is not None) and self.patch_embed != "conv":
             raise ValueError("MultiwayConfig.stem_blocks/stem_width: a stem setting needs patch_embed='conv'")
-        if self.text_embed_std is not None and not self.text_embed_std > 0:
-            raise ValueError(
-                f"MultiwayConfig.text_embed_std: expected a positive float or null, got {self.text_embed_std!r}"
-            )
         _check_literal("MultiwayConfig", "tokenizer", self.tokenizer, TokenizerKind)
         _check_literal("MultiwayConfig", "global_pool", self.global_pool, GlobalPool)
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
