@@ -146,3 +146,17 @@ def test_keyword_only_and_unknown_name():
         create_model("nope")
     with pytest.raises(FileNotFoundError):
         create_model("/does/not/exist.yaml")
+
+
+@pytest.mark.parametrize("prefix", ["tiny", "base"])
+def test_parity_variant_matches_smoe_in_flops_and_parameters(prefix):
+    """``{prefix}_mhmoe_parity``: [MH2] sec. 2 matching, equal active FLOPs and parameters within 3% of the SMoE."""
+    with torch.device("meta"):
+        counts = {
+            v: sum(p.numel() for p in create_model(f"{prefix}_{v}").parameters())
+            for v in ("smoe", "xmoe", "mhmoe", "mhmoe_parity")
+        }
+    assert _active_ffn_macs(get_config(f"{prefix}_mhmoe_parity")) == _active_ffn_macs(get_config(f"{prefix}_dense"))
+    assert abs(counts["mhmoe_parity"] / counts["smoe"] - 1) < 0.03
+    assert abs(counts["xmoe"] / counts["smoe"] - 1) < 0.03
+    assert counts["mhmoe"] / counts["smoe"] < 0.97  # the FLOPs-only twin is not parameter-matched

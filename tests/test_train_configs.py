@@ -108,7 +108,9 @@ def test_model_yaml_builds(path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["base_dense", "base_smoe", "base_xmoe", "base_mhmoe", "base_mhmoe_32e"])
+@pytest.mark.parametrize(
+    "name", ["base_dense", "base_smoe", "base_xmoe", "base_mhmoe", "base_mhmoe_32e", "base_mhmoe_parity"]
+)
 def test_base_recipe_runs_one_step(name: str, tmp_path: Path) -> None:
     """Paper-size recipe, one bf16-mixed step on CPU at reduced image size/batch/depth.
 
