@@ -279,3 +279,23 @@ def test_cli_parses_the_option(tmp_path: Path, world: Path) -> None:
     assert dm.grounded_tokens is not None and len(list(dm.train_dataloader())) == 2
     parsed = parser.parse_args(["--data", str(cfg), "--data.pair_mask_words=default"])
     assert init(parsed).data.hparams.pair_mask_words == "default"
+
+
+def test_sentencepiece_pieces_with_a_leading_space_and_capitals(tmp_path: Path) -> None:
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    lines = ["Red circle on the left.", "a red circle to the left of a blue square", "Two blue squares on the right."]
+    corpus.write_text("\n".join(lines * 50))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "m"), vocab_size=30, model_type="unigram", minloglevel=2
+    )
+    tok = build_tokenizer("sentencepiece", path=str(tmp_path / "m.model"), max_len=32)
+    marker = GroundedTokens.from_words(tok, ["red", "circle", "left", "square", "two"])
+    ids, _ = tok(["Red circle on the left.", "Two blue squares and a red circle"])
+    marked = marker(ids)
+    for row, mrow, want in zip(
+        ids.tolist(), marked.tolist(), (["Red", "circle", "left"], ["Two", "squares", "red", "circle"])
+    ):
+        # marked pieces kept, the others blanked: what is left reads as the grounded words, each whole
+        text = "".join(tok._sp.id_to_piece(i - tok.FAIRSEQ_OFFSET) if m else " " for i, m in zip(row, mrow))
+        assert text.replace("\u2581", " ").split() == want
