@@ -73,6 +73,7 @@ def test_wheel_carries_the_configs_and_the_commands(installed: tuple[Path, Path]
     assert len(shipped) > 20 and shipped <= names, sorted(shipped - names)
     assert "mmoe/configs/__init__.py" in names and "mmoe/cli/recipes.py" in names
     assert {"mmoe/viz/viewer.js", "mmoe/viz/viewer.css"} <= names  # mmoe-viz --html inlines them
+    assert "mmoe/data/grounded_words.json" in names  # pair_mask_words: default
     assert not any(n.startswith(("tests/", "tools/", "configs/", "datasets/")) for n in names)
     scripts = entry_points.split("[console_scripts]", 1)[1].split("\n[", 1)[0]
     assert {k.strip(): v.strip() for k, v in (x.split("=") for x in scripts.strip().splitlines())} == CONSOLE_SCRIPTS

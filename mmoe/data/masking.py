@@ -10,6 +10,9 @@
   tokens (bos/eos/pad/mask) are never selected; ``round(ratio * n)`` tokens (at least one) of a row
   with ``n`` maskable tokens are selected; of those 80% become ``mask_id``, 10% a random regular
   token and 10% stay unchanged. Labels hold the original id at selected positions, -100 elsewhere.
+* Grounded text (an option of ``mask_tokens``, off by default): the same ``k`` positions per row, but a share of
+  the row's *priority* tokens (words that name what the image shows: colours, counts, positions, objects;
+  ``mmoe.data.grounded``) is selected first, so pair-text MLM cannot be solved from the text prior alone.
 """
 
 from __future__ import annotations
@@ -128,8 +131,26 @@ def mask_tokens(
     generator: torch.Generator | None = None,
     mask_prob: float = 0.8,
     random_prob: float = 0.1,
+    priority: torch.Tensor | None = None,
+    priority_share: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT-style masking of a ``(B, L)`` batch; returns ``(masked_ids, labels)``.
+
+    Selection: every maskable token gets a uniform score and the ``k`` lowest are selected (``k`` from ``ratio``).
+    With ``priority`` (grounded words), ``round(priority_share * g)`` of a row's ``g`` maskable priority tokens,
+    picked at random among them (one more draw, after the others), have their score lowered by 1 so that they
+    come first (at most ``k`` of them get selected); the rest of the ``k`` is filled uniformly from all remaining
+    maskable tokens, priority ones included. ``k``, the 80/10/10 split and the uniform draws are unchanged, so
+    ``priority=None`` (or a share of 0, or a row without priority tokens) gives exactly the uniform masks of the
+    same generator.
+
+    Why a share of the row's grounded tokens and not of ``k``: pair-text MLM in [B3] masks 50% of the caption,
+    and in short captions ("a red circle on the left.") uniform masking mostly hits words the text predicts
+    ("a", "on", "the", "."), so the image is rarely needed. Masking every grounded word (share 1.0) makes each of
+    them a question about the image; a share below 1 keeps some of them visible, so the model also learns to
+    bind a visible word to the image ("the ___ circle": which colour is the circle), as VQA asks it. The share
+    of grounded tokens is what sets that trade-off, whatever the caption's length, which a share of ``k`` would
+    not.
 
     Args:
         ids: (B, L) int64 token ids.
@@ -139,6 +160,8 @@ def mask_tokens(
         special_ids: ids never selected (bos, eos, pad, mask).
         random_range: ``[low, high)`` ids for the ``random_prob`` random replacements.
         generator: torch RNG for reproducible masks.
+        priority: optional (B, L) bool, True = a token to select first (``mmoe.data.grounded.GroundedTokens``).
+        priority_share: share in ``[0, 1]`` of each row's priority tokens selected first (capped at ``k``).
     """
     if ids.shape != padding_mask.shape or ids.dim() != 2:
         raise ValueError(
@@ -146,20 +169,37 @@ def mask_tokens(
         )
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"mask_tokens: ratio must be in (0, 1], got {ratio}")
+    if priority is not None and (priority.shape != ids.shape or priority.dtype != torch.bool):
+        raise ValueError(
+            f"mask_tokens: priority must be a bool tensor of shape {tuple(ids.shape)}, "
+            f"got {priority.dtype} {tuple(priority.shape)}"
+        )
+    if not 0.0 <= priority_share <= 1.0:
+        raise ValueError(f"mask_tokens: priority_share must be in [0, 1], got {priority_share}")
     maskable = ~padding_mask
     for s in special_ids:
         maskable &= ids != int(s)
     n = maskable.sum(1)
     k = torch.where(n > 0, (n.float() * ratio).round().clamp(min=1).long(), torch.zeros_like(n))
     scores = torch.rand(ids.shape, generator=generator)
+    action = torch.rand(ids.shape, generator=generator)
+    rand_ids = torch.randint(int(random_range[0]), int(random_range[1]), ids.shape, generator=generator)
+    if priority is not None:
+        # Drawn after the uniform draws, so those are the same as without priority; and independent of ``scores``:
+        # taking the quota by ``scores`` would leave the other priority tokens with the highest scores of the
+        # row, and the uniform fill would then almost never take them.
+        order = torch.rand(ids.shape, generator=generator)
+        grounded = priority & maskable
+        quota = (grounded.sum(1).float() * priority_share).round().long()
+        grounded_ranks = torch.where(grounded, order, torch.full_like(order, 2.0)).argsort(1).argsort(1)
+        first = grounded & (grounded_ranks < quota[:, None])
+        scores = torch.where(first, scores - 1.0, scores)  # in [-1, 0): before every other maskable token
     scores[~maskable] = 2.0  # after every maskable token
     ranks = scores.argsort(1).argsort(1)
     selected = (ranks < k[:, None]) & maskable
     labels = torch.where(selected, ids, torch.full_like(ids, IGNORE_INDEX))
-    action = torch.rand(ids.shape, generator=generator)
     to_mask = selected & (action < mask_prob)
     to_random = selected & (action >= mask_prob) & (action < mask_prob + random_prob)
-    rand_ids = torch.randint(int(random_range[0]), int(random_range[1]), ids.shape, generator=generator)
     out = torch.where(to_mask, torch.full_like(ids, mask_id), ids)
     out = torch.where(to_random, rand_ids, out)
     return out, labels

@@ -24,7 +24,8 @@ What is ours on top of webdataset:
   (``missing_image``/``missing_text``) and empty texts (``empty_text``) are skipped and counted; the counts
   travel with each batch to the main process (``StreamLoader``).
 * **Ratio mixing** of the streams (samples per batch, or batches by smooth weighted round-robin), the
-  left/right caption swap on horizontal flips, BEiT-3 block-wise image masks and BERT-style text masks.
+  left/right caption swap on horizontal flips, BEiT-3 block-wise image masks and BERT-style text masks
+  (optionally grounded words first, ``StreamConfig.grounded``).
 * **Exact mid-epoch resume** (webdataset has no state dict): every stage is seeded from (seed, pass, rank,
   worker role), so a pass is a deterministic function of them; flips, captions, crops, masks and text
   windows come from per-sample seeds (pass seed, stream, ordinal); each batch reports the raw-sample cursors
@@ -59,6 +60,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from mmoe.data.grounded import GroundedTokens
 from mmoe.data.masking import BlockMaskGenerator, mask_tokens, random_token_range
 from mmoe.data.resume import derive_seed, seeded_rng
 from mmoe.data.shard_writer import StreamKind
@@ -272,11 +274,21 @@ class StreamConfig:
         patterns: shard URLs or patterns (``expand_patterns``: local brace/glob patterns, each matching at
             least one file; ``pipe:CMD``; ``http(s)://``).
         text_mask_ratio: BERT masking ratio for text (0.15 text-only, 0.5 pairs in [B3]).
+        grounded: token sequences to mask first (``mmoe.data.grounded.GroundedTokens``); None = uniform masking.
+        grounded_share: share of a row's grounded tokens selected first (``mask_tokens(priority_share=...)``).
     """
 
     kind: StreamKind
     patterns: list[str]
     text_mask_ratio: float = 0.15
+    grounded: GroundedTokens | None = None
+    grounded_share: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.grounded is not None and self.kind == "image":
+            raise ValueError("StreamConfig: an image stream has no text to mask; grounded must be None")
+        if not 0.0 <= self.grounded_share <= 1.0:
+            raise ValueError(f"StreamConfig: grounded_share must be in [0, 1], got {self.grounded_share}")
 
 
 class ShardStream(IterableDataset):
@@ -520,15 +532,19 @@ class ShardStream(IterableDataset):
         if kind in ("text", "pair"):
             windows = [x["rng"] for x in items] if kind == "text" and self.train else None
             ids, pad = self._tokenize([x["text"] for x in items], windows)
+            cfg = self.streams[name]
+            priority = cfg.grounded(ids) if cfg.grounded is not None else None
             rows = [
                 mask_tokens(
                     ids[i : i + 1],
                     pad[i : i + 1],
-                    ratio=self.streams[name].text_mask_ratio,
+                    ratio=cfg.text_mask_ratio,
                     mask_id=self.tokenizer.mask_id,
                     special_ids=self.tokenizer.special_ids,
                     random_range=random_token_range(self.tokenizer),
                     generator=torch.Generator().manual_seed(x["seed"]),
+                    priority=priority[i : i + 1] if priority is not None else None,
+                    priority_share=cfg.grounded_share,
                 )
                 for i, x in enumerate(items)
             ]

@@ -805,7 +805,8 @@ def make_world(
             ImageFolder, text; the shards), for a command's progress bar; the library prints nothing.
 
     Returns:
-        A summary dict of counts per split (also written to ``world.json``).
+        A summary dict of counts per split (also written to ``world.json``, with the world's shape, colour,
+        position, size and number words, which ``pair_mask_words`` of the pretraining data can name).
     """
     if num_train < 1 or num_val < 1:
         raise ValueError(f"make_world: num_train and num_val must be >= 1, got {num_train} and {num_val}")
@@ -825,6 +826,9 @@ def make_world(
         "shapes": list(world.shape_words),
         "colors": sorted(world.colors),
         "positions": sorted(set(POSITIONS.values())),
+        # with the three lists above: the caption words the image decides (a pair_mask_words file)
+        "sizes": sorted(world.sizes),
+        "numbers": list(NUMBER_WORDS[1 : world.max_objects + 1]),
         "splits": {},
     }
     done, total = 0, 4 * len(counts) + int(shards)

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
 
+from mmoe.data.grounded import GroundedTokens, resolve_grounded_words
 from mmoe.data.masking import BlockMaskGenerator
 from mmoe.data.resume import fit_progress
 from mmoe.data.shard_reader import ShardStream, StreamConfig, StreamLoader
@@ -50,6 +51,14 @@ class PretrainDataModule(LightningDataModule):
         max_text_len: token sequence length including bos/eos.
         image_mask_ratio, min_mask_patches, mask_min_aspect: block-wise masking (0.4, 16, 0.3 in [B3]/BEiT).
         text_mask_ratio, pair_text_mask_ratio: BERT masking ratios for text-only (0.15) and pair (0.5) text.
+        pair_mask_words: grounded-word masking of the *training* pair text (``mmoe.data.grounded``): null (uniform,
+            [B3]), ``"default"`` (colour, number, position, size and COCO category words), a ``.json``/``.txt``
+            word file (e.g. a synthetic world's ``world.json``) or a list of these and literal words. The chosen
+            words' tokens are selected first among the same number of masked positions, so more of the pair loss
+            needs the image. Validation pairs keep uniform masking, which is what ``val/grounding_gain`` and the
+            pair perplexities are defined on, so runs with and without the option stay comparable.
+        pair_grounded_share: share in (0, 1] of a caption's grounded tokens masked first (1: all, up to the
+            mask count); the rest of the masked positions are uniform. Needs ``pair_mask_words``.
         tokenizer, tokenizer_path: ``"openclip"`` or ``"sentencepiece"`` (with the ``.spm`` path).
         image_mean, image_std: image normalization (BEiT-3: 0.5/0.5).
         train_scale, hflip, color_jitter: training augmentation (random resized crop, flip, jitter). A flipped
@@ -83,6 +92,8 @@ class PretrainDataModule(LightningDataModule):
         mask_min_aspect: float = 0.3,
         text_mask_ratio: float = 0.15,
         pair_text_mask_ratio: float = 0.5,
+        pair_mask_words: str | list[str] | None = None,
+        pair_grounded_share: float = 1.0,
         tokenizer: Literal["openclip", "sentencepiece"] = "openclip",
         tokenizer_path: str | None = None,
         image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
@@ -109,6 +120,15 @@ class PretrainDataModule(LightningDataModule):
             raise ValueError(
                 f"PretrainDataModule: steps_per_epoch={steps_per_epoch}, batch_size={batch_size} must be >= 1"
             )
+        if not 0.0 < pair_grounded_share <= 1.0:
+            raise ValueError(f"PretrainDataModule: pair_grounded_share must be in (0, 1], got {pair_grounded_share}")
+        if pair_grounded_share != 1.0 and pair_mask_words is None:
+            raise ValueError(
+                f"PretrainDataModule: pair_grounded_share={pair_grounded_share} needs pair_mask_words (the words to "
+                "mask first); without it pair text is masked uniformly"
+            )
+        self._grounded_words = resolve_grounded_words(pair_mask_words, key="PretrainDataModule: pair_mask_words")
+        self._grounded: GroundedTokens | None = None
         self._tokenizer: Tokenizer | None = None
         self._train_loader: StreamLoader | None = None
         self._val_loader: StreamLoader | None = None
@@ -126,6 +146,13 @@ class PretrainDataModule(LightningDataModule):
     def tokenizer_spec(self) -> dict[str, Any]:
         return self.tokenizer.spec()
 
+    @property
+    def grounded_tokens(self) -> GroundedTokens | None:
+        """Token sequences of ``pair_mask_words`` (None when the option is off), built once."""
+        if self._grounded is None and self._grounded_words:
+            self._grounded = GroundedTokens.from_words(self.tokenizer, self._grounded_words)
+        return self._grounded
+
     def _streams(self, val: bool) -> dict[str, StreamConfig]:
         hp = self.hparams
         pre = "val_" if val else ""
@@ -135,7 +162,15 @@ class PretrainDataModule(LightningDataModule):
             if patterns:
                 if isinstance(patterns, str):
                     patterns = [patterns]
-                streams[name] = StreamConfig(name, list(patterns), text_mask_ratio=ratio or 0.15)  # type: ignore[arg-type]
+                # grounded words first in training pairs only: validation keeps the uniform masks of [B3]
+                grounded = self.grounded_tokens if name == "pair" and not val else None
+                streams[name] = StreamConfig(
+                    name,  # type: ignore[arg-type]
+                    list(patterns),
+                    text_mask_ratio=ratio or 0.15,
+                    grounded=grounded,
+                    grounded_share=hp.pair_grounded_share,
+                )
         return streams
 
     def _rank(self) -> tuple[int, int]:
