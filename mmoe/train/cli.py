@@ -119,7 +119,7 @@ def cpu_bf16_warning(precision: object, accelerator: object, *, cuda: bool | Non
     """A warning when ``trainer.precision`` asks for bf16 on a CPU that has no bf16 matrix instructions.
 
     Why: oneDNN's bf16 GEMM and convolution need avx512_bf16 or AMX; without them torch falls back to a scalar
-    path. Measured on a 2-core AVX2 machine: a 2048^3 bf16 matmul 360x slower than fp32, a tiny-model step 2-9x
+    path. Measured on a 2-core AVX2 machine: a 2048^3 bf16 matmul 360x slower than fp32, a tiny-model step 1.7-11x
     slower (docs/results/learning.md). The recipes that say ``bf16-mixed`` are written for GPUs and such CPUs.
     """
     if "bf16" not in str(precision):

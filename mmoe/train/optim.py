@@ -258,8 +258,9 @@ def build_optimizer(
         backbone_attr=backbone_attr,
         stem_lr_mult=stem_lr_mult,
     )
-    extra: dict[str, bool] = {"fused": True} if fused else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=(b[0], b[1]), eps=eps, weight_decay=weight_decay, **extra)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=(b[0], b[1]), eps=eps, weight_decay=weight_decay, fused=True if fused else None
+    )
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
