@@ -390,3 +390,52 @@ def test_conv_stem_extra_blocks_widen_the_view_not_the_grid():
         get_config("tiny", patch_embed="linear", stem_blocks=1)
     with pytest.raises(ValueError, match="stem_blocks"):
         get_config("tiny", patch_embed="conv", stem_blocks=-1)
+
+
+def test_qk_norm_normalises_each_heads_queries_and_keys():
+    """`qk_norm`: the logits equal softmax(LN(q) LN(k)^T / sqrt(Dh)) computed by hand, and have unit scale."""
+    from mmoe.model.attention import MultiwayAttention
+
+    torch.manual_seed(0)
+    attn = MultiwayAttention(32, 4, multiway=True, qk_norm=True, impl="manual").double()
+    with torch.no_grad():  # non-trivial affine parameters, so a forgotten norm or a swapped one shows
+        for norm in (attn.q_norm, attn.k_norm):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    out = attn(x, num_vision=5)
+
+    def heads(t):
+        return t.view(2, 9, 4, 8).transpose(1, 2)
+
+    q = torch.cat([attn.q_proj.vision(x[:, :5]), attn.q_proj.text(x[:, 5:])], 1)
+    k = torch.cat([attn.k_proj.vision(x[:, :5]), attn.k_proj.text(x[:, 5:])], 1)
+    v = torch.cat([attn.v_proj.vision(x[:, :5]), attn.v_proj.text(x[:, 5:])], 1)
+    qn = torch.nn.functional.layer_norm(heads(q), (8,), attn.q_norm.weight, attn.q_norm.bias)
+    kn = torch.nn.functional.layer_norm(heads(k), (8,), attn.k_norm.weight, attn.k_norm.bias)
+    o = (torch.softmax(qn @ kn.transpose(-1, -2) / 8**0.5, -1) @ heads(v)).transpose(1, 2).reshape(2, 9, 32)
+    o = torch.cat([attn.inner_norm.vision(o[:, :5]), attn.inner_norm.text(o[:, 5:])], 1)
+    ref = torch.cat([attn.out_proj.vision(o[:, :5]), attn.out_proj.text(o[:, 5:])], 1)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+
+
+def test_qk_norm_switch_in_the_backbone():
+    """Off by default (BEiT-3 has no such norm, so converted checkpoints keep their keys); on, every layer has it,
+    sdpa equals the reference attention and every new parameter gets a gradient."""
+    plain = create_model("tiny_mhmoe", **SMALL)
+    assert not any("q_norm" in name for name, _ in plain.named_parameters())
+    torch.manual_seed(0)
+    fast = create_model("tiny_mhmoe", qk_norm=True, **SMALL).double()
+    names = [name for name, _ in fast.named_parameters() if "q_norm" in name or "k_norm" in name]
+    assert len(names) == 2 * 2 * SMALL["depth"]  # weight + bias of two norms per layer
+    slow = create_model("tiny_mhmoe", qk_norm=True, attn_impl="manual", **SMALL).double()
+    slow.load_state_dict(fast.state_dict())
+    image, text, pad = _inputs()
+    fast.eval(), slow.eval()
+    args = dict(image=image.double(), text=text, text_padding_mask=pad)
+    torch.testing.assert_close(fast(**args).features, slow(**args).features, atol=1e-10, rtol=0)
+    fast.train()
+    fast(**args).features.square().mean().backward()
+    params = dict(fast.named_parameters())
+    for name in names:
+        assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name

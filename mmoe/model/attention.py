@@ -6,6 +6,9 @@ D width.
 Layouts ([B3] sec. 2.1): `multiway=True` is the released BEiT-3's *decoupled* attention (q/k/v/out projections
 and the sub-LN per modality; the softmax still runs over all tokens, so modalities fuse); `multiway=False`
 is the paper's *shared* attention ([B3] sec. 2.1). Output: out(LN_inner(attn(x))) (Magneto sub-LN).
+`qk_norm=True` adds a LayerNorm over each head's queries and keys before the dot product (Dehghani et al.
+2023, ViT-22B sec. 3; timm's `qk_norm`): the logits then start at unit scale instead of ~0.05 under the
+0.02-std initialisation, so attention leaves its uniform start far sooner. Off by default (BEiT-3 has none).
 Masks are boolean, True = may attend, shaped (B, 1, N, M) so they broadcast over heads.
 """
 
@@ -94,6 +97,7 @@ class MultiwayAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         impl: str = "sdpa",
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -109,6 +113,9 @@ class MultiwayAttention(nn.Module):
         self.v_proj = multiway_or_shared(lambda: nn.Linear(dim, dim, bias=qkv_bias), multiway)
         self.inner_norm = multiway_or_shared(lambda: nn.LayerNorm(dim, eps=eps), multiway) if subln else None
         self.out_proj = multiway_or_shared(lambda: nn.Linear(dim, dim), multiway)
+        # One norm over the head width, shared by heads and modalities (the projections before it are per modality).
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=eps) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=eps) if qk_norm else None
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
@@ -130,6 +137,8 @@ class MultiwayAttention(nn.Module):
         q_BHND = rearrange(self.q_proj(x_BND, num_vision), "b n (h d) -> b h n d", h=heads)
         k_BHND = rearrange(self.k_proj(x_BND, num_vision), "b n (h d) -> b h n d", h=heads)
         v_BHND = rearrange(self.v_proj(x_BND, num_vision), "b n (h d) -> b h n d", h=heads)
+        if self.q_norm is not None and self.k_norm is not None:
+            q_BHND, k_BHND = self.q_norm(q_BHND), self.k_norm(k_BHND)  # keys are cached normalised
         if cache is not None:
             past = cache.get(layer_index)
             if past is not None:

@@ -76,6 +76,7 @@ class MultiwayTransformer(nn.Module):
                 attn_dropout=config.attn_dropout,
                 drop_path=drop_rates[i],
                 attn_impl=config.attn_impl,
+                qk_norm=config.qk_norm,
                 vlffn=config.has_vlffn(i) and config.vlffn_layers > 0,
                 moe=config.moe if config.is_moe_layer(i) else None,
             )

@@ -60,6 +60,7 @@ class MultiwayBlock(nn.Module):
         attn_dropout: float = 0.0,
         drop_path: float = 0.0,
         attn_impl: str = "sdpa",
+        qk_norm: bool = False,
         vlffn: bool = False,
         moe: MoEConfig | None = None,
     ) -> None:
@@ -74,6 +75,7 @@ class MultiwayBlock(nn.Module):
             qkv_bias=qkv_bias,
             attn_drop=attn_dropout,
             proj_drop=dropout,
+            qk_norm=qk_norm,
             impl=attn_impl,
         )
         self.norm2 = multiway_or_shared(lambda: nn.LayerNorm(dim, eps=eps), True)

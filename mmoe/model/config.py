@@ -130,7 +130,8 @@ class MultiwayConfig:
     text: `vocab_size`, `max_text_len` (usable text positions; BEiT-3's fairseq tables have two more
     unused rows, dropped on import). `attention="decoupled"` gives per-modality q/k/v/out and norms as in
     the released BEiT-3; `"shared"` shares the attention sublayer as in the paper. `subln` is Magneto's
-    sub-LN. `vlffn_layers` adds the paper's vision-language FFN to the top layers of a dense model.
+    sub-LN. `qk_norm` normalises each head's queries and keys (ViT-22B; off in BEiT-3): a small model trained
+    from scratch learns where to attend much sooner (docs/results/learning.md). `vlffn_layers` adds the paper's vision-language FFN to the top layers of a dense model.
     Tokenizer fields describe what the text ids mean (docs/interfaces.md section 3). `num_classes` (0 = none)
     and `global_pool` ("token": the CLS feature, "avg": the mean patch feature) describe the optional image
     classifier of timm's backbone contract (`reset_classifier`, `forward_head`); the task modules keep their
@@ -159,6 +160,7 @@ class MultiwayConfig:
     attn_impl: AttnImpl = "sdpa"
     subln: bool = True
     qkv_bias: bool = True
+    qk_norm: bool = False
     layernorm_eps: float = 1e-5
     final_norm: bool = True
     drop_path: float = 0.0
