@@ -131,7 +131,8 @@ class MultiwayConfig:
     unused rows, dropped on import). `attention="decoupled"` gives per-modality q/k/v/out and norms as in
     the released BEiT-3; `"shared"` shares the attention sublayer as in the paper. `subln` is Magneto's
     sub-LN. `qk_norm` normalises each head's queries and keys (ViT-22B; off in BEiT-3): a small model trained
-    from scratch learns where to attend much sooner (docs/results/learning.md). `vlffn_layers` adds the paper's vision-language FFN to the top layers of a dense model.
+    from scratch learns where to attend much sooner (docs/results/learning.md). `vlffn_layers` adds the
+    paper's vision-language FFN to the top layers of a dense model.
     Tokenizer fields describe what the text ids mean (docs/interfaces.md section 3). `num_classes` (0 = none)
     and `global_pool` ("token": the CLS feature, "avg": the mean patch feature) describe the optional image
     classifier of timm's backbone contract (`reset_classifier`, `forward_head`); the task modules keep their
