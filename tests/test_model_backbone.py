@@ -439,3 +439,30 @@ def test_qk_norm_switch_in_the_backbone():
     params = dict(fast.named_parameters())
     for name in names:
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
+
+
+def test_sincos_position_init():
+    """`pos_embed_init: sincos` starts the patch positions at the 2-D table (row-major, columns in the first half),
+    scaled; the CLS row keeps the normal init; the default stays BEiT-3's normal init; bad values are refused."""
+    from mmoe.model.config import MultiwayConfig
+    from mmoe.model.embed import sincos_2d
+
+    table = sincos_2d((3, 4), 8)
+    assert table.shape == (12, 8)
+    # token 5 = row 1, column 1; token 4 = row 1, column 0: same row half, different column half
+    torch.testing.assert_close(table[5, 4:], table[4, 4:])
+    assert not torch.allclose(table[5, :4], table[4, :4])
+    # token 1 = row 0, column 1; dim 8 -> two frequencies 1 and 1/100: sin(1), sin(0.01), cos(1), cos(0.01), then row 0
+    expected = torch.tensor([1.0, 0.01])
+    torch.testing.assert_close(table[1], torch.cat([expected.sin(), expected.cos(), torch.zeros(2), torch.ones(2)]))
+    torch.manual_seed(0)
+    model = create_model("tiny_mhmoe", pos_embed_init="sincos", pos_embed_scale=2.0, **SMALL)
+    pos = model.vision_embed.pos_embed.detach()[0]
+    torch.testing.assert_close(pos[1:], 2.0 * sincos_2d(model.vision_embed.grid_size, model.config.dim))
+    assert 0 < pos[0].std() < 0.1
+    plain = create_model("tiny_mhmoe", **SMALL).vision_embed.pos_embed.detach()
+    assert plain.std() < 0.05
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        MultiwayConfig(pos_embed_init="rope")
+    with pytest.raises(ValueError, match="pos_embed_scale"):
+        MultiwayConfig(pos_embed_scale=2.0)

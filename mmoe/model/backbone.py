@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from mmoe.model.attention import KVCache, build_attention_mask, causal_mask, rescale_
 from mmoe.model.block import MultiwayBlock
 from mmoe.model.config import MultiwayConfig
-from mmoe.model.embed import TextEmbed, VisionEmbed
+from mmoe.model.embed import TextEmbed, VisionEmbed, sincos_2d
 from mmoe.model.multiway import DenseFFN, Multiway, MultiwayFFN, Shared
 
 
@@ -138,6 +138,10 @@ class MultiwayTransformer(nn.Module):
                 init(module.weight, std=std)
         for param in (self.vision_embed.cls_token, self.vision_embed.mask_token, self.vision_embed.pos_embed):
             init(param, std=std)
+        if self.config.pos_embed_init == "sincos":
+            with torch.no_grad():
+                table = sincos_2d(self.vision_embed.grid_size, self.config.dim) * self.config.pos_embed_scale
+                self.vision_embed.pos_embed[0, 1:].copy_(table)
         if self.text_embed is not None:
             init(self.text_embed.pos_embed, std=std)
         for layer_id, blk in enumerate(self.blocks, start=1):

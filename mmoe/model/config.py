@@ -21,6 +21,7 @@ from mmoe.files import atomic_write_text
 AttentionKind = Literal["decoupled", "shared"]
 AttnImpl = Literal["sdpa", "manual"]
 PatchEmbedKind = Literal["linear", "conv"]
+PosEmbedInit = Literal["normal", "sincos"]
 RouterKind = Literal["linear", "xmoe"]
 ExpertActivation = Literal["gelu", "swiglu"]
 PoolKind = Literal["shared", "per_modality"]
@@ -126,7 +127,11 @@ class MultiwayConfig:
     `patch_embed` ("linear": BEiT-3's patchify; "conv": the convolutional stem of Xiao et al. 2021, mmoe.model.embed);
     `stem_blocks` extra 3x3 stride-1 conv blocks at the patch resolution at the end of the conv stem (each widens
     a token's view by 2p pixels: 2 blocks let a 64-px world's token see its whole object); `stem_width` the first
-    conv's channels (doubling up to `dim`; default dim / 2^(log2(p) - 1));
+    conv's channels (doubling up to `dim`; default dim / 2^(log2(p) - 1)); `pos_embed_init` starts the learned
+    patch positions as BEiT-3 does ("normal", std `init_std`) or at a 2-D sine-cosine table times
+    `pos_embed_scale` ("sincos", as MAE's fixed table; here still learned): at std 0.02 the positions are ~20x
+    weaker than a conv stem's patch features, and "where is" questions stay at their prior for thousands of steps
+    (docs/results/learning.md);
     text: `vocab_size`, `max_text_len` (usable text positions; BEiT-3's fairseq tables have two more
     unused rows, dropped on import). `attention="decoupled"` gives per-modality q/k/v/out and norms as in
     the released BEiT-3; `"shared"` shares the attention sublayer as in the paper. `subln` is Magneto's
@@ -150,6 +155,8 @@ class MultiwayConfig:
     patch_embed: PatchEmbedKind = "linear"
     stem_blocks: int = 0
     stem_width: int | None = None
+    pos_embed_init: PosEmbedInit = "normal"
+    pos_embed_scale: float = 1.0
     in_chans: int = 3
     dim: int = 768
     depth: int = 12
@@ -190,6 +197,11 @@ class MultiwayConfig:
         _check_literal("MultiwayConfig", "attention", self.attention, AttentionKind)
         _check_literal("MultiwayConfig", "attn_impl", self.attn_impl, AttnImpl)
         _check_literal("MultiwayConfig", "patch_embed", self.patch_embed, PatchEmbedKind)
+        _check_literal("MultiwayConfig", "pos_embed_init", self.pos_embed_init, PosEmbedInit)
+        if not isinstance(self.pos_embed_scale, (int, float)) or not self.pos_embed_scale > 0:
+            raise ValueError(f"MultiwayConfig.pos_embed_scale: expected a number > 0, got {self.pos_embed_scale!r}")
+        if self.pos_embed_scale != 1.0 and self.pos_embed_init != "sincos":
+            raise ValueError("MultiwayConfig.pos_embed_scale: scales the 'sincos' table; set pos_embed_init: sincos")
         if self.patch_embed == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ValueError(
                 f"MultiwayConfig.patch_size: patch_embed='conv' needs a power of 2 >= 2, got {self.patch_size}"

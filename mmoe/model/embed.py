@@ -30,6 +30,26 @@ def conv_stem_widths(patch_size: int, dim: int, width: int | None = None) -> lis
     return [min(first << i, max(dim, first)) for i in range(n)]
 
 
+def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """(gh * gw, dim) 2-D sine-cosine positions, row-major like the patch tokens (MAE, He et al. 2022, sec. 3).
+
+    The first half of the channels encodes the column, the second half the row; within each half, sines then
+    cosines of the coordinate times frequencies 1 / 10000^(i / (dim / 4)). Values lie in [-1, 1].
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_2d: dim must be divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for coord in (cols.flatten(), rows.flatten()):
+        angle = coord[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
 class ConvStem(nn.Module):
     """Convolutional patch embedding (Xiao et al. 2021, sec. 3): (B, C, H, W) -> (B, H/p * W/p, D).
 
