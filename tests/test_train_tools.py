@@ -58,6 +58,7 @@ def test_demo_quick_runs_every_step_and_is_idempotent(tmp_path: Path) -> None:
     report = demo.main(["--out", str(tmp_path / "demo"), "--quick"])
     text = report.read_text()
     assert "train/loss_mlm_text" in text and "activation ratio" in text
+    assert "| from the pretraining above |" in text and "| from scratch (same recipe, steps and seed) |" in text
     assert (tmp_path / "demo" / "experts" / "index.html").is_file() and "experts/index.html" in text  # the viewer
     first_ckpt = tmp_path / "demo" / "pretrain" / "checkpoints" / "last.ckpt"
     mtime = first_ckpt.stat().st_mtime

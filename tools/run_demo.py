@@ -8,7 +8,8 @@ running the demo twice is cheap and gives the same report):
    images), mixed into the pretraining streams;
 3. BEiT-3 masked multimodal pretraining of ``tiny_mhmoe`` (``configs/pretrain/tiny_mhmoe.yaml``) through the
    ``mmoe`` CLI for a few hundred steps;
-4. VQA fine-tuning on the synthetic VQA split from that checkpoint (``configs/finetune/vqav2_synthetic.yaml``);
+4. VQA fine-tuning on the synthetic VQA split from that checkpoint (``configs/finetune/vqav2_synthetic.yaml``),
+   and the same fine-tuning from scratch next to it (does the pretraining help?);
 5. an expert-assignment picture (``mmoe-viz``, ``mmoe.cli.visualize_experts``);
 6. ``OUT/report.md``: losses, perplexities, VQA score, expert activation ratio and diversity per MoE layer.
 
@@ -159,13 +160,15 @@ class Demo:
         return ckpt if self.run("pretrain", cmd) and ckpt.exists() else None
 
     # ------------------------------------------------------------------ 4. VQA
-    def vqa(self, world: Path, ckpt: Path | None) -> Path | None:
+    def vqa(self, world: Path, ckpt: Path | None, *, name: str = "vqa") -> Path | None:
+        """Fine-tune VQA into OUT/name: from `ckpt`, or from scratch when it is None (the `vqa_scratch` twin:
+        same recipe, steps and seed, so the report shows what the pretraining bought)."""
         if not VQA_RECIPE.exists():
             self.note(f"VQA fine-tuning skipped: {VQA_RECIPE.relative_to(REPO)} is not there yet")
             return None
-        root = self.out / "vqa"
+        root = self.out / name
         if (root / "checkpoints" / "last.ckpt").exists() and (root / "DONE").exists():
-            self.note("VQA fine-tuning reused")
+            self.note(f"VQA fine-tuning reused ({name})")
             return root
         vqa = world / "vqa"
         vocab = vqa / "answer_vocab.json"
@@ -205,11 +208,11 @@ class Demo:
         ]  # fmt: skip
         if ckpt is not None:
             cmd.append(f"--model.init_args.init_from={ckpt}")
-        else:
+        elif name == "vqa":
             self.note("VQA fine-tuned from scratch (no pretraining checkpoint)")
         if self.quick:
             cmd += ["--trainer.limit_val_batches=2", "--data.init_args.batch_size=8"]
-        if not self.run("vqa", cmd):
+        if not self.run(name, cmd):
             return None
         (root / "DONE").write_text("ok")
         return root
@@ -239,7 +242,9 @@ class Demo:
         return out if self.run("experts", cmd) else None
 
     # ------------------------------------------------------------------ 6. report
-    def report(self, pre: Path | None, vqa: Path | None, pic: Path | None, total: float) -> Path:
+    def report(
+        self, pre: Path | None, vqa: Path | None, pic: Path | None, total: float, scratch: Path | None = None
+    ) -> Path:
         lines = ["# mmoe demo report", ""]
         lines.append(
             f"Command: `python tools/run_demo.py --out {self.out}"
@@ -282,11 +287,19 @@ class Demo:
         else:
             lines.append("Pretraining did not run; see the notes below.")
         lines += ["", "## VQA fine-tuning on the synthetic VQA split", ""]
-        vrows = read_run_metrics(self.out / "vqa") if vqa else []
-        vval = _last(vrows, "val/vqa_score") if vrows else None
-        if vval:
-            lines.append(f"VQA score (official accuracy, val split) after {self.vqa_steps} steps: "
-                         f"**{float(vval['val/vqa_score']):.2f}**.")  # fmt: skip
+        scores: dict[str, float] = {}
+        for label, root in (
+            ("from the pretraining above", vqa),
+            ("from scratch (same recipe, steps and seed)", scratch),
+        ):
+            rows = read_run_metrics(root) if root else []
+            val = _last(rows, "val/vqa_score") if rows else None
+            if val:
+                scores[label] = float(val["val/vqa_score"])
+        if scores:
+            lines.append(f"VQA score (official accuracy, val split) after {self.vqa_steps} fine-tuning steps:")
+            lines += ["", "| start | VQA score |", "|---|---|"]
+            lines += [f"| {label} | **{score:.2f}** |" for label, score in scores.items()]
         else:
             lines.append("Not run (see notes).")
         lines += ["", "## Expert assignment picture", ""]
@@ -346,8 +359,9 @@ def main(argv: list[str] | None = None) -> Path:
     extra = demo.sample_shards()
     ckpt = demo.pretrain(world, extra)
     vqa = demo.vqa(world, ckpt)
+    scratch = demo.vqa(world, None, name="vqa_scratch") if ckpt is not None else None
     pic = demo.picture(ckpt)
-    report = demo.report(ckpt, vqa, pic, time.perf_counter() - t0)
+    report = demo.report(ckpt, vqa, pic, time.perf_counter() - t0, scratch)
     print(f"[demo] report: {report}")
     return report
 
