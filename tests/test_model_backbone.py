@@ -393,7 +393,7 @@ def test_conv_stem_extra_blocks_widen_the_view_not_the_grid():
 
 
 def test_qk_norm_normalises_each_heads_queries_and_keys():
-    """`qk_norm`: the logits equal softmax(LN(q) LN(k)^T / sqrt(Dh)) computed by hand, and have unit scale."""
+    """`qk_norm`: the output equals out(LN_inner(softmax(LN(q) LN(k)^T / sqrt(Dh)) v)) computed by hand."""
     from mmoe.model.attention import MultiwayAttention
 
     torch.manual_seed(0)

@@ -289,7 +289,7 @@ class Demo:
         lines += ["", "## VQA fine-tuning on the synthetic VQA split", ""]
         scores: dict[str, float] = {}
         for label, root in (
-            ("from the pretraining above", vqa),
+            ("from the pretraining above" if pre else "from scratch (no pretraining checkpoint)", vqa),
             ("from scratch (same recipe, steps and seed)", scratch),
         ):
             rows = read_run_metrics(root) if root else []
