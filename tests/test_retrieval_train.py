@@ -213,3 +213,42 @@ def test_recipe_trains_a_step_and_tests_through_the_cli(world: Path, tmp_path: P
     )
     s, t2i = load_scores(scores)
     assert s.shape == (3, 15) and t2i.shape == (15,)
+
+
+def test_cls_max_pooling_matches_a_hand_computation_and_skips_padding() -> None:
+    from mmoe.model.contrastive import pool_embedding
+
+    torch.manual_seed(0)
+    f = torch.randn(3, 5, 4)
+    assert torch.equal(pool_embedding(f, "cls"), f[:, 0])
+    assert torch.allclose(pool_embedding(f, "cls_max"), f[:, 0] + f[:, 1:].max(dim=1).values)
+    pad = torch.tensor([[False, False, True, True, True], [False] * 5, [False, True, True, True, True]])
+    f[0, 2:] = 1e4  # padding rows that would win the max
+    got = pool_embedding(f, "cls_max", pad)
+    assert torch.allclose(got[0], f[0, 0] + f[0, 1])  # only token 1 besides CLS
+    assert torch.allclose(got[1], f[1, 0] + f[1, 1:].max(dim=0).values)
+    assert torch.equal(got[2], f[2, 0])  # a one-token text keeps its CLS alone
+    with pytest.raises(ValueError, match="pooling='mean'"):
+        pool_embedding(f, "mean")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="padding mask"):
+        pool_embedding(f, "cls_max", pad[:, :3])
+
+
+def test_cls_max_task_and_pretraining_itc_train_every_parameter(world: Path) -> None:
+    from test_train_pretrain import _batch
+
+    torch.manual_seed(0)
+    task = RetrievalTask(backbone_overrides={**SMALL, "img_size": 32}, pooling="cls_max")
+    batch = next(iter(_data(world).train_dataloader()))
+    task.training_step(batch, 0).backward()
+    missing = [n for n, p in task.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    with pytest.raises(ValueError, match="RetrievalTask: pooling='max'"):
+        RetrievalTask(backbone_overrides={**SMALL, "img_size": 32}, pooling="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="MaskedPretraining: pooling='max'"):
+        MaskedPretraining(backbone_overrides=SMALL, itc_weight=1.0, itc_pooling="max")  # type: ignore[arg-type]
+    pre = MaskedPretraining(backbone_overrides=SMALL, itc_weight=1.0, itc_pooling="cls_max")
+    losses, aux, _ = pre.stream_losses(_batch())
+    pre._total(losses, aux).backward()
+    missing = [n for n, p in pre.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing

@@ -3,10 +3,11 @@
 Dimension legend: B rows on this rank, N = B x world size rows over all ranks, D backbone width, E embedding width.
 
 Dual-encoder retrieval ([B3] sec. 3.1, unilm ``beit3`` ``BEiT3ForRetrieval``): the image alone and the text alone
-each go through the Multiway backbone (their own branch), their CLS token -> a bias-free linear projection -> L2
-normalisation. The similarity of image i and text j is ``scale * <v_i, t_j>`` with a learnable temperature kept as
-a log logit scale, initialised to ``log(1 / 0.07)`` and clipped so that logits are never scaled by more than 100
-([CLIP] sec. 2.5; BEiT-3 and [VLMo] take the same head).
+each go through the Multiway backbone (their own branch), their CLS token (or, as an option for small models
+trained from scratch, CLS plus the max over the other tokens: :func:`pool_embedding`) -> a bias-free linear
+projection -> L2 normalisation. The similarity of image i and text j is ``scale * <v_i, t_j>`` with a learnable
+temperature kept as a log logit scale, initialised to ``log(1 / 0.07)`` and clipped so that logits are never scaled
+by more than 100 ([CLIP] sec. 2.5; BEiT-3 and [VLMo] take the same head).
 
 The loss is InfoNCE in both directions (image -> text and text -> image cross-entropy, averaged). Under DDP the
 negatives of a rank are the rows of every rank: embeddings are gathered with
@@ -22,12 +23,58 @@ the pairs the contrastive embedding finds hardest to tell apart.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ContrastiveHead", "gather_with_grad", "contrastive_loss", "sample_hard_negatives"]
+__all__ = [
+    "ContrastiveHead",
+    "RetrievalPooling",
+    "check_pooling",
+    "contrastive_loss",
+    "gather_with_grad",
+    "pool_embedding",
+    "sample_hard_negatives",
+]
+
+
+def check_pooling(owner: str, pooling: str) -> None:
+    """Refuse an unknown contrastive pooling, naming who was given it."""
+    if pooling not in ("cls", "cls_max"):
+        raise ValueError(f"{owner}: pooling={pooling!r}; expected 'cls' or 'cls_max'")
+
+
+RetrievalPooling = Literal["cls", "cls_max"]
+
+
+def pool_embedding(
+    features_BND: torch.Tensor, pooling: RetrievalPooling, padding_BN: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One vector per example for the contrastive head: the CLS token, or CLS plus the max over the other tokens.
+
+    Why ``"cls_max"``: a CLS read through attention that is still uniform averages a small object into the
+    background, and trained from scratch it learns several times slower than a max over the patch tokens
+    (docs/results/learning.md, docs/results/retrieval.md); the sum keeps the width D, so the identity start of
+    zero-shot retrieval and the pretraining's ITC projections still apply. ``padding_BN`` (True = pad, text only)
+    keeps padding out of the max; a text of one token keeps its CLS alone. BEiT-3 ([B3] sec. 3.1) uses ``"cls"``.
+    """
+    check_pooling("pool_embedding", pooling)
+    cls_BD = features_BND[:, 0]
+    if pooling == "cls" or features_BND.shape[1] < 2:
+        return cls_BD
+    rest_BND = features_BND[:, 1:]
+    if padding_BN is None:
+        return cls_BD + rest_BND.amax(dim=1)
+    if padding_BN.shape != features_BND.shape[:2]:
+        raise ValueError(
+            f"pool_embedding: padding mask of shape {tuple(padding_BN.shape)} for features {tuple(features_BND.shape)}"
+        )
+    pad_BN1 = padding_BN[:, 1:, None]
+    rest_max_BD = rest_BND.masked_fill(pad_BN1, torch.finfo(rest_BND.dtype).min).amax(dim=1)
+    has_B1 = ~pad_BN1.all(dim=1)
+    return cls_BD + torch.where(has_B1, rest_max_BD, torch.zeros_like(cls_BD))
 
 
 class ContrastiveHead(nn.Module):

@@ -36,7 +36,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from mmoe.data.codebook import assign_codes, load_codebook, normalize_patches, patchify
-from mmoe.model.contrastive import ContrastiveHead, contrastive_loss, sample_hard_negatives
+from mmoe.model.contrastive import (
+    ContrastiveHead,
+    RetrievalPooling,
+    check_pooling,
+    contrastive_loss,
+    pool_embedding,
+    sample_hard_negatives,
+)
 from mmoe.model.heads import ClassificationHead
 from mmoe.model.vqkd import VQKDTokenizer, load_vqkd
 from mmoe.moe.stats import DEFAULT_ACTIVATION_THRESHOLD, RoutingTally, log_metrics, summarize
@@ -121,6 +128,9 @@ class MaskedPretraining(TaskModule):
             pair, its image with a hard negative text and its text with a hard negative image (drawn from the ITC
             similarities of the rank's batch) fused through the backbone, image CLS -> 2-way ``itm_head``
             ([VLMo] sec. 2.3, [ALBEF] sec. 3.2). Logged as ``loss_itm_pair``.
+        itc_pooling: what ITC's projections read, as ``RetrievalTask(pooling=...)``: ``"cls"`` (BEiT-3) or
+            ``"cls_max"`` (CLS + the max over the other tokens, ``mmoe.model.contrastive.pool_embedding``); zero-shot
+            retrieval from this run must use the same.
     """
 
     def __init__(
@@ -142,7 +152,9 @@ class MaskedPretraining(TaskModule):
         eval_grounding: bool = True,
         itc_weight: float = 0.0,
         itm_weight: float = 0.0,
+        itc_pooling: RetrievalPooling = "cls",
     ) -> None:
+        check_pooling("MaskedPretraining", itc_pooling)
         if image_target not in ("pixels", "codebook", "vqkd"):
             raise ValueError(
                 f"MaskedPretraining: image_target={image_target!r}, expected 'pixels', 'codebook' or 'vqkd'"
@@ -199,7 +211,7 @@ class MaskedPretraining(TaskModule):
         for head in (self.mlm_head, self.mim_head):
             nn.init.trunc_normal_(head.weight, std=cfg.init_std)
             nn.init.zeros_(head.bias)
-        self.itc_weight, self.itm_weight = itc_weight, itm_weight
+        self.itc_weight, self.itm_weight, self.itc_pooling = itc_weight, itm_weight, itc_pooling
         self.itc_head = ContrastiveHead(dim, init_std=cfg.init_std) if itc_weight > 0 else None
         self.itm_head = ClassificationHead(dim, 2, pooling="image_cls") if itm_weight > 0 else None
         self._val_routing: dict[str, Any] = {}  # layer -> RoutingTally over the validation epoch
@@ -337,8 +349,8 @@ class MaskedPretraining(TaskModule):
         clean = torch.where(labels != -100, labels, text) if labels is not None else text
         image_out = self.backbone(image=image)
         text_out = self.backbone(text=clean, text_padding_mask=pad)
-        image_BE = self.itc_head.embed_image(image_out.features[:, 0])  # type: ignore[union-attr]
-        text_BE = self.itc_head.embed_text(text_out.features[:, 0])  # type: ignore[union-attr]
+        image_BE = self.itc_head.embed_image(pool_embedding(image_out.features, self.itc_pooling))  # type: ignore[union-attr]
+        text_BE = self.itc_head.embed_text(pool_embedding(text_out.features, self.itc_pooling, pad))  # type: ignore[union-attr]
         itc, _, _ = contrastive_loss(image_BE, text_BE, self.itc_head.scale())  # type: ignore[union-attr]
         losses = {"itc_pair": itc}
         outs = [image_out, text_out]

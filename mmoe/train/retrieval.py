@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mmoe.files import atomic_torch_save
 from mmoe.metrics.retrieval import recall_at_k
-from mmoe.model.contrastive import ContrastiveHead, contrastive_loss
+from mmoe.model.contrastive import ContrastiveHead, RetrievalPooling, check_pooling, contrastive_loss, pool_embedding
 from mmoe.model.multiway import MultiwayFFN
 from mmoe.train.base import TaskModule, gather_objects
 from mmoe.train.optim import OptimConfig
@@ -68,6 +68,8 @@ class RetrievalTask(TaskModule):
         init_temperature: initial softmax temperature of the learnable logit scale ([CLIP]: 0.07).
         optim: optimizer + schedule (``mmoe.train.optim.OptimConfig``).
         scores_path: where ``mmoe test`` writes the scores file; default ``<log dir>/retrieval_scores_test.pt``.
+        pooling: what the projections read: ``"cls"`` (BEiT-3) or ``"cls_max"`` (CLS + the max over the other
+            tokens, see :func:`pool_embedding`; the tiny synthetic recipe's choice).
     """
 
     def __init__(
@@ -79,12 +81,15 @@ class RetrievalTask(TaskModule):
         init_temperature: float = 0.07,
         optim: OptimConfig | dict[str, Any] | None = None,
         scores_path: str | None = None,
+        pooling: RetrievalPooling = "cls",
     ) -> None:
         super().__init__(
             optim=optim,
             default_optim=OptimConfig(lr=2e-4, weight_decay=0.05, layer_decay=0.65),
             hparams_ignore=("scores_path",),
         )
+        check_pooling("RetrievalTask", pooling)
+        self.pooling: RetrievalPooling = pooling
         ckpt = self.init_backbone(backbone, backbone_overrides, init_from)
         # Image alone and text alone never reach a VL-FFN ([B3] sec. 2.1): frozen, it is no trainable parameter
         # without a gradient (which plain DDP refuses); its weights stay for tasks that fuse the modalities.
@@ -119,13 +124,13 @@ class RetrievalTask(TaskModule):
         """Images (B,3,H,W) alone through the backbone -> (unit embeddings (B, E), MoE aux loss)."""
         out = self.backbone(image=image)
         aux = out.aux_loss if out.aux_loss is not None else out.features.new_zeros(())
-        return self.itc_head.embed_image(out.features[:, 0]), aux
+        return self.itc_head.embed_image(pool_embedding(out.features, self.pooling)), aux
 
     def encode_text(self, text: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts (B,L) alone through the backbone -> (unit embeddings (B, E) of the first token, MoE aux loss)."""
         out = self.backbone(text=text, text_padding_mask=padding_mask)
         aux = out.aux_loss if out.aux_loss is not None else out.features.new_zeros(())
-        return self.itc_head.embed_text(out.features[:, 0]), aux
+        return self.itc_head.embed_text(pool_embedding(out.features, self.pooling, padding_mask)), aux
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
