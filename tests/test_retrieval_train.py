@@ -143,6 +143,13 @@ def test_zero_shot_start_uses_the_itc_projections_or_the_plain_cls(tmp_path: Pat
     assert torch.allclose(plain.itc_head.embed_image(x), torch.nn.functional.normalize(x, dim=-1), atol=1e-6)
     with pytest.raises(ValueError, match="embed_dim"):
         RetrievalTask(backbone=None, init_from=str(tmp_path / "itc.ckpt"), embed_dim=16)
+    # projections trained on another pooling are refused, naming the setting that fits
+    ckpt = torch.load(tmp_path / "itc.ckpt", weights_only=True)
+    torch.save({**ckpt, "hyper_parameters": {"itc_pooling": "cls_max"}}, tmp_path / "itc_max.ckpt")
+    with pytest.raises(ValueError, match="pooling='cls_max'.*set model.init_args.pooling to 'cls_max'"):
+        RetrievalTask(backbone=None, init_from=str(tmp_path / "itc_max.ckpt"))
+    fits = RetrievalTask(backbone=None, init_from=str(tmp_path / "itc_max.ckpt"), pooling="cls_max")
+    assert torch.equal(fits.itc_head.image_proj.weight, pre.itc_head.image_proj.weight)
 
 
 def test_pretraining_itc_and_itm_losses_reach_every_parameter() -> None:

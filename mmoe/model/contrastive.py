@@ -23,7 +23,7 @@ the pairs the contrastive embedding finds hardest to tell apart.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +40,13 @@ __all__ = [
 ]
 
 
+RetrievalPooling = Literal["cls", "cls_max"]
+
+
 def check_pooling(owner: str, pooling: str) -> None:
     """Refuse an unknown contrastive pooling, naming who was given it."""
-    if pooling not in ("cls", "cls_max"):
-        raise ValueError(f"{owner}: pooling={pooling!r}; expected 'cls' or 'cls_max'")
-
-
-RetrievalPooling = Literal["cls", "cls_max"]
+    if pooling not in get_args(RetrievalPooling):
+        raise ValueError(f"{owner}: pooling={pooling!r}; expected one of {list(get_args(RetrievalPooling))}")
 
 
 def pool_embedding(

@@ -35,15 +35,26 @@ from mmoe.train.optim import OptimConfig
 __all__ = ["RetrievalTask", "load_itc_head"]
 
 
-def load_itc_head(head: ContrastiveHead, ckpt: Mapping[str, Any], *, source: str) -> bool:
+def load_itc_head(
+    head: ContrastiveHead, ckpt: Mapping[str, Any], *, source: str, pooling: RetrievalPooling = "cls"
+) -> bool:
     """Load ``itc_head.*`` of a checkpoint (ours: pretraining with ITC, or retrieval) into ``head``.
 
-    Returns whether it did; a checkpoint without them leaves ``head`` as it is.
+    Returns whether it did; a checkpoint without them leaves ``head`` as it is. Projections trained on another
+    pooling (the checkpoint's ``itc_pooling`` / ``pooling`` hyperparameter, ``"cls"`` when it has none) than
+    ``pooling`` are refused: they would read features they never saw.
     """
     sd = ckpt.get("state_dict", ckpt)
     weights = {k[len("itc_head.") :]: v for k, v in sd.items() if isinstance(k, str) and k.startswith("itc_head.")}
     if not weights:
         return False
+    hparams = ckpt.get("hyper_parameters") or {}
+    theirs = hparams.get("itc_pooling", hparams.get("pooling", "cls"))
+    if theirs != pooling:
+        raise ValueError(
+            f"RetrievalTask: {source} trained its ITC projections on pooling={theirs!r}, but this task pools "
+            f"{pooling!r}; set model.init_args.pooling to {theirs!r}"
+        )
     mine = head.state_dict()
     bad = {k: tuple(v.shape) for k, v in weights.items() if k not in mine or mine[k].shape != v.shape}
     if bad or set(weights) != set(mine):
@@ -98,7 +109,7 @@ class RetrievalTask(TaskModule):
                 module.vl.requires_grad_(False)
         cfg = self.backbone.config
         self.itc_head = ContrastiveHead(cfg.dim, embed_dim, init_temperature=init_temperature, init_std=cfg.init_std)
-        if ckpt is not None and not load_itc_head(self.itc_head, ckpt, source=str(init_from)):
+        if ckpt is not None and not load_itc_head(self.itc_head, ckpt, source=str(init_from), pooling=pooling):
             self.itc_head.identity_()
             rank_zero_info(f"RetrievalTask: {init_from} has no ITC projections; starting from the normalised CLS")
         self.scores_path = scores_path
