@@ -299,3 +299,25 @@ def test_sentencepiece_pieces_with_a_leading_space_and_capitals(tmp_path: Path) 
         # marked pieces kept, the others blanked: what is left reads as the grounded words, each whole
         text = "".join(tok._sp.id_to_piece(i - tok.FAIRSEQ_OFFSET) if m else " " for i, m in zip(row, mrow))
         assert text.replace("\u2581", " ").split() == want
+
+
+def test_pair_images_can_stay_whole_in_training_and_keep_their_masks_in_validation(world: Path) -> None:
+    from mmoe.train.pretraining import MaskedPretraining
+
+    masked, whole = _dm(world), _dm(world, pair_image_mask=False)
+    for a, b in zip(_streams(masked.train_dataloader(), "pair"), _streams(whole.train_dataloader(), "pair"), strict=True):
+        # the same images and captions; only the pair images' patch masks are gone
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["text_labels"], b["text_labels"])
+        assert a["image_mask"].any() and "image_mask" not in b
+    for a, b in zip(_streams(masked.train_dataloader(), "image"), _streams(whole.train_dataloader(), "image")):
+        assert torch.equal(a["image_mask"], b["image_mask"])  # the image stream keeps masked image modeling
+    for a, b in zip(masked.val_dataloader(), whole.val_dataloader(), strict=True):
+        assert torch.equal(a["pair"]["image_mask"], b["pair"]["image_mask"])  # grounding_gain is measured alike
+    # the pair stream then trains text only: no pair MIM term, every other loss present
+    m = MaskedPretraining(backbone_overrides={"depth": 2, "img_size": 32}, eval_grounding=False)
+    batch = next(iter(whole.train_dataloader()))
+    losses, _, _ = m.stream_losses(batch)
+    assert set(losses) == {"mlm_text", "mlm_pair", "mim_image"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="image_mask must be True"):
+        StreamConfig("image", ["x"], image_mask=False)

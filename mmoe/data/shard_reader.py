@@ -276,6 +276,9 @@ class StreamConfig:
         text_mask_ratio: BERT masking ratio for text (0.15 text-only, 0.5 pairs in [B3]).
         grounded: token sequences to mask first (``mmoe.data.grounded.GroundedTokens``); None = uniform masking.
         grounded_share: share of a row's grounded tokens selected first (``mask_tokens(priority_share=...)``).
+        image_mask: draw block-wise patch masks for the stream's images (MIM). False on a pair stream leaves its
+            images whole: the pair then trains masked language modeling against the full image only, so a caption
+            word is never asked about an object that the image mask has hidden.
     """
 
     kind: StreamKind
@@ -283,12 +286,15 @@ class StreamConfig:
     text_mask_ratio: float = 0.15
     grounded: GroundedTokens | None = None
     grounded_share: float = 1.0
+    image_mask: bool = True
 
     def __post_init__(self) -> None:
         if self.grounded is not None and self.kind == "image":
             raise ValueError("StreamConfig: an image stream has no text to mask; grounded must be None")
         if not 0.0 <= self.grounded_share <= 1.0:
             raise ValueError(f"StreamConfig: grounded_share must be in [0, 1], got {self.grounded_share}")
+        if not self.image_mask and self.kind == "image":
+            raise ValueError("StreamConfig: an image stream trains only masked image modeling; image_mask must be True")
 
 
 class ShardStream(IterableDataset):
@@ -527,8 +533,9 @@ class ShardStream(IterableDataset):
         batch: dict[str, torch.Tensor] = {}
         if kind in ("image", "pair"):
             batch["image"] = torch.stack([x["image"] for x in items])
-            masks = np.stack([self.mask_generator(np.random.default_rng(x["seed"])).reshape(-1) for x in items])
-            batch["image_mask"] = torch.from_numpy(masks)
+            if self.streams[name].image_mask:
+                masks = np.stack([self.mask_generator(np.random.default_rng(x["seed"])).reshape(-1) for x in items])
+                batch["image_mask"] = torch.from_numpy(masks)
         if kind in ("text", "pair"):
             windows = [x["rng"] for x in items] if kind == "text" and self.train else None
             ids, pad = self._tokenize([x["text"] for x in items], windows)

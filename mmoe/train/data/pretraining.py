@@ -59,6 +59,10 @@ class PretrainDataModule(LightningDataModule):
             pair perplexities are defined on, so runs with and without the option stay comparable.
         pair_grounded_share: share in (0, 1] of a caption's grounded tokens masked first (1: all, up to the
             mask count); the rest of the masked positions are uniform. Needs ``pair_mask_words``.
+        pair_image_mask: block-mask the *training* pair images as well (True, [B3] sec. 2.2: masked image modeling
+            on pairs too). False leaves them whole, so the pair stream trains only masked language modeling and
+            every masked caption word can be read off the image; the image stream keeps MIM. Validation pairs keep
+            their image masks either way, so ``val/grounding_gain`` means the same in every run.
         tokenizer, tokenizer_path: ``"openclip"`` or ``"sentencepiece"`` (with the ``.spm`` path).
         image_mean, image_std: image normalization (BEiT-3: 0.5/0.5).
         train_scale, hflip, color_jitter: training augmentation (random resized crop, flip, jitter). A flipped
@@ -94,6 +98,7 @@ class PretrainDataModule(LightningDataModule):
         pair_text_mask_ratio: float = 0.5,
         pair_mask_words: str | list[str] | None = None,
         pair_grounded_share: float = 1.0,
+        pair_image_mask: bool = True,
         tokenizer: Literal["openclip", "sentencepiece"] = "openclip",
         tokenizer_path: str | None = None,
         image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
@@ -170,6 +175,7 @@ class PretrainDataModule(LightningDataModule):
                     text_mask_ratio=ratio or 0.15,
                     grounded=grounded,
                     grounded_share=hp.pair_grounded_share,
+                    image_mask=hp.pair_image_mask or name != "pair" or val,
                 )
         return streams
 
