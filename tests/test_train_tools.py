@@ -65,3 +65,31 @@ def test_demo_quick_runs_every_step_and_is_idempotent(tmp_path: Path) -> None:
     demo.main(["--out", str(tmp_path / "demo"), "--quick"])  # second run reuses every output
     assert first_ckpt.stat().st_mtime == mtime
     assert "pretraining reused" in report.read_text()
+
+
+def test_relational_questions_name_the_extreme_object(tmp_path: Path) -> None:
+    import json
+
+    from mmoe.data.synthetic import make_world
+
+    make_world(tmp_path / "w", num_train=24, num_val=6, image_size=32, seed=3)
+    added = _tool("add_relational_questions").add_relational(tmp_path / "w", tmp_path / "r")
+    assert added["train"] > 0 and (tmp_path / "r" / "coco" / "train2014").is_dir()
+    inst = json.loads((tmp_path / "w" / "coco" / "annotations" / "instances_train2014.json").read_text())
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    scenes: dict[int, list[dict]] = {}
+    for a in inst["annotations"]:
+        scenes.setdefault(a["image_id"], []).append(a)
+    src = json.loads((tmp_path / "w" / "vqa" / "v2_mscoco_train2014_annotations.json").read_text())["annotations"]
+    out = json.loads((tmp_path / "r" / "vqa" / "v2_mscoco_train2014_annotations.json").read_text())["annotations"]
+    assert out[: len(src)] == src and len(out) == len(src) + added["train"]
+    for a in out[len(src) :]:
+        objs = scenes[a["image_id"]]
+        # from the boxes, not the cell names the tool reads: the answer's object lies strictly right of / below the rest
+        if a["question_type"] == "what color is the object":
+            key, answer = (lambda o: o["bbox"][0]), (lambda o: o["attributes"]["color"])
+        else:
+            key, answer = (lambda o: o["bbox"][1]), (lambda o: names[o["category_id"]])
+        ranked = sorted(objs, key=key)
+        assert len(objs) >= 2 and a["multiple_choice_answer"] == answer(ranked[-1])
+        assert key(ranked[-1]) > key(ranked[-2])
