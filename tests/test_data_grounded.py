@@ -305,7 +305,8 @@ def test_pair_images_can_stay_whole_in_training_and_keep_their_masks_in_validati
     from mmoe.train.pretraining import MaskedPretraining
 
     masked, whole = _dm(world), _dm(world, pair_image_mask=False)
-    for a, b in zip(_streams(masked.train_dataloader(), "pair"), _streams(whole.train_dataloader(), "pair"), strict=True):
+    pairs_masked, pairs_whole = _streams(masked.train_dataloader(), "pair"), _streams(whole.train_dataloader(), "pair")
+    for a, b in zip(pairs_masked, pairs_whole, strict=True):
         # the same images and captions; only the pair images' patch masks are gone
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["text_labels"], b["text_labels"])
         assert a["image_mask"].any() and "image_mask" not in b
