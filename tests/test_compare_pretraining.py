@@ -38,6 +38,45 @@ def test_finished_stages_are_skipped_and_results_appended(tmp_path: Path) -> Non
     assert cmp.load_results(tmp_path)["vqa/a/s0"]["value"] == 4  # the latest result of a stage wins
 
 
+def test_a_records_file_outlives_the_run_folder(tmp_path: Path) -> None:
+    """A comparison spread over machines whose disks do not persist: the committed records say what is done;
+    a recorded stage runs again only when a stage still to run needs its files."""
+    records = tmp_path / "records.jsonl"
+    calls: list[str] = []
+
+    def stages() -> list[cmp.Stage]:
+        has_ckpt = lambda folder: (folder / "ckpt").is_file()  # noqa: E731
+        pre = _stage("pre/a/s0", calls)
+        run_pre = pre.run
+        pre.run = lambda folder: (folder.joinpath("ckpt").write_text("w"), run_pre(folder))[1]
+        pre.present = has_ckpt
+        return [
+            pre,
+            _stage("vqa/a/pretrained/s0", calls, ["pre/a/s0"]),
+            _stage("nlvr2/a/pretrained/s0", calls, ["pre/a/s0"]),
+        ]
+
+    first = tmp_path / "machine1"
+    cmp.run_stages(stages()[:2], first, jobs=1, log=lambda _: None, records=records)
+    assert calls == ["pre/a/s0", "vqa/a/pretrained/s0"]
+    assert [json.loads(x)["key"] for x in records.read_text().splitlines()] == calls
+    # a fresh folder, everything recorded: nothing runs, even though the checkpoint is not there
+    cmp.run_stages(stages()[:2], tmp_path / "machine2", jobs=1, log=lambda _: None, records=records)
+    assert calls == ["pre/a/s0", "vqa/a/pretrained/s0"]
+    assert cmp.stage_result(tmp_path / "machine2", "vqa/a/pretrained/s0", records)["value"] == 2
+    # a new stage needs the pretraining's checkpoint: the pretraining runs again first, the recorded VQA does not
+    logs: list[str] = []
+    cmp.run_stages(stages(), tmp_path / "machine3", jobs=2, log=logs.append, records=records)
+    assert calls == ["pre/a/s0", "vqa/a/pretrained/s0", "pre/a/s0", "nlvr2/a/pretrained/s0"]
+    assert any("pre/a/s0: recorded, but nlvr2/a/pretrained/s0 needs its files" in m for m in logs)
+    assert set(cmp.load_results(tmp_path / "machine3", records)) == {
+        "pre/a/s0", "vqa/a/pretrained/s0", "nlvr2/a/pretrained/s0"
+    }  # fmt: skip
+    (tmp_path / "bad.jsonl").write_text('{"key": "x"}\nnot json\n')
+    with pytest.raises(SystemExit, match="bad.jsonl line 2 is not JSON"):
+        cmp.load_results(tmp_path, tmp_path / "bad.jsonl")
+
+
 def test_a_failed_stage_stops_its_dependents_only(tmp_path: Path) -> None:
     calls: list[str] = []
     stages = [_stage("a", calls, fail=True), _stage("b", calls, ["a"]), _stage("c", calls)]

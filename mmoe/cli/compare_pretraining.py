@@ -116,30 +116,76 @@ class Stage:
     key: str
     run: Callable[[Path], dict[str, Any]]
     deps: list[str] = field(default_factory=list)
+    # The files later stages read from this stage's folder are there (a checkpoint, a world). A stage known
+    # finished only from a records file (``run_stages(records=...)``) runs again when a stage that needs it is
+    # still to run and this says False: a fresh machine has the committed numbers but not the checkpoints.
+    present: Callable[[Path], bool] | None = None
 
 
 def _folder(out: Path, key: str) -> Path:
     return out / key
 
 
-def stage_result(out: Path, key: str) -> dict[str, Any] | None:
-    """The stored result of a finished stage, None when it has not finished."""
+def stage_result(out: Path, key: str, records: Path | None = None) -> dict[str, Any] | None:
+    """The stored result of a finished stage (its ``result.json``, else its latest line in ``records``), None
+    when it has not finished."""
     f = _folder(out, key) / "result.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    if f.is_file():
+        return json.loads(f.read_text())
+    return _read_jsonl(records).get(key) if records is not None else None
 
 
-def run_stages(stages: Sequence[Stage], out: Path, *, jobs: int = 2, log: Callable[[str], None] = print) -> None:
+def _read_jsonl(path: Path) -> dict[str, dict[str, Any]]:
+    """The latest line of every stage key in a results JSONL file (empty when the file is not there)."""
+    results: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"compare_pretraining: {path} line {n} is not JSON ({e})") from None
+                results[r["key"]] = r
+    return results
+
+
+def run_stages(
+    stages: Sequence[Stage],
+    out: Path,
+    *,
+    jobs: int = 2,
+    log: Callable[[str], None] = print,
+    records: Path | None = None,
+) -> None:
     """Run the unfinished stages, at most ``jobs`` at once, each after its dependencies.
 
     A stage's result goes to ``FOLDER/result.json`` (atomically: a stage killed before writing it runs again)
-    and is appended to ``OUT/results.jsonl``. A failing stage stops the stages that depend on it, not the others.
+    and is appended to ``OUT/results.jsonl`` and to ``records`` when given. ``records`` is a results file that
+    outlives ``OUT`` (kept in version control, say): a stage with a line there counts as finished, so a long
+    comparison spread over machines whose disks do not persist reruns only what no line records, plus the
+    recorded stages whose files an unfinished stage still needs (``Stage.present``). A failing stage stops the
+    stages that depend on it, not the others.
     """
     by_key = {s.key: s for s in stages}
+    recorded = _read_jsonl(records) if records is not None else {}
     for s in stages:
         for d in s.deps:
-            if d not in by_key and stage_result(out, d) is None:
+            if d not in by_key and stage_result(out, d) is None and d not in recorded:
                 raise ValueError(f"compare_pretraining: stage {s.key!r} needs {d!r}, which is not scheduled")
-    done = {s.key for s in stages if stage_result(out, s.key) is not None}
+    done = {s.key for s in stages if s.key in recorded or stage_result(out, s.key) is not None}
+    changed = True
+    while changed:  # a recorded stage whose files are gone runs again if an unfinished stage needs them
+        changed = False
+        for s in stages:
+            if s.key in done:
+                continue
+            for d in s.deps:
+                dep = by_key.get(d)
+                if d in done and dep is not None and dep.present is not None and not dep.present(_folder(out, d)):
+                    done.discard(d)
+                    (_folder(out, d) / "result.json").unlink(missing_ok=True)
+                    log(f"[compare] {d}: recorded, but {s.key} needs its files: running it again")
+                    changed = True
     failed: set[str] = set()
     lock = threading.Lock()
 
@@ -151,8 +197,10 @@ def run_stages(stages: Sequence[Stage], out: Path, *, jobs: int = 2, log: Callab
         result.setdefault("seconds", round(time.perf_counter() - t0, 1))
         result["key"] = stage.key
         atomic_write_json(folder / "result.json", result, indent=1)
-        with lock, open(out / "results.jsonl", "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+        with lock:
+            for path in filter(None, [out / "results.jsonl", records]):
+                with open(path, "a") as fh:
+                    fh.write(json.dumps(result) + "\n")
         return result
 
     pending = [s for s in stages if s.key not in done]
@@ -164,7 +212,7 @@ def run_stages(stages: Sequence[Stage], out: Path, *, jobs: int = 2, log: Callab
                     pending.remove(s)
                     failed.add(s.key)
                     log(f"[compare] {s.key}: skipped, a stage it needs failed")
-                elif len(running) < jobs and all(d in done or stage_result(out, d) for d in s.deps):
+                elif len(running) < jobs and all(d in done for d in s.deps):
                     pending.remove(s)
                     log(f"[compare] {s.key}: started")
                     running[pool.submit(work, s)] = s
@@ -248,6 +296,14 @@ class Runner:
         self.out: Path = Path(args.out).resolve()
         self.world = Path(args.world).resolve() if args.world else self.out / "world"
         self.env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        self.records: Path | None = Path(args.results).resolve() if args.results else None
+
+    def result(self, key: str) -> dict[str, Any]:
+        """The result of a finished stage this one depends on."""
+        r = stage_result(self.out, key, self.records)
+        if r is None:
+            raise RuntimeError(f"compare_pretraining: stage {key!r} has no result")
+        return r
 
     def _cli(self, folder: Path, name: str, cmd: list[str]) -> None:
         with open(folder / f"{name}.log", "a") as log:
@@ -291,7 +347,7 @@ class Runner:
                str(vqa / "v2_mscoco_train2014_annotations.json"), "--out", str(vqa / "answer_vocab.json"),
                "--min-count", "9"]  # fmt: skip
         self._cli(folder, "vocab", cmd)
-        return {"world": str(self.world), "variant": a.variant, "splits": summary["splits"]}
+        return {"world": self.world.name, "variant": a.variant, "splits": summary["splits"]}
 
     def prior_stage(self, folder: Path) -> dict[str, Any]:
         from mmoe.metrics.vqa import evaluate_vqa, load_vqa_json, prior_baseline
@@ -328,7 +384,7 @@ class Runner:
             return {
                 "pretrain": summary,
                 "fit_seconds": round(seconds, 1),
-                "checkpoint": str(folder / "checkpoints" / "last.ckpt"),
+                "checkpoint": str((folder / "checkpoints" / "last.ckpt").relative_to(self.out)),  # no machine path
             }
 
         return run
@@ -345,13 +401,11 @@ class Runner:
                 flags.append(f"--model.init_args.backbone_overrides={json.dumps(over)}")
             steps = int(recipe["trainer"]["max_steps"])
             if init == "pretrained":
-                pre = stage_result(self.out, f"pretrain/{model.label}/s{seed}")
-                assert pre is not None
-                flags.append(f"--model.init_args.init_from={pre['checkpoint']}")
+                pre = self.result(f"pretrain/{model.label}/s{seed}")
+                flags.append(f"--model.init_args.init_from={self.out / pre['checkpoint']}")
             elif init == "scratch_long":  # the pretraining's minutes given to fine-tuning from scratch as well
-                pre = stage_result(self.out, f"pretrain/{model.label}/s{seed}")
-                short = stage_result(self.out, f"{task}/{model.label}/scratch/s{seed}")
-                assert pre is not None and short is not None
+                pre = self.result(f"pretrain/{model.label}/s{seed}")
+                short = self.result(f"{task}/{model.label}/scratch/s{seed}")
                 steps = round(steps * (1 + pre["fit_seconds"] / short["fit_seconds"]))
                 flags += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
             every = f"--checkpoint.every_n_train_steps={min(steps, self.args.checkpoint_every)}"
@@ -388,7 +442,7 @@ class Runner:
     def stages(self) -> list[Stage]:
         a = self.args
         models = [Model.parse(m) for m in a.models]
-        out = [Stage("world", self.world_stage)]
+        out = [Stage("world", self.world_stage, present=lambda _: (self.world / "vqa" / "answer_vocab.json").is_file())]
         if "vqa" in a.tasks:
             out.append(Stage("prior", self.prior_stage, ["world"]))
             if a.film_minutes > 0:
@@ -397,9 +451,11 @@ class Runner:
             for s in a.seeds:
                 pre = f"pretrain/{m.label}/s{s}"
                 if a.pretrain or {"pretrained", "scratch_long"} & set(a.inits):
-                    out.append(Stage(pre, self.pretrain_stage(m, s), ["world"]))
-                for task in a.tasks:
-                    for init in a.inits:
+                    has_ckpt = lambda folder: (folder / "checkpoints" / "last.ckpt").is_file()  # noqa: E731
+                    out.append(Stage(pre, self.pretrain_stage(m, s), ["world"], present=has_ckpt))
+                # the stages that need the pretraining's checkpoint first: a run cut short loses fewer minutes
+                for init in sorted(a.inits, key=lambda i: i == "scratch"):
+                    for task in a.tasks:
                         deps = ["world"] + ([pre] if init != "scratch" else [])
                         if init == "scratch_long":
                             deps.append(f"{task}/{m.label}/scratch/s{s}")
@@ -419,15 +475,11 @@ def _mean_std(values: list[float], nd: int = 2) -> str:
     return f"{statistics.fmean(vals):.{nd}f} ± {statistics.stdev(vals):.{nd}f}"
 
 
-def load_results(out: Path) -> dict[str, dict[str, Any]]:
-    """The latest result of every stage in ``OUT/results.jsonl`` (a stage rerun later wins)."""
-    results: dict[str, dict[str, Any]] = {}
-    path = out / "results.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                results[r["key"]] = r
+def load_results(out: Path, records: Path | None = None) -> dict[str, dict[str, Any]]:
+    """The latest result of every stage in ``records`` and then ``OUT/results.jsonl`` (a stage rerun later
+    wins)."""
+    results = _read_jsonl(records) if records is not None else {}
+    results.update(_read_jsonl(out / "results.jsonl"))
     return results
 
 
@@ -533,6 +585,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between resumable checkpoints")
     p.add_argument("--jobs", type=int, default=2, help="stages at once")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every stage")
+    p.add_argument(
+        "--results",
+        default=None,
+        help="a results JSONL that outlives OUT (e.g. kept in git): stages with a line there are not "
+        "run again, unless a stage still to run needs their files; finished stages are appended",
+    )
     p.add_argument("--table", default=None, help="write the markdown table here (also OUT/table.md)")
     p.add_argument("--title", default=None)
     p.add_argument("--note", action="append", default=[], help="a line under the table (repeatable)")
@@ -549,9 +607,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.title:
         meta["title"] = args.title
     try:
-        run_stages(runner.stages(), runner.out, jobs=args.jobs)
+        run_stages(runner.stages(), runner.out, jobs=args.jobs, records=runner.records)
     finally:
-        results = load_results(runner.out)
+        results = load_results(runner.out, runner.records)
         for target in filter(None, [runner.out / "table.md", Path(args.table) if args.table else None]):
             write_table(target, results, meta)
     return 0
