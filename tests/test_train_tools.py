@@ -93,3 +93,43 @@ def test_relational_questions_name_the_extreme_object(tmp_path: Path) -> None:
         ranked = sorted(objs, key=key)
         assert len(objs) >= 2 and a["multiple_choice_answer"] == answer(ranked[-1])
         assert key(ranked[-1]) > key(ranked[-2])
+
+
+@pytest.mark.parametrize("variant", ["standard", "alt"])
+def test_shape_diagnosis_catches_an_answerer_blind_to_shapes(tmp_path: Path, variant: str) -> None:
+    """A rule that answers presence questions from the colour alone is right on every "no" group but the one that
+    needs the shape, which it gets wrong every time; the correct answers score 100 in every group."""
+    import json
+    import re
+
+    from mmoe.data.synthetic import make_world
+
+    tool = _tool("diagnose_vqa_shapes")
+    make_world(tmp_path / "w", num_train=8, num_val=60, image_size=32, seed=5, variant=variant)
+    inst = json.loads((tmp_path / "w" / "coco" / "annotations" / "instances_val2014.json").read_text())
+    colours_of: dict[int, set[str]] = {}
+    for a in inst["annotations"]:
+        colours_of.setdefault(a["image_id"], set()).add(a["attributes"]["color"])
+    vqa = tmp_path / "w" / "vqa"
+    questions = {
+        q["question_id"]: q
+        for q in json.loads((vqa / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())["questions"]
+    }
+    anns = json.loads((vqa / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]
+    truth = [{"question_id": a["question_id"], "answer": a["multiple_choice_answer"]} for a in anns]
+    blind = []
+    for a in anns:
+        words = set(re.findall(r"[a-z]+", questions[a["question_id"]]["question"].lower()))
+        answer = a["multiple_choice_answer"]
+        if a["question_type"] in tool.PRESENCE_TYPES:
+            answer = "yes" if words & colours_of[a["image_id"]] else "no"
+        blind.append({"question_id": a["question_id"], "answer": answer})
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+    (tmp_path / "blind.json").write_text(json.dumps(blind))
+    right = tool.diagnose(tmp_path / "w", tmp_path / "truth.json")
+    assert right and all(g["acc"] == 100.0 for g in right.values())
+    assert right["answer is a shape"]["predicted_in_scene"] == 100.0
+    wrong = tool.diagnose(tmp_path / "w", tmp_path / "blind.json")
+    key = "presence: no, that colour with another shape"
+    assert wrong[key]["n"] > 0 and wrong[key]["acc"] == 0.0
+    assert wrong["presence: no, neither"]["acc"] == 100.0 and wrong["presence: yes"]["acc"] == 100.0
