@@ -133,3 +133,27 @@ def test_shape_diagnosis_catches_an_answerer_blind_to_shapes(tmp_path: Path, var
     key = "presence: no, that colour with another shape"
     assert wrong[key]["n"] > 0 and wrong[key]["acc"] == 0.0
     assert wrong["presence: no, neither"]["acc"] == 100.0 and wrong["presence: yes"]["acc"] == 100.0
+
+
+def test_token_shape_probe_reads_the_token_under_each_object(tmp_path: Path) -> None:
+    from mmoe.data.synthetic import make_world
+    from mmoe.model.registry import create_model
+
+    tool = _tool("probe_token_shapes")
+    make_world(tmp_path / "w", num_train=12, num_val=4, image_size=64, seed=2, variant="alt")
+    images, objects, classes = tool.load_split(tmp_path / "w", "train")
+    assert images.shape == (12, 3, 64, 64) and classes == 5 and all(objects)
+    model = create_model("tiny_dense").eval()
+    feats = tool.token_features(model, images, objects)
+    n = sum(len(o) for o in objects)
+    assert feats["stem"][0].shape == (n, model.config.dim) and feats["last layer"][1].tolist() == [
+        s for objs in objects for _, _, s in objs
+    ]
+    # the probe itself: features that carry the label one-hot are read perfectly, shuffled labels are not
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (400,), generator=g)
+    x = torch.randn(400, 16, generator=g) * 0.1
+    x[torch.arange(400), labels] += 1.0
+    assert tool.linear_probe((x[:300], labels[:300]), (x[300:], labels[300:]), 5) == 1.0
+    noise = torch.randn(400, 16, generator=g)
+    assert tool.linear_probe((noise[:300], labels[:300]), (noise[300:], labels[300:]), 5) < 0.5
