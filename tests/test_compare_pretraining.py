@@ -57,8 +57,10 @@ def test_a_records_file_outlives_the_run_folder(tmp_path: Path) -> None:
         ]
 
     first = tmp_path / "machine1"
-    cmp.run_stages(stages()[:2], first, jobs=1, log=lambda _: None, records=records)
-    assert calls == ["pre/a/s0", "vqa/a/pretrained/s0"]
+    seen: list[int] = []
+    cmp.run_stages(stages()[:2], first, jobs=1, log=lambda _: None, records=records,
+                   on_done=lambda: seen.append(len(records.read_text().splitlines())))  # fmt: skip
+    assert calls == ["pre/a/s0", "vqa/a/pretrained/s0"] and seen == [1, 2]  # called after each stage's record
     assert [json.loads(x)["key"] for x in records.read_text().splitlines()] == calls
     # a fresh folder, everything recorded: nothing runs, even though the checkpoint is not there
     cmp.run_stages(stages()[:2], tmp_path / "machine2", jobs=1, log=lambda _: None, records=records)

@@ -156,6 +156,7 @@ def run_stages(
     jobs: int = 2,
     log: Callable[[str], None] = print,
     records: Path | None = None,
+    on_done: Callable[[], None] | None = None,
 ) -> None:
     """Run the unfinished stages, at most ``jobs`` at once, each after its dependencies.
 
@@ -164,7 +165,8 @@ def run_stages(
     outlives ``OUT`` (kept in version control, say): a stage with a line there counts as finished, so a long
     comparison spread over machines whose disks do not persist reruns only what no line records, plus the
     recorded stages whose files an unfinished stage still needs (``Stage.present``). A failing stage stops the
-    stages that depend on it, not the others.
+    stages that depend on it, not the others. ``on_done`` is called after every finished stage (the runner
+    rewrites its tables there, so a run stopped at any point leaves them up to date).
     """
     by_key = {s.key: s for s in stages}
     recorded = _read_jsonl(records) if records is not None else {}
@@ -227,6 +229,8 @@ def run_stages(
                     r = fut.result()
                     done.add(s.key)
                     log(f"[compare] {s.key}: done in {r['seconds']} s")
+                    if on_done is not None:
+                        on_done()
                 except Exception as e:  # noqa: BLE001 - report and go on with the independent stages
                     failed.add(s.key)
                     log(f"[compare] {s.key}: FAILED ({type(e).__name__}: {e})")
@@ -606,12 +610,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {"command": shlex.join(["python", "tools/compare_pretraining.py", *given]), "notes": args.note}
     if args.title:
         meta["title"] = args.title
-    try:
-        run_stages(runner.stages(), runner.out, jobs=args.jobs, records=runner.records)
-    finally:
+
+    def tables() -> None:
         results = load_results(runner.out, runner.records)
         for target in filter(None, [runner.out / "table.md", Path(args.table) if args.table else None]):
             write_table(target, results, meta)
+
+    try:
+        run_stages(runner.stages(), runner.out, jobs=args.jobs, records=runner.records, on_done=tables)
+    finally:
+        tables()
     return 0
 
 
