@@ -13,14 +13,22 @@ from mmoe.cli import compare_pretraining as cmp
 from mmoe.resources import recipe_path
 
 
-def _stage(key: str, calls: list[str], deps: list[str] | None = None, fail: bool = False) -> cmp.Stage:
+def _stage(
+    key: str, calls: list[str], deps: list[str] | None = None, fail: bool = False, writes: str | None = None
+) -> cmp.Stage:
+    """A stage that counts its runs; with ``writes`` it leaves that file in its folder and is ``present`` when
+    the file is there (a pretraining's checkpoint)."""
+
     def run(folder: Path) -> dict:
         calls.append(key)
         if fail:
             raise RuntimeError("boom")
+        if writes:
+            (folder / writes).write_text("w")
         return {"value": len(calls), "folder": folder.name}
 
-    return cmp.Stage(key, run, deps or [])
+    present = (lambda folder: (folder / writes).is_file()) if writes else None
+    return cmp.Stage(key, run, deps or [], present=present)
 
 
 def test_finished_stages_are_skipped_and_results_appended(tmp_path: Path) -> None:
@@ -45,13 +53,8 @@ def test_a_records_file_outlives_the_run_folder(tmp_path: Path) -> None:
     calls: list[str] = []
 
     def stages() -> list[cmp.Stage]:
-        has_ckpt = lambda folder: (folder / "ckpt").is_file()  # noqa: E731
-        pre = _stage("pre/a/s0", calls)
-        run_pre = pre.run
-        pre.run = lambda folder: (folder.joinpath("ckpt").write_text("w"), run_pre(folder))[1]
-        pre.present = has_ckpt
         return [
-            pre,
+            _stage("pre/a/s0", calls, writes="ckpt"),
             _stage("vqa/a/pretrained/s0", calls, ["pre/a/s0"]),
             _stage("nlvr2/a/pretrained/s0", calls, ["pre/a/s0"]),
         ]

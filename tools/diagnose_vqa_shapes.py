@@ -29,19 +29,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmoe.metrics.vqa import load_vqa_json
+
 PRESENCE_TYPES = ("can you see a", "is there a")
 
 
 def _read(path: Path, key: str | None = None) -> Any:
+    """``mmoe.metrics.vqa.load_vqa_json``, its errors turned into one line that names the file."""
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise SystemExit(f"diagnose_vqa_shapes: {path} not found") from e
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"diagnose_vqa_shapes: {path} is not JSON ({e})") from e
-    if key is not None and key not in data:
-        raise SystemExit(f"diagnose_vqa_shapes: {path} has no {key!r} key")
-    return data[key] if key is not None else data
+        return load_vqa_json(path, key)
+    except (OSError, ValueError) as e:
+        where = "" if str(path) in str(e) else f"{path}: "
+        raise SystemExit(f"diagnose_vqa_shapes: {where}{e}") from None
 
 
 def _words(text: str) -> list[str]:

@@ -29,7 +29,7 @@ from mmoe.model.registry import create_model, load_model
 
 
 def load_split(world: Path, split: str) -> tuple[torch.Tensor, list[list[tuple[float, float, int]]], int]:
-    """Images (N, 3, H, W) in [-1, 1], per image its objects' (box centre y, x, shape index), number of shapes."""
+    """Images (N, 3, H, W) in [0, 1], per image its objects' (box centre y, x, shape index), number of shapes."""
     path = world / "coco" / "annotations" / f"instances_{split}2014.json"
     try:
         inst = json.loads(path.read_text())
@@ -43,7 +43,7 @@ def load_split(world: Path, split: str) -> tuple[torch.Tensor, list[list[tuple[f
         objects[a["image_id"]].append((y + h / 2, x + w / 2, shape_index[a["category_id"]]))
     ids = sorted(objects)
     arrays = [np.asarray(Image.open(world / "coco" / f"{split}2014" / files[i]).convert("RGB")) for i in ids]
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
     return images, [objects[i] for i in ids], len(shape_index)
 
 
@@ -51,17 +51,18 @@ def load_split(world: Path, split: str) -> tuple[torch.Tensor, list[list[tuple[f
 def token_features(
     model: torch.nn.Module, images: torch.Tensor, objects: list[list[tuple[float, float, int]]]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Readout name -> (features of the token under each object's centre, shape labels)."""
+    """Readout name -> (features of the token under each object's centre, shape labels). ``images`` in [0, 1]
+    are normalised with the model's own ``image_mean`` / ``image_std``, as its transforms do."""
     cfg = model.config
+    mean = torch.tensor(cfg.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
     grid = cfg.img_size // cfg.patch_size
     scale = cfg.img_size / images.shape[-1]
     chunks: dict[str, list[torch.Tensor]] = {"stem": [], "last layer": []}
     for s in range(0, len(images), 200):
-        batch = (
-            torch.nn.functional.interpolate(images[s : s + 200], size=cfg.img_size)
-            if scale != 1
-            else images[s : s + 200]
-        )
+        batch = (images[s : s + 200] - mean) / std
+        if scale != 1:
+            batch = torch.nn.functional.interpolate(batch, size=cfg.img_size)
         chunks["stem"].append(model.vision_embed.patch_embed(batch))
         chunks["last layer"].append(model(image=batch).features[:, 1:])
     out = {}
