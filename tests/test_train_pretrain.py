@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmoe.data.codebook import assign_codes, load_codebook, normalize_patches, patchify, save_codebook
-from mmoe.train.pretraining import MaskedPretraining, routing_metrics
+from mmoe.train.pretraining import MaskedPretraining, bag_of_words_loss, routing_metrics
 
 B, L = 2, 10
 
@@ -149,3 +149,70 @@ def test_mismatched_pair_mlm_measures_image_use() -> None:
     one = {"pair": {k: v[:1] for k, v in batch["pair"].items()}}
     assert m._mismatched_pair_mlm(one) is None
     assert MaskedPretraining(backbone="tiny_mhmoe", eval_grounding=False).eval_grounding is False
+
+
+def test_pixel_norm_eps_shrinks_flat_patch_targets() -> None:
+    """A flat patch with faint noise is a unit-variance target at MAE's eps and near 0 with a larger floor;
+    a patch with an edge stays near unit variance under both."""
+    g = torch.Generator().manual_seed(0)
+    flat = 0.2 + 0.03 * torch.randn(1, 1, 192, generator=g)  # grey + noise, variance ~1e-3
+    edge = torch.cat([torch.full((96,), -0.8), torch.full((96,), 0.6)]).view(1, 1, 192)  # variance 0.49
+    for eps, flat_var_range in ((1e-6, (0.99, 1.01)), (0.05, (0.0, 0.03))):
+        n_flat = normalize_patches(flat, eps=eps).var(-1, unbiased=False).item()
+        n_edge = normalize_patches(edge, eps=eps).var(-1, unbiased=False).item()
+        assert flat_var_range[0] <= n_flat <= flat_var_range[1], (eps, n_flat)
+        assert n_edge > 0.9, (eps, n_edge)
+
+    batch = _batch()
+    losses = {}
+    for eps in (1e-6, 0.05):
+        torch.manual_seed(0)
+        m = MaskedPretraining(backbone="tiny_dense", pixel_norm_eps=eps, optim={"lr": 1e-3, "total_steps": 5})
+        image = batch["image"]
+        feats = torch.randn(image["image"].shape[0], 64, m.backbone.config.dim)
+        loss, n = m._mim(feats, image["image"], image["image_mask"])
+        expected = torch.nn.functional.mse_loss(
+            m.mim_head(feats[image["image_mask"]]),
+            normalize_patches(patchify(image["image"], 8)[image["image_mask"]], eps=eps),
+        )
+        assert n == int(image["image_mask"].sum()) and torch.allclose(loss, expected)
+        losses[eps] = float(loss)
+    assert losses[1e-6] != losses[0.05]
+    with pytest.raises(ValueError, match="pixel_norm_eps"):
+        MaskedPretraining(backbone="tiny_dense", pixel_norm_eps=0.0)
+    with pytest.raises(ValueError, match="pixel_norm_eps applies to image_target='pixels'"):
+        MaskedPretraining(backbone="tiny_dense", image_target="codebook", codebook="x.pt", pixel_norm_eps=0.05)
+
+
+def test_bag_of_words_loss_against_a_hand_computation() -> None:
+    """bos, eos and padding are no words; repeated words count once; a row without words is left out."""
+    v = 12
+    text = torch.tensor([[10, 3, 5, 3, 11, 0], [10, 11, 0, 0, 0, 0], [10, 7, 11, 0, 0, 0]])
+    pad = torch.tensor([[0, 0, 0, 0, 0, 1], [0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    logits = torch.randn(3, v, generator=torch.Generator().manual_seed(0))
+    logp = torch.log_softmax(logits, dim=-1)
+    expected = (-(logp[0, 3] + logp[0, 5]) / 2 - logp[2, 7]) / 2  # row 1 has only bos and eos
+    assert torch.allclose(bag_of_words_loss(logits, text, pad), expected)
+    none = bag_of_words_loss(logits[1:2].requires_grad_(), text[1:2], pad[1:2])
+    assert float(none) == 0.0 and none.requires_grad
+
+
+def test_bow_objective_trains_the_image_tokens_only_from_the_image() -> None:
+    torch.manual_seed(0)
+    m = MaskedPretraining(backbone="tiny_dense", bow_weight=1.0, optim={"lr": 1e-3, "total_steps": 5})
+    batch = _batch(vocab=m.backbone.config.vocab_size - 2)
+    losses, aux, _ = m.stream_losses(batch)
+    assert "bow_pair" in losses and "itc_pair" not in losses
+    assert abs(float(losses["bow_pair"]) - math.log(m.backbone.config.vocab_size)) < 1.0  # starts near log V
+    m._total(losses, aux).backward()
+    assert m.bow_head is not None and m.bow_head.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.vision_embed.parameters())
+    # the bag-of-words pass sees the image alone: no gradient reaches the text embedding
+    m.zero_grad(set_to_none=True)
+    m._pair_image_losses(batch["pair"])[0]["bow_pair"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.backbone.text_embed.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.vision_embed.parameters())
+    with_itc = MaskedPretraining(backbone="tiny_dense", bow_weight=1.0, itc_weight=1.0)
+    assert {"bow_pair", "itc_pair"} <= set(with_itc.stream_losses(batch)[0])
+    with pytest.raises(ValueError, match="bow_weight"):
+        MaskedPretraining(backbone="tiny_dense", bow_weight=-1.0)

@@ -9,7 +9,11 @@ and reports masked multimodal perplexity; nobody released the code, so this is o
 Image targets (``image_target``):
 
 - ``"pixels"`` (default): the per-patch normalized pixels of the masked patches (MAE-style ``norm_pix``), MSE loss.
-  Needs nothing outside this project. BEiT-3 itself predicts BEiT v2 VQ-KD codes, which need that tokenizer.
+  Needs nothing outside this project. ``pixel_norm_eps`` is the variance added before the division: MAE's 1e-6
+  makes a flat patch's sensor or JPEG noise a unit-variance target that nothing can predict, which is harmless on
+  photographs (few flat patches) but not on images that are mostly flat background, where such patches are most
+  of the loss and the patches with edges, which carry the shapes, a small part of it (docs/results/learning.md).
+  BEiT-3 itself predicts BEiT v2 VQ-KD codes, which need that tokenizer.
 - ``"codebook"``: discrete codes from a k-means codebook over normalized patch pixels (``mmoe.data.codebook``,
   built by ``mmoe-codebook``); cross-entropy over codes, so image perplexity ``exp(CE)`` can be reported
   next to text perplexity, as [MH1] Table 4's "masked multimodal perplexity".
@@ -50,7 +54,14 @@ from mmoe.moe.stats import DEFAULT_ACTIVATION_THRESHOLD, RoutingTally, log_metri
 from mmoe.train.base import TaskModule
 from mmoe.train.optim import OptimConfig
 
-__all__ = ["MaskedPretraining", "routing_metrics", "tally_routing", "routing_tally_metrics", "STREAMS"]
+__all__ = [
+    "MaskedPretraining",
+    "bag_of_words_loss",
+    "routing_metrics",
+    "tally_routing",
+    "routing_tally_metrics",
+    "STREAMS",
+]
 
 STREAMS = ("image", "text", "pair")
 
@@ -92,6 +103,30 @@ def routing_tally_metrics(
     return log_metrics(done, per_expert=per_expert)
 
 
+def bag_of_words_loss(
+    logits_BV: torch.Tensor, text_BL: torch.Tensor, padding_BL: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy of a softmax over the vocabulary against each text's distinct words, uniform over them.
+
+    The first token (bos) and the last real one (eos) of every row are left out, and so is padding (the rows are
+    ``[bos] + pieces + [eos]``, ``mmoe.data.tokenizer``); a row with no word is left out of the mean. Joulin et
+    al. 2016 (sec. 3.1) found this multi-class form as good as one binary loss per word, and it starts at
+    ``log V`` like masked-word prediction, so the two weigh alike in a sum.
+    """
+    b, length = text_BL.shape
+    real_BL = ~padding_BL if padding_BL is not None else torch.ones_like(text_BL, dtype=torch.bool)
+    n_B = real_BL.sum(dim=1)
+    pos_BL = torch.arange(length, device=text_BL.device).expand(b, length)
+    word_BL = real_BL & (pos_BL > 0) & (pos_BL < (n_B - 1)[:, None])
+    target_BV = torch.zeros_like(logits_BV).scatter_add_(1, text_BL, word_BL.to(logits_BV.dtype))
+    target_BV = target_BV.clamp(max=1.0)
+    has_B = target_BV.sum(dim=1) > 0
+    if not bool(has_B.any()):
+        return logits_BV.sum() * 0.0
+    target_BV = target_BV[has_B] / target_BV[has_B].sum(dim=1, keepdim=True)
+    return -(target_BV * F.log_softmax(logits_BV[has_B], dim=-1)).sum(dim=1).mean()
+
+
 # ---------------------------------------------------------------------------------------------------------- module
 class MaskedPretraining(TaskModule):
     """Masked data modeling (MLM + MIM) over image, text and pair streams on one backbone ([B3] sec. 2.2).
@@ -131,6 +166,16 @@ class MaskedPretraining(TaskModule):
         itc_pooling: what ITC's projections read, as ``RetrievalTask(pooling=...)``: ``"cls"`` (BEiT-3) or
             ``"cls_max"`` (CLS + the max over the other tokens, ``mmoe.model.contrastive.pool_embedding``); zero-shot
             retrieval from this run must use the same.
+        bow_weight: weight of a bag-of-words loss on the pair stream (0 = off): the unmasked pair image alone
+            through the backbone, its CLS plus the max over its patch tokens -> ``bow_head`` -> a softmax over the
+            vocabulary, cross-entropy against the caption's distinct words (bos, eos and padding left out), as
+            Joulin et al. 2016 (sec. 3) learn visual features from the words that come with images. Why: a max
+            over the patch tokens gives each object's token a direct path to the words that name it, with no
+            attention to learn first, where masked-word prediction reads the object through attention that starts
+            uniform (docs/results/learning.md). Logged as ``loss_bow_pair``; shares the image pass with ITC.
+        pixel_norm_eps: variance floor of the per-patch normalization of ``image_target="pixels"`` (in the units
+            of the normalized image; MAE: 1e-6). A patch whose pixel variance is well below it is a flat patch and
+            its target shrinks towards 0 instead of becoming unit-variance noise (module docstring).
     """
 
     def __init__(
@@ -153,6 +198,8 @@ class MaskedPretraining(TaskModule):
         itc_weight: float = 0.0,
         itm_weight: float = 0.0,
         itc_pooling: RetrievalPooling = "cls",
+        pixel_norm_eps: float = 1e-6,
+        bow_weight: float = 0.0,
     ) -> None:
         check_pooling("MaskedPretraining", itc_pooling)
         if image_target not in ("pixels", "codebook", "vqkd"):
@@ -168,12 +215,24 @@ class MaskedPretraining(TaskModule):
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"MaskedPretraining: on_nonfinite={on_nonfinite!r}, expected 'raise' or 'skip'")
         weights = {"mlm_weight": mlm_weight, "mim_weight": mim_weight, "aux_loss_scale": aux_loss_scale}
-        for name, value in {**weights, "itc_weight": itc_weight, "itm_weight": itm_weight}.items():
+        for name, value in {
+            **weights,
+            "itc_weight": itc_weight,
+            "itm_weight": itm_weight,
+            "bow_weight": bow_weight,
+        }.items():
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"MaskedPretraining: {name}={value!r} must be a finite number >= 0")
         if itm_weight > 0 and not itc_weight > 0:
             raise ValueError(
                 "MaskedPretraining: itm_weight > 0 needs itc_weight > 0 (ITM's hard negatives come from ITC)"
+            )
+        if not (math.isfinite(pixel_norm_eps) and pixel_norm_eps > 0):
+            raise ValueError(f"MaskedPretraining: pixel_norm_eps={pixel_norm_eps!r} must be a finite number > 0")
+        if pixel_norm_eps != 1e-6 and image_target != "pixels":
+            raise ValueError(
+                f"MaskedPretraining: pixel_norm_eps applies to image_target='pixels' only, got image_target="
+                f"{image_target!r} (a codebook's patches are normalized as it was built)"
             )
         if log_routing_every < 0:
             raise ValueError(f"MaskedPretraining: log_routing_every={log_routing_every} must be >= 0")
@@ -184,6 +243,7 @@ class MaskedPretraining(TaskModule):
         self.activation_threshold = activation_threshold
         self.log_routing_every = log_routing_every
         self.eval_grounding = eval_grounding
+        self.pixel_norm_eps = float(pixel_norm_eps)
 
         self.init_backbone(backbone, backbone_overrides, init_from, fine_tune=False)
         cfg = self.backbone.config
@@ -214,6 +274,12 @@ class MaskedPretraining(TaskModule):
         self.itc_weight, self.itm_weight, self.itc_pooling = itc_weight, itm_weight, itc_pooling
         self.itc_head = ContrastiveHead(dim, init_std=cfg.init_std) if itc_weight > 0 else None
         self.itm_head = ClassificationHead(dim, 2, pooling="image_cls") if itm_weight > 0 else None
+        self.bow_weight = bow_weight
+        self.bow_head: nn.Linear | None = None
+        if bow_weight > 0:
+            self.bow_head = nn.Linear(dim, cfg.vocab_size)
+            nn.init.trunc_normal_(self.bow_head.weight, std=cfg.init_std)
+            nn.init.zeros_(self.bow_head.bias)
         self._val_routing: dict[str, Any] = {}  # layer -> RoutingTally over the validation epoch
         self._val_sums: dict[str, list[float]] = {}
         self._last_counts: dict[str, int] = {}
@@ -281,11 +347,11 @@ class MaskedPretraining(TaskModule):
             return F.cross_entropy(
                 self.mim_head(patch_feats_BPD[mask_BP]).float(), self._vqkd_codes(image_B3HW, mask_BP)
             ), n
-        target_MC = normalize_patches(patchify(image_B3HW, self.patch_size)[mask_BP])
+        patches_MC = patchify(image_B3HW, self.patch_size)[mask_BP]
         pred = self.mim_head(patch_feats_BPD[mask_BP]).float()
         if self.centroids is None:
-            return F.mse_loss(pred, target_MC), n
-        codes_M = assign_codes(target_MC, self.centroids)
+            return F.mse_loss(pred, normalize_patches(patches_MC, eps=self.pixel_norm_eps)), n
+        codes_M = assign_codes(normalize_patches(patches_MC), self.centroids)
         return F.cross_entropy(pred, codes_M), n
 
     def stream_losses(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
@@ -328,8 +394,8 @@ class MaskedPretraining(TaskModule):
                 aux = out.aux_loss if aux is None else aux + out.aux_loss
             for key, record in out.routing.items():
                 routing.setdefault(key, []).append(record)
-        if self.itc_head is not None and "pair" in present:
-            extra, extra_aux = self._pair_itc_itm(batch["pair"])
+        if (self.itc_head is not None or self.bow_head is not None) and "pair" in present:
+            extra, extra_aux = self._pair_image_losses(batch["pair"])
             losses.update(extra)
             counts.update({name: int(batch["pair"]["image"].shape[0]) for name in extra})
             aux = extra_aux if aux is None else aux + extra_aux
@@ -338,8 +404,9 @@ class MaskedPretraining(TaskModule):
         self._last_counts = counts
         return losses, aux, routing
 
-    def _pair_itc_itm(self, sub: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """ITC (and ITM) losses of a pair sub-batch on its unmasked image and text; returns (losses, aux loss).
+    def _pair_image_losses(self, sub: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """ITC (and ITM) and bag-of-words losses of a pair sub-batch on its unmasked image and text; returns
+        (losses, aux loss).
 
         The masked text is restored from ``text_labels``. The extra passes add their MoE aux loss, not their
         routing records: the routing statistics stay those of the masked-modeling streams, comparable across runs.
@@ -348,11 +415,18 @@ class MaskedPretraining(TaskModule):
         labels = sub.get("text_labels")
         clean = torch.where(labels != -100, labels, text) if labels is not None else text
         image_out = self.backbone(image=image)
+        losses: dict[str, torch.Tensor] = {}
+        if self.bow_head is not None:
+            logits_BV = self.bow_head(pool_embedding(image_out.features, "cls_max")).float()
+            losses["bow_pair"] = bag_of_words_loss(logits_BV, clean, pad)
+        if self.itc_head is None:
+            aux = image_out.aux_loss if image_out.aux_loss is not None else logits_BV.new_zeros(())
+            return losses, aux
         text_out = self.backbone(text=clean, text_padding_mask=pad)
         image_BE = self.itc_head.embed_image(pool_embedding(image_out.features, self.itc_pooling))  # type: ignore[union-attr]
         text_BE = self.itc_head.embed_text(pool_embedding(text_out.features, self.itc_pooling, pad))  # type: ignore[union-attr]
         itc, _, _ = contrastive_loss(image_BE, text_BE, self.itc_head.scale())  # type: ignore[union-attr]
-        losses = {"itc_pair": itc}
+        losses["itc_pair"] = itc
         outs = [image_out, text_out]
         b = image.shape[0]
         if self.itm_head is not None and b < 2:
@@ -383,7 +457,13 @@ class MaskedPretraining(TaskModule):
 
     def _total(self, losses: dict[str, torch.Tensor], aux: torch.Tensor) -> torch.Tensor:
         total = aux.float() * self.aux_loss_scale
-        weight = {"mlm": self.mlm_weight, "mim": self.mim_weight, "itc": self.itc_weight, "itm": self.itm_weight}
+        weight = {
+            "mlm": self.mlm_weight,
+            "mim": self.mim_weight,
+            "itc": self.itc_weight,
+            "itm": self.itm_weight,
+            "bow": self.bow_weight,
+        }
         for name, value in losses.items():
             total = total + value * weight[name.split("_", 1)[0]]
         return total
