@@ -206,7 +206,6 @@ def test_bow_objective_trains_the_image_tokens_only_from_the_image() -> None:
     assert abs(float(losses["bow_pair"]) - math.log(m.backbone.config.vocab_size)) < 1.0  # starts near log V
     m._total(losses, aux).backward()
     assert m.bow_head is not None and m.bow_head.weight.grad.abs().sum() > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.vision_embed.parameters())
     # the bag-of-words pass sees the image alone: no gradient reaches the text embedding
     m.zero_grad(set_to_none=True)
     m._pair_image_losses(batch["pair"])[0]["bow_pair"].backward()

@@ -31,6 +31,7 @@ __all__ = [
     "assign_codes",
     "kmeans",
     "load_codebook",
+    "NORM_PIX_EPS",
     "normalize_patches",
     "patchify",
     "save_codebook",
@@ -49,7 +50,10 @@ def patchify(image_B3HW: torch.Tensor, patch_size: int) -> torch.Tensor:
     return rearrange(image_B3HW, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
 
 
-def normalize_patches(patches_BPC: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+NORM_PIX_EPS = 1e-6  # MAE's variance floor of ``norm_pix_loss``
+
+
+def normalize_patches(patches_BPC: torch.Tensor, eps: float = NORM_PIX_EPS) -> torch.Tensor:
     """Per-patch zero mean, unit variance (MAE's ``norm_pix_loss``): targets ignore a patch's brightness/contrast."""
     x = patches_BPC.float()
     mean = x.mean(dim=-1, keepdim=True)

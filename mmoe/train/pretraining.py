@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from mmoe.data.codebook import assign_codes, load_codebook, normalize_patches, patchify
+from mmoe.data.codebook import NORM_PIX_EPS, assign_codes, load_codebook, normalize_patches, patchify
 from mmoe.model.contrastive import (
     ContrastiveHead,
     RetrievalPooling,
@@ -120,10 +120,11 @@ def bag_of_words_loss(
     word_BL = real_BL & (pos_BL > 0) & (pos_BL < (n_B - 1)[:, None])
     target_BV = torch.zeros_like(logits_BV).scatter_add_(1, text_BL, word_BL.to(logits_BV.dtype))
     target_BV = target_BV.clamp(max=1.0)
-    has_B = target_BV.sum(dim=1) > 0
+    words_B = target_BV.sum(dim=1)
+    has_B = words_B > 0
     if not bool(has_B.any()):
         return logits_BV.sum() * 0.0
-    target_BV = target_BV[has_B] / target_BV[has_B].sum(dim=1, keepdim=True)
+    target_BV = target_BV[has_B] / words_B[has_B, None]
     return -(target_BV * F.log_softmax(logits_BV[has_B], dim=-1)).sum(dim=1).mean()
 
 
@@ -198,7 +199,7 @@ class MaskedPretraining(TaskModule):
         itc_weight: float = 0.0,
         itm_weight: float = 0.0,
         itc_pooling: RetrievalPooling = "cls",
-        pixel_norm_eps: float = 1e-6,
+        pixel_norm_eps: float = NORM_PIX_EPS,
         bow_weight: float = 0.0,
     ) -> None:
         check_pooling("MaskedPretraining", itc_pooling)
@@ -229,7 +230,7 @@ class MaskedPretraining(TaskModule):
             )
         if not (math.isfinite(pixel_norm_eps) and pixel_norm_eps > 0):
             raise ValueError(f"MaskedPretraining: pixel_norm_eps={pixel_norm_eps!r} must be a finite number > 0")
-        if pixel_norm_eps != 1e-6 and image_target != "pixels":
+        if pixel_norm_eps != NORM_PIX_EPS and image_target != "pixels":
             raise ValueError(
                 f"MaskedPretraining: pixel_norm_eps applies to image_target='pixels' only, got image_target="
                 f"{image_target!r} (a codebook's patches are normalized as it was built)"
@@ -420,7 +421,7 @@ class MaskedPretraining(TaskModule):
             logits_BV = self.bow_head(pool_embedding(image_out.features, "cls_max")).float()
             losses["bow_pair"] = bag_of_words_loss(logits_BV, clean, pad)
         if self.itc_head is None:
-            aux = image_out.aux_loss if image_out.aux_loss is not None else logits_BV.new_zeros(())
+            aux = image_out.aux_loss if image_out.aux_loss is not None else image.new_zeros(())
             return losses, aux
         text_out = self.backbone(text=clean, text_padding_mask=pad)
         image_BE = self.itc_head.embed_image(pool_embedding(image_out.features, self.itc_pooling))  # type: ignore[union-attr]
