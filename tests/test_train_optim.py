@@ -195,3 +195,38 @@ def test_stem_lr_mult_scales_only_the_conv_stem() -> None:
     assert {g["name"] for g in groups} >= {"backbone.stem_decay", "backbone.stem_no_decay"}
     with pytest.raises(ValueError, match="stem_lr_mult"):
         param_groups(m, lr=1.0, weight_decay=0.0, stem_lr_mult=0.0)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_fused_adamw_clips_under_bf16_autocast(tmp_path, precision: str) -> None:
+    """Lightning's mixed-precision plugin refuses to clip a fused optimizer's gradients (an fp16-scaler guard);
+    bf16 has no scaler, so a base recipe (bf16-mixed, fused AdamW, clipping) must train and clip."""
+    import lightning
+
+    from mmoe.train.pretraining import MaskedPretraining
+    from tests.test_train_pretrain import _batch
+
+    clip = 1e-3  # far below the gradient norm of a fresh model: clipping must act
+    norms: list[float] = []
+
+    class Probe(lightning.Callback):
+        def on_train_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+            opt = trainer.optimizers[0]
+            assert opt.defaults["fused"] is True
+
+            def after_step(optimizer: torch.optim.Optimizer, *_: object) -> None:
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+            opt.register_step_post_hook(after_step)
+
+    torch.manual_seed(0)
+    m = MaskedPretraining(backbone="tiny_mhmoe", optim={"lr": 1e-3, "total_steps": 2, "fused": True})
+    loader = torch.utils.data.DataLoader([_batch(0), _batch(1)], batch_size=None)
+    trainer = lightning.Trainer(
+        accelerator="cpu", precision=precision, gradient_clip_val=clip, max_steps=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[Probe()],
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(m, train_dataloaders=loader)
+    assert len(norms) == 2 and all(n <= clip * 1.01 for n in norms), norms

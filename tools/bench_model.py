@@ -40,7 +40,9 @@ def _rss_mib() -> float:
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-true", "bf16-master")
 
 
-def _prepare(name: str, batch: int, img: int, text_len: int, device: str, threads: int, precision: str) -> tuple:
+def _prepare(
+    name: str, batch: int, img: int, text_len: int, device: str, threads: int, precision: str, fused: bool = False
+) -> tuple:
     """Build one model, its AdamW and a batch; returns ``(step, finish)``.
 
     ``step()`` runs one training step and returns its (forward+backward, optimizer) seconds; ``finish(fwd_bwd,
@@ -50,7 +52,7 @@ def _prepare(name: str, batch: int, img: int, text_len: int, device: str, thread
     matmuls run in bf16, their inputs cast every step); "bf16-true" (weights, activations and AdamW state
     in bf16, no casts and no fp32 master copy); "bf16-master" (weights and activations in bf16 as bf16-true,
     AdamW on fp32 master copies: per step one cast of every gradient up and of every weight down, instead of
-    autocast's casts at every use).
+    autocast's casts at every use). ``fused`` takes torch's one-kernel AdamW (the recipes' ``optim.fused``).
     """
     import contextlib
 
@@ -67,7 +69,9 @@ def _prepare(name: str, batch: int, img: int, text_len: int, device: str, thread
     params = sum(p.numel() for p in model.parameters())
     live = [p for p in model.parameters() if p.requires_grad]
     master = [p.detach().float().clone().requires_grad_(True) for p in live] if precision == "bf16-master" else None
-    opt = torch.optim.AdamW(master if master is not None else model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(
+        master if master is not None else model.parameters(), lr=1e-4, fused=True if fused else None
+    )
     g = torch.Generator().manual_seed(0)
     image = torch.randn(batch, 3, img, img, generator=g).to(dev)
     if precision in ("bf16-true", "bf16-master"):
@@ -119,6 +123,7 @@ def _prepare(name: str, batch: int, img: int, text_len: int, device: str, thread
         return {
             "model": name,
             "precision": precision,
+            "fused_adamw": fused,
             "device": str(dev),
             "threads": torch.get_num_threads(),
             "params_m": params / 1e6,
@@ -157,6 +162,7 @@ def worker(
     threads: int,
     *,
     read_peak: bool = False,
+    fused: bool = False,
 ) -> list[dict]:
     """Time `steps` training steps of each ``(model, precision)`` spec after `warmup` steps, one step each in turn.
 
@@ -164,7 +170,7 @@ def worker(
     With several (``--interleave``) the load's drifts stay out of the ratios, but peak memory is not read (one
     process holds every model), so run without ``--interleave`` for the memory column.
     """
-    built = [_prepare(n, batch, img, text_len, device, threads, prec) for n, prec in specs]
+    built = [_prepare(n, batch, img, text_len, device, threads, prec, fused) for n, prec in specs]
     for step, _ in built:
         for _ in range(warmup):
             step()
@@ -199,19 +205,23 @@ def main(argv: list[str] | None = None) -> int:
         help="all models x precisions of a set in one process, one step each in turn (steadier ratios on a busy "
         "machine; no peak memory)",
     )
+    p.add_argument(
+        "--fused-adamw", action="store_true", help="torch's one-kernel AdamW (what a recipe's optim.fused selects)"
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker and args.interleave:
         specs = [tuple(spec.split("@")) for spec in args.worker.split(",")]
-        res = worker(specs, args.batch, args.img, args.text_len, args.steps, args.warmup, args.device, args.threads)
+        steps = (args.batch, args.img, args.text_len, args.steps, args.warmup, args.device, args.threads)
+        res = worker(specs, *steps, fused=args.fused_adamw)
         print("RESULT " + json.dumps(res))
         return 0
     if args.worker:
         spec = [(args.worker, args.precision[0])]
         steps = (args.batch, args.img, args.text_len, args.steps, args.warmup, args.device, args.threads)
-        res = worker(spec, *steps, read_peak=True)[0]
+        res = worker(spec, *steps, read_peak=True, fused=args.fused_adamw)[0]
         print("RESULT " + json.dumps(res))
         return 0
 
@@ -225,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                "--device", args.device, "--threads", str(args.threads), "--precision", prec]  # fmt: skip
         if args.interleave:
             cmd.append("--interleave")
+        if args.fused_adamw:
+            cmd.append("--fused-adamw")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 
 from mmoe.model import create_model
 from mmoe.model.config import MultiwayConfig
@@ -139,6 +140,27 @@ class TaskModule(LightningModule):
     # ------------------------------------------------------------------ optimizer, checkpoints
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_optimizers(self, self.optim)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except that ``bf16-mixed`` may clip the gradients of a fused AdamW.
+
+        Why: Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales gradients itself
+        (fused AdamW), a guard that matters for fp16's loss scaler only. bf16 autocast has no scaler, so the
+        gradients are already the true ones and the plain clipping applies; the base recipes run bf16-mixed with
+        ``optim.fused`` (docs/results/moe_cpu_model.md). With a scaler (fp16) Lightning's own path, and its
+        error, stay.
+        """
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            algorithm = GradClipAlgorithmType((gradient_clip_algorithm or "norm").lower())
+            Precision.clip_gradients(plugin, optimizer, float(gradient_clip_val), algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # docs/interfaces.md section 7: lets mmoe.model.load_model rebuild the backbone from this checkpoint.
