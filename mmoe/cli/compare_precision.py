@@ -34,7 +34,14 @@ from typing import Any
 
 import yaml
 
-from mmoe.cli.compare_pretraining import Runner, Stage, load_results, read_run_metrics, run_stages
+from mmoe.cli.compare_pretraining import (
+    Runner,
+    Stage,
+    add_runner_arguments,
+    metric_points,
+    read_run_metrics,
+    run_with_tables,
+)
 from mmoe.files import atomic_write_text
 from mmoe.resources import recipe_path
 
@@ -114,7 +121,6 @@ class PrecisionRunner(Runner):
     """The stages: one ``mmoe fit`` per (precision, seed), same recipe, data and flags otherwise."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        args.threads = args.threads or 1
         super().__init__(args)
         self.recipe = Path(recipe_path(args.recipe))
         if args.world is None:
@@ -150,8 +156,9 @@ class PrecisionRunner(Runner):
         def run(folder: Path) -> dict[str, Any]:
             seconds = self._fit(folder, self.recipe, self.flags(precision, seed))
             rows = read_run_metrics(folder)
-            train = sorted({int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}.items())
-            val = sorted({int(r["step"]): float(r["val/loss"]) for r in rows if r.get("val/loss")}.items())
+            # a step logged twice (a run resumed from a checkpoint older than its last log) keeps its latest value
+            train = sorted(dict(metric_points(rows, "train/loss")).items())
+            val = sorted(dict(metric_points(rows, "val/loss")).items())
             times = [float(r["train/step_time"]) for r in rows if r.get("train/step_time")]
             if not val:
                 raise RuntimeError(f"compare_precision: {folder} logged no val/loss")
@@ -187,9 +194,9 @@ def write_table(path: Path, results: dict[str, dict[str, Any]], args: argparse.N
         "",
         f"Recipe `{args.recipe}` as shipped except: {args.steps} steps, batch {args.batch_size} (split over the "
         "recipe's streams), "
-        f"{args.image_size} px, text {args.text_len}, lr {args.lr} after {args.warmup} warm-up steps, one torch "
-        "thread per run; data: the synthetic world's shards. Train loss = mean of the logged per-step loss over "
-        "each window of steps; val loss on the fixed validation batches.",
+        f"{args.image_size} px, text {args.text_len}, lr {args.lr} after {args.warmup} warm-up steps, "
+        f"{args.threads} torch thread(s) per run; data: the synthetic world's shards. Train loss = mean of the "
+        "logged per-step loss over each window of steps; val loss on the fixed validation batches.",
         "",
         "| precision | seed | " + " | ".join(f"train {h}" for h in heads) + " | final val loss | median step (s) |",
         "|---|---|" + "---|" * n + "---|---|",
@@ -251,12 +258,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--results", default=None, help="a JSONL of finished runs that outlives --out")
-    p.add_argument("--table", default=None, help="write the markdown table here (also OUT/table.md)")
-    p.add_argument("--title", default=None)
-    p.add_argument("--note", action="append", default=[], help="a line under the table (repeatable)")
+    add_runner_arguments(p)
     args = p.parse_args(argv)
     if args.steps < args.window or args.window < 1:
         p.error(f"argument --window={args.window} must be in [1, --steps={args.steps}]")
@@ -270,18 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run (or continue) the runs, then write the table; exit status 0 when every run finished."""
     args = parse_args(argv)
     runner = PrecisionRunner(args)
-    runner.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "tools/compare_precision.py", *(argv if argv is not None else sys.argv[1:])])
-
-    def tables() -> None:
-        results = load_results(runner.out, runner.records)
-        for target in filter(None, [runner.out / "table.md", Path(args.table) if args.table else None]):
-            write_table(target, results, args, command)
-
-    try:
-        run_stages(runner.stages(), runner.out, jobs=args.jobs, records=runner.records, on_done=tables)
-    finally:
-        tables()
+    run_with_tables(runner, runner.stages(), args, lambda path, results: write_table(path, results, args, command))
     return 0
 
 

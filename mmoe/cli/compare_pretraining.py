@@ -51,7 +51,19 @@ import yaml
 from mmoe.files import atomic_write_json, atomic_write_text
 from mmoe.resources import recipe_path
 
-__all__ = ["Stage", "read_run_metrics", "summarize_run", "run_stages", "write_table", "main"]
+__all__ = [
+    "Stage",
+    "Runner",
+    "read_run_metrics",
+    "metric_points",
+    "summarize_run",
+    "run_stages",
+    "run_with_tables",
+    "add_runner_arguments",
+    "load_results",
+    "write_table",
+    "main",
+]
 
 TASK_RECIPES = {
     "vqa": "finetune/vqav2_synthetic",
@@ -72,7 +84,8 @@ def read_run_metrics(root: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _floats(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
+def metric_points(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every row of ``read_run_metrics`` that logged ``key``, in row order."""
     return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
 
 
@@ -102,7 +115,7 @@ def summarize_run(root: Path) -> dict[str, Any]:
     out["step_time"] = statistics.median(times) if times else float("nan")
     train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     out["train_loss_last"] = train[-1] if train else float("nan")
-    out["curves"] = {k: _floats(rows, f"val/{k}") for k in ("ppl_mlm_text", "ppl_mlm_pair", "ppl_mim_image")}
+    out["curves"] = {k: metric_points(rows, f"val/{k}") for k in ("ppl_mlm_text", "ppl_mlm_pair", "ppl_mim_image")}
     return out
 
 
@@ -587,6 +600,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--pretrain-steps", type=int, default=None, help="default: the pretraining recipe's own")
     p.add_argument("--film-minutes", type=float, default=0.0, help="train the FiLM CNN baseline this long (0: no)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between resumable checkpoints")
+    add_runner_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_runner_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every experiment runner built on :func:`run_stages` shares (this one and compare_precision):
+    parallelism, the records file that outlives ``--out``, and the table."""
     p.add_argument("--jobs", type=int, default=2, help="stages at once")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every stage")
     p.add_argument(
@@ -598,28 +618,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--table", default=None, help="write the markdown table here (also OUT/table.md)")
     p.add_argument("--title", default=None)
     p.add_argument("--note", action="append", default=[], help="a line under the table (repeatable)")
-    return p.parse_args(argv)
+
+
+def run_with_tables(
+    runner: Runner,
+    stages: Sequence[Stage],
+    args: argparse.Namespace,
+    write: Callable[[Path, dict[str, dict[str, Any]]], None],
+) -> None:
+    """Run the unfinished ``stages`` and rewrite the tables (``OUT/table.md`` and ``--table``) after every finished
+    stage and once at the end, also when a stage fails: a stopped run leaves its tables up to date."""
+    runner.out.mkdir(parents=True, exist_ok=True)
+
+    def tables() -> None:
+        results = load_results(runner.out, runner.records)
+        for target in filter(None, [runner.out / "table.md", Path(args.table) if args.table else None]):
+            write(target, results)
+
+    try:
+        run_stages(stages, runner.out, jobs=args.jobs, records=runner.records, on_done=tables)
+    finally:
+        tables()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or continue) the comparison, then write its table; exit status 0 when every stage finished."""
     args = parse_args(argv)
     runner = Runner(args)
-    runner.out.mkdir(parents=True, exist_ok=True)
     given = list(argv if argv is not None else sys.argv[1:])
     meta = {"command": shlex.join(["python", "tools/compare_pretraining.py", *given]), "notes": args.note}
     if args.title:
         meta["title"] = args.title
-
-    def tables() -> None:
-        results = load_results(runner.out, runner.records)
-        for target in filter(None, [runner.out / "table.md", Path(args.table) if args.table else None]):
-            write_table(target, results, meta)
-
-    try:
-        run_stages(runner.stages(), runner.out, jobs=args.jobs, records=runner.records, on_done=tables)
-    finally:
-        tables()
+    run_with_tables(runner, runner.stages(), args, lambda path, results: write_table(path, results, meta))
     return 0
 
 
