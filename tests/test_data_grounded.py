@@ -9,7 +9,13 @@ import pytest
 import torch
 from helpers import pretrain_data_args, shard_world
 
-from mmoe.data.grounded import GroundedTokens, default_grounded_words, plural, resolve_grounded_words
+from mmoe.data.grounded import (
+    CaptionTags,
+    GroundedTokens,
+    default_grounded_words,
+    plural,
+    resolve_grounded_words,
+)
 from mmoe.data.masking import IGNORE_INDEX, mask_tokens
 from mmoe.data.shard_reader import StreamConfig
 from mmoe.data.tokenizer import build_tokenizer
@@ -322,3 +328,45 @@ def test_pair_images_can_stay_whole_in_training_and_keep_their_masks_in_validati
     assert all(torch.isfinite(v) for v in losses.values())
     with pytest.raises(ValueError, match="image_mask must be True"):
         StreamConfig("image", ["x"], image_mask=False)
+
+
+def test_caption_tags_mark_whole_words_plurals_and_phrases() -> None:
+    tags = CaptionTags(["circle", "Fire Hydrant", "cross", "bus"])
+    assert len(tags) == 4 and tags.words == ["circle", "fire hydrant", "cross", "bus"]
+    target = tags(["Two circles and a red cross.", "A fire hydrant by the buses", "semicircle, crossing", ""])
+    assert target.dtype == torch.float32 and target.shape == (4, 4)
+    assert target.tolist() == [[1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert tags.tags("a hydrant") == set()  # a phrase counts only whole
+    with pytest.raises(ValueError, match="CaptionTags: no tag words"):
+        CaptionTags([" "])
+
+
+def test_one_word_group_of_a_file_or_of_the_shipped_list(world: Path) -> None:
+    shapes = resolve_grounded_words(str(world / "world.json") + "#shapes")
+    assert shapes == json.loads((world / "world.json").read_text())["shapes"]
+    coco = resolve_grounded_words("default#coco_categories")
+    assert {"person", "bicycle", "toothbrush"} <= set(coco) and "red" not in coco
+    with pytest.raises(ValueError, match="no word group 'shape'; its groups are"):
+        resolve_grounded_words(str(world / "world.json") + "#shape")
+    with pytest.raises(ValueError, match="no word group 'colour'"):
+        resolve_grounded_words(["default#colour"])
+
+
+def test_pairs_carry_the_tags_of_all_their_captions(world: Path) -> None:
+    spec = str(world / "world.json") + "#shapes"
+    off, on = _dm(world), _dm(world, pair_tag_words=spec)
+    assert off.caption_tags is None and on.caption_tags is not None
+    shapes = resolve_grounded_words(spec)
+    coco = json.loads((world / "coco" / "annotations" / "instances_train2014.json").read_text())
+    cats = {c["id"]: c["name"] for c in coco["categories"]}
+    for a, b in zip(_streams(off.train_dataloader(), "pair"), _streams(on.train_dataloader(), "pair"), strict=True):
+        assert "tags" not in a and torch.equal(a["text"], b["text"])  # the rest of the batch is unchanged
+        assert b["tags"].shape == (a["text"].shape[0], len(shapes))
+        assert ((b["tags"] == 0) | (b["tags"] == 1)).all() and (b["tags"].sum(1) >= 1).all()
+    assert set(cats.values()) <= set(shapes)
+    for batch in on.val_dataloader():
+        assert batch["pair"]["tags"].shape[1] == len(shapes) and "tags" not in batch["text"]
+    with pytest.raises(ValueError, match="pair_tag_words needs pair_shards"):
+        PretrainDataModule(image_shards=[str(world / "shards/image/train-*.tar")], pair_tag_words=spec)
+    with pytest.raises(ValueError, match="tags are read from pair captions"):
+        StreamConfig("text", ["x"], tags=on.caption_tags)

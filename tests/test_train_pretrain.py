@@ -215,3 +215,42 @@ def test_bow_objective_trains_the_image_tokens_only_from_the_image() -> None:
     assert {"bow_pair", "itc_pair"} <= set(with_itc.stream_losses(batch)[0])
     with pytest.raises(ValueError, match="bow_weight"):
         MaskedPretraining(backbone="tiny_dense", bow_weight=-1.0)
+
+
+def test_tag_objective_is_a_binary_loss_per_word_from_the_image_alone() -> None:
+    torch.manual_seed(0)
+    words = ["circle", "square", "star"]
+    m = MaskedPretraining(backbone="tiny_dense", tag_weight=2.0, tag_words=words, optim={"lr": 1e-3, "total_steps": 5})
+    batch = _batch(vocab=m.backbone.config.vocab_size - 2)
+    tags = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    batch["pair"]["tags"] = tags
+    losses, aux, _ = m.stream_losses(batch)
+    assert "tag_pair" in losses and "bow_pair" not in losses and "itc_pair" not in losses
+    assert abs(float(losses["tag_pair"]) - math.log(2.0)) < 0.1  # zero-mean head: every logit starts near 0
+    # the same number by hand from the head's logits
+    with torch.no_grad():
+        from mmoe.model.contrastive import pool_embedding
+
+        feats = m.backbone(image=batch["pair"]["image"]).features
+        logits = m.tag_head(pool_embedding(feats, "cls_max"))  # type: ignore[misc]
+        p = torch.sigmoid(logits)
+        by_hand = -(tags * p.log() + (1 - tags) * (1 - p).log()).mean()
+    assert torch.allclose(losses["tag_pair"], by_hand, atol=1e-5)
+    total = m._total(losses, aux)
+    others = sum(v for k, v in losses.items() if k != "tag_pair") + aux.float() * m.aux_loss_scale
+    assert torch.allclose(total, others + 2.0 * losses["tag_pair"])
+    m.zero_grad(set_to_none=True)
+    m._pair_image_losses(batch["pair"])[0]["tag_pair"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.backbone.text_embed.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.vision_embed.parameters())
+    # data and model must agree on the words; refused values
+    del batch["pair"]["tags"]
+    with pytest.raises(ValueError, match="no 'tags': set the data's pair_tag_words"):
+        m.stream_losses(batch)
+    batch["pair"]["tags"] = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="5 tags per sample, the model's tag_words 3"):
+        m.stream_losses(batch)
+    with pytest.raises(ValueError, match="tag_weight > 0 needs tag_words"):
+        MaskedPretraining(backbone="tiny_dense", tag_weight=1.0)
+    with pytest.raises(ValueError, match="tag_weight"):
+        MaskedPretraining(backbone="tiny_dense", tag_weight=-1.0, tag_words=words)

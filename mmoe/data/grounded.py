@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -29,7 +30,14 @@ import torch
 
 from mmoe.data.tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_WORDS", "GroundedTokens", "default_grounded_words", "plural", "resolve_grounded_words"]
+__all__ = [
+    "DEFAULT_WORDS",
+    "CaptionTags",
+    "GroundedTokens",
+    "default_grounded_words",
+    "plural",
+    "resolve_grounded_words",
+]
 
 #: The config value naming the shipped word list.
 DEFAULT_WORDS = "default"
@@ -46,8 +54,14 @@ def plural(word: str) -> str:
     return word + "s"
 
 
-def _words_of_json(data: object, where: str) -> list[str]:
-    """A JSON list of strings, or every list-of-strings value of a JSON object (other values are ignored)."""
+def _words_of_json(data: object, where: str, group: str | None = None) -> list[str]:
+    """A JSON list of strings, or every list-of-strings value of a JSON object (other values are ignored); with
+    ``group``, only that value of the object."""
+    if group is not None:
+        named = {k: v for k, v in data.items() if isinstance(v, list)} if isinstance(data, dict) else {}
+        if group not in named:
+            raise ValueError(f"{where}: no word group {group!r}; its groups are {sorted(named)}")
+        data = named[group]
     if isinstance(data, list):
         groups = [data]
     elif isinstance(data, dict):
@@ -59,17 +73,26 @@ def _words_of_json(data: object, where: str) -> list[str]:
     return [x for g in groups for x in g]
 
 
-def default_grounded_words() -> list[str]:
-    """The shipped list (``mmoe/data/grounded_words.json``): colour, number, position, size and COCO words."""
+def default_grounded_words(group: str | None = None) -> list[str]:
+    """The shipped list (``mmoe/data/grounded_words.json``): colour, number, position, size and COCO words; with
+    ``group`` only that group (``"coco_categories"``: the 80 COCO category names and a few plurals)."""
     text = resources.files("mmoe.data").joinpath(_WORDS_FILE).read_text(encoding="utf-8")
-    return list(dict.fromkeys(_words_of_json(json.loads(text), f"mmoe.data {_WORDS_FILE}")))
+    return list(dict.fromkeys(_words_of_json(json.loads(text), f"mmoe.data {_WORDS_FILE}", group)))
+
+
+def _split_group(entry: str) -> tuple[str, str | None]:
+    """``"world.json#shapes"`` -> (``"world.json"``, ``"shapes"``): one word group of a JSON file."""
+    base, sep, group = entry.partition("#")
+    return (base, group) if sep and (base == DEFAULT_WORDS or base.endswith(".json")) else (entry, None)
 
 
 def _is_file_entry(entry: str) -> bool:
+    entry = _split_group(entry)[0]
     return entry.endswith(_FILE_SUFFIXES) or "/" in entry or os.sep in entry
 
 
 def _read_word_file(path: str, key: str) -> list[str]:
+    path, group = _split_group(path)
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"{key}: word file {path!r} does not exist")
@@ -79,7 +102,7 @@ def _read_word_file(path: str, key: str) -> list[str]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{key}: word file {path!r} is not valid JSON ({e})") from None
-        return _words_of_json(data, f"{key}: word file {path!r}")
+        return _words_of_json(data, f"{key}: word file {path!r}", group)
     return [line.split("#", 1)[0] for line in text.splitlines()]
 
 
@@ -88,12 +111,13 @@ def resolve_grounded_words(spec: str | Sequence[str] | None, *, key: str = "pair
 
     A single string must be ``"default"`` or a word file; in a list, entries that end in ``.json``/``.txt`` or
     hold a path separator are files, ``"default"`` is the shipped list, anything else is a literal word or
-    phrase. Errors name ``key``.
+    phrase. ``"default#coco_categories"`` or ``"world.json#shapes"`` takes one word group of the shipped list or
+    of a JSON file. Errors name ``key``.
     """
     if spec is None:
         return []
     if isinstance(spec, str):
-        if spec != DEFAULT_WORDS and not _is_file_entry(spec):
+        if _split_group(spec)[0] != DEFAULT_WORDS and not _is_file_entry(spec):
             raise ValueError(
                 f"{key}={spec!r}: expected null, {DEFAULT_WORDS!r}, a .json/.txt word file or a list of words"
             )
@@ -106,8 +130,9 @@ def resolve_grounded_words(spec: str | Sequence[str] | None, *, key: str = "pair
         raise ValueError(f"{key}: the list is empty; use null to turn grounded masking off")
     words: list[str] = []
     for entry in entries:
-        if entry == DEFAULT_WORDS:
-            words.extend(default_grounded_words())
+        base, group = _split_group(entry)
+        if base == DEFAULT_WORDS:
+            words.extend(default_grounded_words(group))
         elif _is_file_entry(entry):
             words.extend(_read_word_file(entry, key))
         else:
@@ -172,4 +197,57 @@ class GroundedTokens:
             hit = (windows[:, :, None, :] == seqs[None, None]).all(-1).any(-1)
             for j in range(m):
                 out[:, j : j + hit.shape[1]] |= hit
+        return out
+
+
+class CaptionTags:
+    """Which tag words (object names) a sample's captions mention, as a ``(B, T)`` multi-hot target.
+
+    Why: in a caption the colour, count and position words are far easier to read off an image than the object
+    words, and in a shared objective their gradients crowd out the slow one (the "gradient starvation" of
+    Pezeshki et al. 2021): a bag-of-words loss over every caption word learns the synthetic shapes no faster than
+    masked-word prediction (docs/results/learning.md). One binary loss per object word, over all of an image's
+    captions, is image-level multi-label recognition with labels taken from the text alone, as in Joulin et al.
+    2016 (sec. 3) and the object tags of OSCAR (Li et al. 2020).
+
+    Matching is on lower-case words: a tag (or a phrase, "fire hydrant") or its regular plural, as a whole word.
+
+    Args:
+        words: the tag words, in the order of the target's columns (``resolve_grounded_words`` output).
+    """
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.words = list(dict.fromkeys(" ".join(w.lower().split()) for w in words if w.strip()))
+        if not self.words:
+            raise ValueError("CaptionTags: no tag words")
+        self._index: dict[tuple[str, ...], int] = {}
+        for i, word in enumerate(self.words):
+            head, _, last = word.rpartition(" ")
+            for form in (word, f"{head} {plural(last)}".strip()):
+                self._index.setdefault(tuple(form.split()), i)
+        self._longest = max(len(k) for k in self._index)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __repr__(self) -> str:
+        return f"CaptionTags({len(self.words)} words)"
+
+    def tags(self, text: str) -> set[int]:
+        """Column indices of the tags that ``text`` mentions."""
+        tokens = re.findall(r"[a-z0-9]+", text.lower())
+        found: set[int] = set()
+        for i in range(len(tokens)):
+            for n in range(1, min(self._longest, len(tokens) - i) + 1):
+                hit = self._index.get(tuple(tokens[i : i + n]))
+                if hit is not None:
+                    found.add(hit)
+        return found
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        """(B, T) float32: 1 where row ``b``'s text mentions tag ``t``."""
+        out = torch.zeros(len(texts), len(self.words))
+        for row, text in enumerate(texts):
+            for col in self.tags(text):
+                out[row, col] = 1.0
         return out

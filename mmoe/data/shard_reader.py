@@ -60,7 +60,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from mmoe.data.grounded import GroundedTokens
+from mmoe.data.grounded import CaptionTags, GroundedTokens
 from mmoe.data.masking import BlockMaskGenerator, mask_tokens, random_token_range
 from mmoe.data.resume import derive_seed, seeded_rng
 from mmoe.data.shard_writer import StreamKind
@@ -254,6 +254,15 @@ def _decode_image(sample: dict[str, Any]) -> Image.Image:
     raise KeyError("no image field")
 
 
+def _all_texts(sample: dict[str, Any]) -> str:
+    """Every caption of a pair sample in one string (``key.json``'s ``captions``, or its one text), for tags."""
+    if "txt" in sample:
+        return sample["txt"].decode("utf-8")
+    meta = json.loads(sample["json"].decode("utf-8"))
+    caps = meta.get("captions") or [meta[k] for k in ("caption", "text") if k in meta]
+    return " . ".join(c for c in caps if isinstance(c, str))
+
+
 def _decode_text(sample: dict[str, Any], rng: random.Random) -> str:
     if "txt" in sample:
         return sample["txt"].decode("utf-8").strip()
@@ -279,6 +288,8 @@ class StreamConfig:
         image_mask: draw block-wise patch masks for the stream's images (MIM). False on a pair stream leaves its
             images whole: the pair then trains masked language modeling against the full image only, so a caption
             word is never asked about an object that the image mask has hidden.
+        tags: on a pair stream, the tag words (``mmoe.data.grounded.CaptionTags``) whose mentions in all of a
+            sample's captions become its ``tags`` (B, T) multi-hot target; None = no target.
     """
 
     kind: StreamKind
@@ -287,8 +298,11 @@ class StreamConfig:
     grounded: GroundedTokens | None = None
     grounded_share: float = 1.0
     image_mask: bool = True
+    tags: CaptionTags | None = None
 
     def __post_init__(self) -> None:
+        if self.tags is not None and self.kind != "pair":
+            raise ValueError(f"StreamConfig: tags are read from pair captions; a {self.kind} stream has none")
         if self.grounded is not None and self.kind == "image":
             raise ValueError("StreamConfig: an image stream has no text to mask; grounded must be None")
         if not 0.0 <= self.grounded_share <= 1.0:
@@ -512,6 +526,8 @@ class ShardStream(IterableDataset):
                     counters.add("empty_text", where)
                     continue
                 out["text"] = swap_left_right(text) if flipped else text
+                if self.streams[name].tags is not None:
+                    out["tag_text"] = _all_texts(sample)  # object words: a flip changes none of them
             yield out
 
     def _tokenize(self, texts: list[str], rngs: list[random.Random] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -557,6 +573,8 @@ class ShardStream(IterableDataset):
             ]
             masked, labels = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
             batch["text"], batch["text_padding_mask"], batch["text_labels"] = masked, pad, labels
+            if cfg.tags is not None:
+                batch["tags"] = cfg.tags([x["tag_text"] for x in items])
         return batch
 
     # -- iteration ----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from mmoe.data.codebook import NORM_PIX_EPS, assign_codes, load_codebook, normalize_patches, patchify
+from mmoe.data.grounded import resolve_grounded_words
 from mmoe.model.contrastive import (
     ContrastiveHead,
     RetrievalPooling,
@@ -174,6 +175,15 @@ class MaskedPretraining(TaskModule):
             over the patch tokens gives each object's token a direct path to the words that name it, with no
             attention to learn first, where masked-word prediction reads the object through attention that starts
             uniform (docs/results/learning.md). Logged as ``loss_bow_pair``; shares the image pass with ITC.
+        tag_weight: weight of an object-tag loss on the pair stream (0 = off; needs ``tag_words``): the unmasked
+            pair image alone through the backbone, CLS + the max over its patch tokens -> ``tag_head`` -> one binary
+            cross-entropy per tag word against the data's ``tags`` (which of ``tag_words`` any of the pair's
+            captions names; ``PretrainDataModule(pair_tag_words=...)``). Why: colour, count and position words are
+            read off an image long before object words, and in a loss over all words they crowd the object words
+            out (``mmoe.data.grounded.CaptionTags``); on the synthetic worlds this loss alone teaches the tiny
+            backbone its shapes within a few hundred steps (docs/results/learning.md). Logged as ``loss_tag_pair``.
+        tag_words: the tag words, the same value as the data's ``pair_tag_words`` (its forms); the head has one
+            output per word, so a checkpoint and its data must agree on them (checked when a batch arrives).
         pixel_norm_eps: variance floor of the per-patch normalization of ``image_target="pixels"`` (in the units
             of the normalized image; MAE: 1e-6). A patch whose pixel variance is well below it is a flat patch and
             its target shrinks towards 0 instead of becoming unit-variance noise (module docstring).
@@ -201,6 +211,8 @@ class MaskedPretraining(TaskModule):
         itc_pooling: RetrievalPooling = "cls",
         pixel_norm_eps: float = NORM_PIX_EPS,
         bow_weight: float = 0.0,
+        tag_weight: float = 0.0,
+        tag_words: str | list[str] | None = None,
     ) -> None:
         check_pooling("MaskedPretraining", itc_pooling)
         if image_target not in ("pixels", "codebook", "vqkd"):
@@ -221,12 +233,19 @@ class MaskedPretraining(TaskModule):
             "itc_weight": itc_weight,
             "itm_weight": itm_weight,
             "bow_weight": bow_weight,
+            "tag_weight": tag_weight,
         }.items():
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"MaskedPretraining: {name}={value!r} must be a finite number >= 0")
         if itm_weight > 0 and not itc_weight > 0:
             raise ValueError(
                 "MaskedPretraining: itm_weight > 0 needs itc_weight > 0 (ITM's hard negatives come from ITC)"
+            )
+        self.tag_words = resolve_grounded_words(tag_words, key="MaskedPretraining: tag_words")
+        if tag_weight > 0 and not self.tag_words:
+            raise ValueError(
+                "MaskedPretraining: tag_weight > 0 needs tag_words (the data's pair_tag_words, e.g. "
+                "'default#coco_categories' or 'data/shapes/world.json#shapes')"
             )
         if not (math.isfinite(pixel_norm_eps) and pixel_norm_eps > 0):
             raise ValueError(f"MaskedPretraining: pixel_norm_eps={pixel_norm_eps!r} must be a finite number > 0")
@@ -281,6 +300,12 @@ class MaskedPretraining(TaskModule):
             self.bow_head = nn.Linear(dim, cfg.vocab_size)
             nn.init.trunc_normal_(self.bow_head.weight, std=cfg.init_std)
             nn.init.zeros_(self.bow_head.bias)
+        self.tag_weight = tag_weight
+        self.tag_head: nn.Linear | None = None
+        if tag_weight > 0:
+            self.tag_head = nn.Linear(dim, len(self.tag_words))
+            nn.init.trunc_normal_(self.tag_head.weight, std=cfg.init_std)
+            nn.init.zeros_(self.tag_head.bias)
         self._val_routing: dict[str, Any] = {}  # layer -> RoutingTally over the validation epoch
         self._val_sums: dict[str, list[float]] = {}
         self._last_counts: dict[str, int] = {}
@@ -395,7 +420,7 @@ class MaskedPretraining(TaskModule):
                 aux = out.aux_loss if aux is None else aux + out.aux_loss
             for key, record in out.routing.items():
                 routing.setdefault(key, []).append(record)
-        if (self.itc_head is not None or self.bow_head is not None) and "pair" in present:
+        if (self.itc_head is not None or self.bow_head is not None or self.tag_head is not None) and "pair" in present:
             extra, extra_aux = self._pair_image_losses(batch["pair"])
             losses.update(extra)
             counts.update({name: int(batch["pair"]["image"].shape[0]) for name in extra})
@@ -420,6 +445,8 @@ class MaskedPretraining(TaskModule):
         if self.bow_head is not None:
             logits_BV = self.bow_head(pool_embedding(image_out.features, "cls_max")).float()
             losses["bow_pair"] = bag_of_words_loss(logits_BV, clean, pad)
+        if self.tag_head is not None:
+            losses["tag_pair"] = self._tag_loss(pool_embedding(image_out.features, "cls_max"), sub.get("tags"))
         if self.itc_head is None:
             aux = image_out.aux_loss if image_out.aux_loss is not None else image.new_zeros(())
             return losses, aux
@@ -452,6 +479,23 @@ class MaskedPretraining(TaskModule):
         aux = sum((o.aux_loss for o in outs if o.aux_loss is not None), image_BE.new_zeros(()))
         return losses, aux
 
+    def _tag_loss(self, pooled_BD: torch.Tensor, tags_BT: torch.Tensor | None) -> torch.Tensor:
+        """Mean binary cross-entropy of ``tag_head`` against the data's multi-hot ``tags`` (B, T)."""
+        assert self.tag_head is not None
+        n = len(self.tag_words)
+        if tags_BT is None:
+            raise ValueError(
+                "MaskedPretraining: tag_weight > 0 but the pair batch has no 'tags': set the data's pair_tag_words "
+                f"to the model's tag_words ({n} words)"
+            )
+        if tags_BT.shape[-1] != n:
+            raise ValueError(
+                f"MaskedPretraining: the pair batch has {tags_BT.shape[-1]} tags per sample, the model's tag_words "
+                f"{n}: data.pair_tag_words and model.tag_words must name the same words"
+            )
+        logits_BT = self.tag_head(pooled_BD).float()
+        return F.binary_cross_entropy_with_logits(logits_BT, tags_BT.to(logits_BT.dtype))
+
     def _has_perplexity(self, name: str) -> bool:
         """Cross-entropy losses over tokens or codes have a perplexity; MSE, ITC and ITM do not."""
         return name.startswith("mlm") or (name.startswith("mim") and self.image_target != "pixels")
@@ -464,6 +508,7 @@ class MaskedPretraining(TaskModule):
             "itc": self.itc_weight,
             "itm": self.itm_weight,
             "bow": self.bow_weight,
+            "tag": self.tag_weight,
         }
         for name, value in losses.items():
             total = total + value * weight[name.split("_", 1)[0]]

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
 
-from mmoe.data.grounded import GroundedTokens, resolve_grounded_words
+from mmoe.data.grounded import CaptionTags, GroundedTokens, resolve_grounded_words
 from mmoe.data.masking import BlockMaskGenerator
 from mmoe.data.resume import fit_progress
 from mmoe.data.shard_reader import ShardStream, StreamConfig, StreamLoader
@@ -63,6 +63,10 @@ class PretrainDataModule(LightningDataModule):
             on pairs too). False leaves them whole, so the pair stream trains only masked language modeling and
             every masked caption word can be read off the image; the image stream keeps MIM. Validation pairs keep
             their image masks either way, so ``val/grounding_gain`` means the same in every run.
+        pair_tag_words: object words whose mentions in *all* of a pair's captions become its ``tags`` target
+            (``mmoe.data.grounded.CaptionTags``; training and validation pairs), for ``MaskedPretraining``'s
+            ``tag_weight`` loss, which must name the same words. The forms of ``pair_mask_words``, with one word
+            group picked by ``#``: ``"default#coco_categories"``, ``"data/shapes/world.json#shapes"``.
         tokenizer, tokenizer_path: ``"openclip"`` or ``"sentencepiece"`` (with the ``.spm`` path).
         image_mean, image_std: image normalization (BEiT-3: 0.5/0.5).
         train_scale, hflip, color_jitter: training augmentation (random resized crop, flip, jitter). A flipped
@@ -99,6 +103,7 @@ class PretrainDataModule(LightningDataModule):
         pair_mask_words: str | list[str] | None = None,
         pair_grounded_share: float = 1.0,
         pair_image_mask: bool = True,
+        pair_tag_words: str | list[str] | None = None,
         tokenizer: Literal["openclip", "sentencepiece"] = "openclip",
         tokenizer_path: str | None = None,
         image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
@@ -134,6 +139,10 @@ class PretrainDataModule(LightningDataModule):
             )
         self._grounded_words = resolve_grounded_words(pair_mask_words, key="PretrainDataModule: pair_mask_words")
         self._grounded: GroundedTokens | None = None
+        tag_words = resolve_grounded_words(pair_tag_words, key="PretrainDataModule: pair_tag_words")
+        self.caption_tags = CaptionTags(tag_words) if tag_words else None
+        if self.caption_tags is not None and not pair_shards:
+            raise ValueError("PretrainDataModule: pair_tag_words needs pair_shards: the tags come from pair captions")
         self._tokenizer: Tokenizer | None = None
         self._train_loader: StreamLoader | None = None
         self._val_loader: StreamLoader | None = None
@@ -176,6 +185,7 @@ class PretrainDataModule(LightningDataModule):
                     grounded=grounded,
                     grounded_share=hp.pair_grounded_share,
                     image_mask=hp.pair_image_mask or name != "pair" or val,
+                    tags=self.caption_tags if name == "pair" else None,
                 )
         return streams
 
