@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -157,3 +158,23 @@ def test_token_shape_probe_reads_the_token_under_each_object(tmp_path: Path) -> 
     assert tool.linear_probe((x[:300], labels[:300]), (x[300:], labels[300:]), 5) == 1.0
     noise = torch.randn(400, 16, generator=g)
     assert tool.linear_probe((noise[:300], labels[:300]), (noise[300:], labels[300:]), 5) < 0.5
+
+
+def test_caption_loss_probe_reads_its_world_and_trains_each_target(tmp_path: Path) -> None:
+    from mmoe.data.synthetic import make_world
+
+    tool = _tool("probe_caption_losses")
+    make_world(tmp_path / "w", num_train=12, num_val=4, image_size=64, seed=3, variant="alt")
+    x, shapes, caps = tool.load_split(tmp_path / "w", "val")
+    assert x.shape == (4, 3, 64, 64) and -1.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert all(shapes) and all(len(c) == 5 for c in caps)
+    # the first caption lists every object, so the tags of all captions are the image's shapes
+    from mmoe.data.grounded import CaptionTags
+
+    words = ["disc", "diamond", "hexagon", "wedge", "plus"]
+    tags = CaptionTags(words)
+    for present, c in zip(shapes, caps, strict=True):
+        assert {words[i] for i in tags.tags(" . ".join(c))} == present
+    for target in ("words", "grounded", "tags"):
+        recs = tool.run(tmp_path / "w", target, model="tiny_dense", steps=2, batch=4, lr=1e-3, eval_every=2, seed=0)
+        assert len(recs) == 1 and 0.0 <= recs[0]["shape_precision"] <= 1.0 and math.isfinite(recs[0]["loss"])

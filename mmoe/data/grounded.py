@@ -233,9 +233,14 @@ class CaptionTags:
     def __repr__(self) -> str:
         return f"CaptionTags({len(self.words)} words)"
 
+    @staticmethod
+    def words_of(text: str) -> list[str]:
+        """The lower-case words of ``text`` (letters and digits), as the tags are matched against them."""
+        return re.findall(r"[a-z0-9]+", text.lower())
+
     def tags(self, text: str) -> set[int]:
         """Column indices of the tags that ``text`` mentions."""
-        tokens = re.findall(r"[a-z0-9]+", text.lower())
+        tokens = self.words_of(text)
         found: set[int] = set()
         for i in range(len(tokens)):
             for n in range(1, min(self._longest, len(tokens) - i) + 1):
