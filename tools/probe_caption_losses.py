@@ -126,7 +126,7 @@ def run(
         opt.step()
         sched.step()
         if step % eval_every == 0:
-            rec = {"target": target, "step": step, "loss": float(loss), "shape_precision": precision(),
+            rec = {"target": target, "step": step, "loss": float(loss.detach()), "shape_precision": precision(),
                    "seconds": time.perf_counter() - t0}  # fmt: skip
             print(json.dumps(rec), flush=True)
             out.append(rec)
