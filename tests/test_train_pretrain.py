@@ -254,3 +254,19 @@ def test_tag_objective_is_a_binary_loss_per_word_from_the_image_alone() -> None:
         MaskedPretraining(backbone="tiny_dense", tag_weight=1.0)
     with pytest.raises(ValueError, match="tag_weight"):
         MaskedPretraining(backbone="tiny_dense", tag_weight=-1.0, tag_words=words)
+
+
+def test_tag_words_of_model_and_data_must_agree_before_training() -> None:
+    from types import SimpleNamespace
+
+    from mmoe.data.grounded import CaptionTags
+
+    m = MaskedPretraining(backbone="tiny_dense", tag_weight=1.0, tag_words=["circle", "Square"])
+    for good in (["circle", "square"], ["Circle", "square"]):
+        m._trainer = SimpleNamespace(datamodule=SimpleNamespace(caption_tags=CaptionTags(good)))  # type: ignore[assignment]
+        m.setup("fit")
+    for bad in (CaptionTags(["square", "circle"]), CaptionTags(["circle"]), None):
+        m._trainer = SimpleNamespace(datamodule=SimpleNamespace(caption_tags=bad))  # type: ignore[assignment]
+        with pytest.raises(ValueError, match="model.tag_words .* but data.pair_tag_words gives"):
+            m.setup("fit")
+    m._trainer = None

@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from mmoe.data.codebook import NORM_PIX_EPS, assign_codes, load_codebook, normalize_patches, patchify
-from mmoe.data.grounded import resolve_grounded_words
+from mmoe.data.grounded import CaptionTags, resolve_grounded_words
 from mmoe.model.contrastive import (
     ContrastiveHead,
     RetrievalPooling,
@@ -478,6 +478,18 @@ class MaskedPretraining(TaskModule):
             outs.append(fused)
         aux = sum((o.aux_loss for o in outs if o.aux_loss is not None), image_BE.new_zeros(()))
         return losses, aux
+
+    def setup(self, stage: str) -> None:
+        """Refuse, before the first step, a data module whose pair tags are other words than ``tag_words``."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tags = getattr(dm, "caption_tags", None)
+        if self.tag_head is None or dm is None or not hasattr(dm, "caption_tags"):
+            return
+        if tags is None or tags.words != CaptionTags(self.tag_words).words:
+            raise ValueError(
+                f"MaskedPretraining: model.tag_words {self.tag_words} but data.pair_tag_words gives "
+                f"{None if tags is None else tags.words}: set both to the same words"
+            )
 
     def _tag_loss(self, pooled_BD: torch.Tensor, tags_BT: torch.Tensor | None) -> torch.Tensor:
         """Mean binary cross-entropy of ``tag_head`` against the data's multi-hot ``tags`` (B, T)."""
