@@ -180,10 +180,11 @@ class MaskedPretraining(TaskModule):
             cross-entropy per tag word against the data's ``tags`` (which of ``tag_words`` any of the pair's
             captions names; ``PretrainDataModule(pair_tag_words=...)``). Why: colour, count and position words are
             read off an image long before object words, and in a loss over all words they crowd the object words
-            out (``mmoe.data.grounded.CaptionTags``); on the synthetic worlds this loss alone teaches the tiny
-            backbone its shapes within a few hundred steps (docs/results/learning.md). Logged as ``loss_tag_pair``.
+            out ([Pezeshki21]'s gradient starvation; ``mmoe.data.grounded.CaptionTags``). On the synthetic worlds
+            this loss alone teaches the tiny backbone its shapes within a few hundred steps
+            (docs/results/learning.md). Logged as ``loss_tag_pair``.
         tag_words: the tag words, the same value as the data's ``pair_tag_words`` (its forms); the head has one
-            output per word, so a checkpoint and its data must agree on them (checked when a batch arrives).
+            output per word, so a run and its data must agree on them (checked in ``setup``, before the first step).
         pixel_norm_eps: variance floor of the per-patch normalization of ``image_target="pixels"`` (in the units
             of the normalized image; MAE: 1e-6). A patch whose pixel variance is well below it is a flat patch and
             its target shrinks towards 0 instead of becoming unit-variance noise (module docstring).
@@ -431,7 +432,7 @@ class MaskedPretraining(TaskModule):
         return losses, aux, routing
 
     def _pair_image_losses(self, sub: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """ITC (and ITM) and bag-of-words losses of a pair sub-batch on its unmasked image and text; returns
+        """ITC (and ITM), bag-of-words and tag losses of a pair sub-batch on its unmasked image and text; returns
         (losses, aux loss).
 
         The masked text is restored from ``text_labels``. The extra passes add their MoE aux loss, not their
@@ -482,9 +483,9 @@ class MaskedPretraining(TaskModule):
     def setup(self, stage: str) -> None:
         """Refuse, before the first step, a data module whose pair tags are other words than ``tag_words``."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        tags = getattr(dm, "caption_tags", None)
         if self.tag_head is None or dm is None or not hasattr(dm, "caption_tags"):
-            return
+            return  # no tag loss, or data of another kind (its batches are checked in _tag_loss)
+        tags = dm.caption_tags
         if tags is None or tags.words != CaptionTags(self.tag_words).words:
             raise ValueError(
                 f"MaskedPretraining: model.tag_words {self.tag_words} but data.pair_tag_words gives "
