@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import nn
 from mmoe.data.grounded import CaptionTags
 from mmoe.model.contrastive import pool_embedding
 from mmoe.model.registry import create_model
+from mmoe.train.optim import cosine_with_warmup
 
 GROUNDED_GROUPS = ("shapes", "colors", "sizes", "numbers", "positions")
 
@@ -84,12 +84,7 @@ def run(
     head = nn.Linear(backbone.config.dim, width)
     params = [*backbone.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
-    warm = 30
-
-    def lr_at(s: int) -> float:
-        return min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = cosine_with_warmup(opt, warmup_steps=30, total_steps=steps, min_lr_ratio=0.1)
     rng = random.Random(seed)
 
     def logits(x: torch.Tensor) -> torch.Tensor:
