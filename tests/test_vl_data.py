@@ -197,3 +197,59 @@ def test_nlvr2_dataset_on_real_pairs(real_nlvr2: tuple[Path, Path], tmp_path: Pa
     assert len(skip) == 6 and {i for i, _ in skip.skipped} == {"dev-850-1-0", "dev-850-1-1"}
     with pytest.raises(FileNotFoundError, match="NLVR2 example dev-850-1-.*dev-850-1-img0"):
         NLVR2Dataset(str(dev), str(partial), on_missing="error")
+
+
+def test_answer_tags_mines_present_objects() -> None:
+    """A tag named by a question with a non-negative answer, or in the answer, is there; a denied one is not."""
+    from mmoe.data.grounded import CaptionTags
+    from mmoe.data.vqa import answer_tags
+
+    tags = CaptionTags(["disc", "wedge", "red bus"])
+    found = answer_tags(
+        [
+            ("a", "How many discs can you see?", ["two"] * 9 + ["0"]),  # plural, majority not negative
+            ("a", "Can you see a wedge?", ["no"] * 6 + ["yes"] * 4),  # denied: not a tag
+            ("b", "Which shape is furthest left?", ["wedge"] * 10),  # the answer names it
+            ("b", "What colour is the red bus?", ["Red"] * 10),  # a phrase
+            ("c", "How many wedges?", ["0"] * 10),
+            ("d", "Is it sunny?", []),  # no answers: nothing to mine
+        ],
+        tags,
+    )
+    assert found == {"a": {0}, "b": {1, 2}, "c": set(), "d": set()}
+
+
+def test_vqa_dataset_tags_and_collate(tmp_path: Path) -> None:
+    """With tag_words every item carries its image's mined tags (the same row for all questions of one image)."""
+    from mmoe.data.synthetic import make_world
+    from mmoe.data.transforms import build_transform
+
+    make_world(tmp_path, num_train=6, num_val=2, image_size=32, nlvr2_sets=(1, 1))
+    world = json.loads((tmp_path / "world.json").read_text())
+    vqa, coco = tmp_path / "vqa", tmp_path / "coco"
+    files = VQAFiles(
+        questions=str(vqa / "v2_OpenEnded_mscoco_train2014_questions.json"),
+        annotations=str(vqa / "v2_mscoco_train2014_annotations.json"),
+        image_dir=str(coco / "train2014"),
+    )
+    ds = VQADataset(files, answer_vocab=["yes"], transform=build_transform(32, train=False), tag_words=world["shapes"])
+    instances = json.loads((coco / "annotations" / "instances_train2014.json").read_text())
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    present: dict[int, set[str]] = {}
+    for ann in instances["annotations"]:
+        present.setdefault(ann["image_id"], set()).add(names[ann["category_id"]])
+    questions = json.loads(Path(files.questions).read_text())["questions"]
+    by_qid = {q["question_id"]: q["image_id"] for q in questions}
+    mined = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        on = {world["shapes"][j] for j in item["tags"].nonzero().flatten().tolist()}
+        assert on <= present[by_qid[item["question_id"]]]  # never a shape that is not in the image
+        mined += len(on)
+    assert mined > 0
+    batch = VQACollate(build_tokenizer("openclip", max_len=16))([ds[0], None, ds[1]])
+    assert batch["tags"].shape == (2, len(world["shapes"]))
+    plain = VQADataset(files, answer_vocab=["yes"], transform=build_transform(32, train=False))
+    assert "tags" not in VQACollate(build_tokenizer("openclip", max_len=16))([plain[0], plain[1]])
+    with pytest.raises(ValueError, match="annotation"):
+        VQADataset(VQAFiles(questions=files.questions, annotations=None, image_dir=files.image_dir), tag_words=["disc"])

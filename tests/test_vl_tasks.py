@@ -223,3 +223,62 @@ def test_task_loss_rows_checkpoint_and_init_from(tmp_path: Path) -> None:
     assert pair(batch).shape == (2, 2)
     with pytest.raises(ValueError, match="image2_key"):
         ClassificationTask(backbone="tiny_mhmoe", num_classes=2, pooling="pair")
+
+
+def test_tag_loss_reads_the_stem_only(tmp_path: Path) -> None:
+    """The image-tag loss is a max over patches of per-token logits on the stem's tokens: its gradient reaches
+    the conv stem and the tag head, never the blocks or the text embedding; bad settings are refused."""
+    import torch.nn.functional as F
+
+    from mmoe.train.classification import ClassificationTask
+
+    vocab = tmp_path / "answers.json"
+    save_answer_vocab(vocab, ["yes", "no"])
+    kw = {"backbone": "tiny_mhmoe", "backbone_overrides": {"img_size": 32}, "label_vocab": str(vocab)}
+    task = ClassificationTask(**kw, loss="soft_bce", tag_weight=2.0, tag_words=["Disc", "wedge"])
+    assert task.tag_words == ["disc", "wedge"]
+    torch.manual_seed(0)
+    batch = {
+        "image": torch.randn(2, 3, 32, 32),
+        "text": torch.randint(0, 49408, (2, 6)),
+        "text_padding_mask": torch.zeros(2, 6, dtype=torch.bool),
+        "tags": torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+    }
+    _, out = task._logits_and_output(batch)
+    loss = task._tag_loss(out, batch["tags"])
+    assert out.embeddings is not None
+    per_token = task.tag_head(out.embeddings[:, 1 : out.num_vision_tokens])  # type: ignore[misc]
+    assert torch.allclose(loss, F.binary_cross_entropy_with_logits(per_token.amax(dim=1), batch["tags"]))
+    loss.backward()
+    grads = {n: p.grad for n, p in task.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "patch_embed" in n)
+    other = {n: g for n, g in grads.items() if n.startswith("backbone.blocks.") or "text_embed" in n}
+    leaked = [n for n, g in other.items() if g is not None and g.abs().sum() > 0]
+    assert other and not leaked, leaked
+    with pytest.raises(ValueError, match="no 'tags'"):
+        task._tag_loss(out, None)
+    with pytest.raises(ValueError, match="3 tags per sample"):
+        task._tag_loss(out, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="needs tag_words"):
+        ClassificationTask(**kw, loss="soft_bce", tag_weight=1.0)
+    with pytest.raises(ValueError, match="pooling='pair'"):
+        ClassificationTask(**kw, tag_weight=1.0, tag_words=["disc"], pooling="pair", image2_key="image2")
+
+
+def test_vqa_fit_with_mined_tags(tmp_path_factory: pytest.TempPathFactory, world: Path) -> None:
+    """`mmoe fit` with the tag loss: the data mines the tags, the model checks the words before the first step."""
+    shapes = json.loads((world / "world.json").read_text())["shapes"]
+    tmp = tmp_path_factory.mktemp("vqa_tags")
+    override = _override(tmp, world, "vqa")
+    cfg = yaml.safe_load(override.read_text())
+    cfg["model"]["init_args"].update(tag_weight=1.0, tag_words=shapes)
+    cfg["data"]["init_args"]["tag_words"] = f"{world / 'world.json'}#shapes"
+    override.write_text(yaml.safe_dump(cfg))
+    _cli(["fit", "--config", str(FINETUNE / "vqav2_synthetic.yaml"), "--config", str(override)])
+    state = torch.load(tmp / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 1 and any(k.startswith("tag_head.") for k in state["state_dict"])
+
+    cfg["data"]["init_args"]["tag_words"] = shapes[:-1]
+    override.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="same words"):
+        _cli(["fit", "--config", str(FINETUNE / "vqav2_synthetic.yaml"), "--config", str(override)])

@@ -17,6 +17,14 @@ order (deterministic), or a seeded random sample.
 A question whose image is missing or unreadable is reported with its question id and skipped when
 ``on_missing="skip"`` (training); with ``on_missing="error"`` (evaluation) it is an error that names it,
 so no question silently leaves the score.
+
+Image tags mined from the questions (``answer_tags``): with ``tag_words`` a training item also carries the
+multi-hot ``tags`` of its image, the tag words (object names) that the image's own questions and answers say
+are there. A question that names a tag and whose majority answer is not a negative ("no", "0", ...) says the
+tagged object is in the image ("how many discs?" "two"; "what colour is the bus?" "red"), and a tag word in an
+answer ("which shape is furthest left?" "wedge") is there too. This turns the answers into image-level
+multi-label recognition targets (Joulin et al. 2016 sec. 3), a signal about the objects alone that the colour
+and position words cannot crowd out (Pezeshki et al. 2021; docs/results/learning.md).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mmoe.data.grounded import CaptionTags
 from mmoe.files import atomic_write_json
 from mmoe.metrics.vqa import normalize_answer
 
@@ -50,12 +59,39 @@ __all__ = [
     "coco_image_name",
     "load_image",
     "AnnotatedDataset",
+    "NEGATIVE_ANSWERS",
+    "answer_tags",
 ]
 
 log = logging.getLogger(__name__)
 
 OnMissing = Literal["skip", "error"]
 ImageKey = tuple[str, int]  # (COCO subtype such as "val2014", image id)
+# Majority answers that deny what the question names ("is there a dog?" "no"; "how many dogs?" "0").
+NEGATIVE_ANSWERS: frozenset[str] = frozenset({"no", "0", "zero", "none", "nothing", "nobody", "neither"})
+
+
+def answer_tags(questions: Iterable[tuple[Any, str, Sequence[str]]], tags: CaptionTags) -> dict[Any, set[int]]:
+    """Per image, the ``tags`` columns that its questions and answers say are present (module docstring).
+
+    Args:
+        questions: ``(image key, question, human answers)`` triples.
+        tags: the tag words (``mmoe.data.grounded.CaptionTags``).
+
+    Returns:
+        image key -> column indices; an image whose questions name no tag maps to an empty set.
+    """
+    out: dict[Any, set[int]] = {}
+    for key, question, answers in questions:
+        found = out.setdefault(key, set())
+        counts = Counter(normalize_answer(a) for a in answers)
+        if not counts:
+            continue
+        majority = counts.most_common(1)[0][0]
+        if majority in NEGATIVE_ANSWERS:
+            continue
+        found |= tags.tags(f"{question} {majority}")
+    return out
 
 
 @dataclass
@@ -210,6 +246,8 @@ class VQADataset(AnnotatedDataset):
         include_images / exclude_images: keep only / drop these ``(subtype, image_id)`` images.
         on_missing: ``"skip"`` (report and drop; training) or ``"error"`` (evaluation).
         check_files: look for every image file at construction (cheap: one directory listing per folder).
+        tag_words: the words of ``answer_tags``; each annotated item then also has ``tags`` (T,) float, the
+            multi-hot of its image's mined tags. None: no tags.
     """
 
     item_name = "VQA question"
@@ -225,6 +263,7 @@ class VQADataset(AnnotatedDataset):
         exclude_images: set[ImageKey] | None = None,
         on_missing: OnMissing = "skip",
         check_files: bool = True,
+        tag_words: Sequence[str] | None = None,
     ) -> None:
         super().__init__(on_missing)
         self.files = [files] if isinstance(files, VQAFiles) else list(files)
@@ -234,6 +273,16 @@ class VQADataset(AnnotatedDataset):
         for f in self.files:
             self.items.extend(self._read_source(f, include_images, exclude_images, check_files))
         self._report_skipped()
+        self.caption_tags = CaptionTags(tag_words) if tag_words else None
+        self.image_tags: dict[str, set[int]] = {}
+        if self.caption_tags is not None:
+            triples = ((it["image_path"], it["question"], it["answers"]) for it in self.items if "answers" in it)
+            self.image_tags = answer_tags(triples, self.caption_tags)
+            if not self.image_tags:
+                raise ValueError(
+                    f"VQADataset(tag_words=...): no annotated questions in {[f.questions for f in self.files]} to "
+                    "mine image tags from; tags need annotation files"
+                )
 
     def _read_source(
         self,
@@ -298,4 +347,8 @@ class VQADataset(AnnotatedDataset):
         out: dict[str, Any] = {"image": image, "question": item["question"], "question_id": item["question_id"]}
         if self.answer_vocab is not None and "answers" in item:
             out["labels"] = self.targets(item["answers"])
+        if self.caption_tags is not None and item["image_path"] in self.image_tags:
+            tags = torch.zeros(len(self.caption_tags), dtype=torch.float32)
+            tags[sorted(self.image_tags[item["image_path"]])] = 1.0
+            out["tags"] = tags
         return out

@@ -36,6 +36,8 @@ class BackboneOutput:
     grid_size: tuple[int, int] | None
     routing: dict[str, Any] = field(default_factory=dict)
     aux_loss: torch.Tensor | None = None
+    # The tokens that entered the first block (vision first: CLS, patches), i.e. the stem's output plus positions.
+    embeddings: torch.Tensor | None = None
 
 
 class MultiwayTransformer(nn.Module):
@@ -237,6 +239,7 @@ class MultiwayTransformer(nn.Module):
         if past and text is None:
             raise ValueError("MultiwayTransformer.forward: a call on a non-empty cache needs `text`")
         x_BND, num_vision, grid, padding_BN = self._embed(image, image_mask, text, text_padding_mask, text_start)
+        embeddings_BND = x_BND
         batch, num_new = x_BND.shape[:2]
         key_padding_BM = padding_BN
         if past:
@@ -273,7 +276,12 @@ class MultiwayTransformer(nn.Module):
         if cache is not None and update_cache and key_padding_BM is not None:
             cache.padding = key_padding_BM  # covers every cached key (old padding + the new tokens')
         return BackboneOutput(
-            features=x_BND, num_vision_tokens=num_vision, grid_size=grid, routing=routing, aux_loss=aux_loss
+            features=x_BND,
+            num_vision_tokens=num_vision,
+            grid_size=grid,
+            routing=routing,
+            aux_loss=aux_loss,
+            embeddings=embeddings_BND,
         )
 
     def _embed(

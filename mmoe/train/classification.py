@@ -18,7 +18,15 @@ ImageNet   mean_patch    ``ce`` + label smoothing, optional   image, labels (B,)
 Validation logs ``val/loss`` and, per loss, ``val/vqa_score`` (the soft score of the arg-max answer, in
 percent like the official evaluator: the training-time proxy of the official metric), ``val/acc`` /
 ``val/acc_top5`` and for NLVR2 ``val/consistency`` (fractions in [0, 1], as torchmetrics and the official
-NLVR2 script report them). ``predict`` (and ``test``) write the official submission files into ``results_dir``
+NLVR2 script report them).
+
+With ``tag_weight > 0`` a linear head on the stem's patch tokens (the tokens entering the first block) also
+predicts the image tags that ``VQADataModule(tag_words)`` mines from the training questions, as a max over the
+patches of per-token logits (an object is there if one token shows it): one binary loss per object word, logged
+as ``train/tag_loss``. Why: in a VQA world the colour, count and position answers are learned first and starve
+the slower object-shape feature of gradient (Pezeshki et al. 2021); a loss about the objects alone, with a short
+path to the stem, keeps that feature fed (docs/results/learning.md). It reads the stem only, never the question,
+so it cannot answer from the text. ``predict`` (and ``test``) write the official submission files into ``results_dir``
 (default ``<default_root_dir>/results``): VQA ``vqa_results.json`` (``[{"question_id", "answer"}]``) with the
 answer vocabulary copied beside it as ``answer_vocab.json``; NLVR2 ``nlvr2_predictions.csv``
 (``identifier,prediction``); otherwise ``predictions.json``. The answer vocabulary (``label_names``) is
@@ -38,9 +46,11 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from mmoe.data.grounded import CaptionTags, resolve_grounded_words
 from mmoe.data.vqa import load_answer_vocab, save_answer_vocab
 from mmoe.files import atomic_write_json
 from mmoe.metrics.nlvr2 import sentence_key, write_predictions_csv
+from mmoe.model.backbone import BackboneOutput
 from mmoe.model.heads import ClassificationHead, Pooling
 from mmoe.train.base import TaskModule, gather_objects
 from mmoe.train.optim import OptimConfig
@@ -73,6 +83,8 @@ class ClassificationTask(TaskModule):
         predict_format: ``"vqa"``, ``"nlvr2"`` or ``"labels"``: the results file predict/test write.
         results_dir: where results files go (default ``<trainer.default_root_dir>/results``).
         top_k: accuracies to report for ``"ce"`` (k <= num_classes are kept).
+        tag_weight: weight of the image-tag loss (module docstring); 0 turns it off.
+        tag_words: its words (``pair_mask_words`` syntax), the same as the data module's ``tag_words``.
     """
 
     def __init__(
@@ -100,6 +112,8 @@ class ClassificationTask(TaskModule):
         predict_format: PredictFormat = "labels",
         results_dir: str | None = None,
         top_k: list[int] | None = None,
+        tag_weight: float = 0.0,
+        tag_words: str | list[str] | None = None,
     ) -> None:
         if loss not in ("soft_bce", "ce"):
             raise ValueError(f"ClassificationTask: loss={loss!r}; expected 'soft_bce' or 'ce'")
@@ -113,6 +127,13 @@ class ClassificationTask(TaskModule):
             raise ValueError(f"ClassificationTask: label_smoothing={label_smoothing} must be in [0, 1)")
         if mixup and loss != "ce":
             raise ValueError("ClassificationTask: mixup needs loss='ce' (soft-target cross-entropy)")
+        if tag_weight < 0:
+            raise ValueError(f"ClassificationTask: tag_weight={tag_weight} must be >= 0")
+        words = resolve_grounded_words(tag_words, key="model.tag_words") if tag_words is not None else []
+        if tag_weight > 0 and not words:
+            raise ValueError("ClassificationTask: tag_weight > 0 needs tag_words (the words to mine as image tags)")
+        if tag_weight > 0 and pooling == "pair":
+            raise ValueError("ClassificationTask: tag_weight > 0 is for one image per sample; pooling='pair' has two")
 
         names: list[str] | None = load_answer_vocab(label_vocab) if label_vocab else None
         if num_classes is None and names is None:
@@ -137,6 +158,11 @@ class ClassificationTask(TaskModule):
             init_scale=head_init_scale,
             dropout=head_dropout,
         )
+        self.tag_words = CaptionTags(words).words if words else []
+        self.tag_head: torch.nn.Module | None = None
+        if tag_weight > 0:
+            dim = self.backbone.config.dim
+            self.tag_head = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, len(self.tag_words)))
         self.mixup_fn = None
         if mixup:
             from timm.data import Mixup
@@ -163,6 +189,10 @@ class ClassificationTask(TaskModule):
 
     def logits_and_aux(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, C) and the backbone's MoE auxiliary loss (None for a dense backbone)."""
+        logits, out = self._logits_and_output(batch)
+        return logits, out.aux_loss
+
+    def _logits_and_output(self, batch: dict[str, Any]) -> tuple[torch.Tensor, BackboneOutput]:
         hp = self.hparams
         image = batch[hp.image_key]
         text = padding = None
@@ -175,7 +205,25 @@ class ClassificationTask(TaskModule):
             text = torch.cat([text, text], dim=0)
             padding = torch.cat([padding, padding], dim=0) if padding is not None else None
         out = self.backbone(image=image, text=text, text_padding_mask=padding)
-        return self.head(out.features, out.num_vision_tokens), out.aux_loss
+        return self.head(out.features, out.num_vision_tokens), out
+
+    def _tag_loss(self, out: BackboneOutput, tags_BT: torch.Tensor | None) -> torch.Tensor:
+        """BCE of the max over patches of per-token tag logits against the mined image tags (module docstring)."""
+        assert self.tag_head is not None and out.embeddings is not None
+        n = len(self.tag_words)
+        if tags_BT is None:
+            raise ValueError(
+                "ClassificationTask: tag_weight > 0 but the training batch has no 'tags': set the data module's "
+                f"tag_words to the model's tag_words ({n} words)"
+            )
+        if tags_BT.shape[-1] != n:
+            raise ValueError(
+                f"ClassificationTask: the batch has {tags_BT.shape[-1]} tags per sample, model.tag_words {n}: "
+                "data.tag_words and model.tag_words must name the same words"
+            )
+        patches_BPD = out.embeddings[:, 1 : out.num_vision_tokens]  # drop the image CLS
+        logits_BT = self.tag_head(patches_BPD).float().amax(dim=1)
+        return F.binary_cross_entropy_with_logits(logits_BT, tags_BT.to(logits_BT.dtype))
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.hparams.loss == "soft_bce":
@@ -201,11 +249,15 @@ class ClassificationTask(TaskModule):
                 raise ValueError("ClassificationTask: mixup expects hard labels (B,) from the data module")
             batch = dict(batch)
             batch[hp.image_key], labels = self.mixup_fn(batch[hp.image_key], labels)
-        logits, aux = self.logits_and_aux(batch)
+        logits, out = self._logits_and_output(batch)
         task_loss = self._loss(logits, labels)
-        aux = aux if aux is not None else logits.new_zeros(())
+        aux = out.aux_loss if out.aux_loss is not None else logits.new_zeros(())
         loss = task_loss + aux
         bs = logits.shape[0]
+        if self.tag_head is not None:
+            tag_loss = self._tag_loss(out, batch.get("tags"))
+            loss = loss + self.hparams.tag_weight * tag_loss
+            self.log("train/tag_loss", tag_loss, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/task_loss", task_loss, batch_size=bs)
         self.log("train/aux_loss", aux, batch_size=bs)
@@ -346,6 +398,13 @@ class ClassificationTask(TaskModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self.tag_head is not None and stage == "fit":
+            data_words = getattr(dm, "tag_words", None)
+            if dm is not None and (not data_words or CaptionTags(data_words).words != self.tag_words):
+                raise ValueError(
+                    f"ClassificationTask: model.tag_words {self.tag_words} but the data module's tag_words are "
+                    f"{data_words}: set both to the same words"
+                )
         names = getattr(dm, "label_names", None)
         if names is not None and self.label_names is not None and list(names) != list(self.label_names):
             raise ValueError(

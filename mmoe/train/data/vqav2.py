@@ -1,7 +1,9 @@
 """VQAv2 data module: the official question/annotation files and COCO image folders ([B3] sec. 3.1).
 
 Batches (docs/interfaces.md section 4): ``image`` (B,3,H,W), ``text`` (B,L), ``text_padding_mask`` (B,L),
-``labels`` (B, num_answers) soft scores (absent for unannotated test files), ``question_id`` (B,) int64.
+``labels`` (B, num_answers) soft scores (absent for unannotated test files), ``question_id`` (B,) int64; with
+``tag_words``, training batches also carry ``tags`` (B, T): the image tags mined from the training questions
+(``mmoe.data.vqa.answer_tags``), the target of ``ClassificationTask(tag_weight)``.
 
 Training reads with ``on_missing="skip"`` (a question whose image is missing or unreadable is reported with its
 id and dropped); validation, test and predict read with ``eval_on_missing="error"`` by default, so no question
@@ -14,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
+
+from mmoe.data.grounded import resolve_grounded_words
 from mmoe.data.vqa import VQADataset, VQAFiles, holdout_image_keys, load_answer_vocab
 from mmoe.train.data.base import STAGES, ImageTextCollate, ImageTextDataModule
 
@@ -27,6 +32,13 @@ class VQACollate(ImageTextCollate):
 
     text_field = "question"
     id_field = "question_id"
+
+    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        batch = super().__call__(items)
+        kept = [it for it in items if it is not None]
+        if batch and all("tags" in it for it in kept):
+            batch["tags"] = torch.stack([it["tags"] for it in kept])
+        return batch
 
 
 def _as_list(value: str | Sequence[str | None] | None) -> list[str | None]:
@@ -67,6 +79,10 @@ class VQADataModule(ImageTextDataModule):
             train on ``train`` + ``val`` minus ``holdout_images`` val images, validate on those images.
         holdout_images, holdout_seed: size and choice of the held-out val images (``holdout_image_keys``).
         eval_on_missing: behaviour for missing images outside training (default ``"error"``).
+        tag_words: tag words (``pair_mask_words`` syntax: a list, ``"world.json#shapes"``,
+            ``"default#coco_categories"``) whose presence is mined from the training questions
+            (``mmoe.data.vqa.answer_tags``) into the training batches' ``tags``; the same words as the model's
+            ``tag_words``. None (default): no tags.
         kwargs: tokenizer, transforms and loaders (``tokenizer``, ``max_text_len``, ``image_size``, ``image_mean``,
             ``train_scale``, ``batch_size``, ``seed``, ...): ``mmoe.train.data.base.ImageTextDataModule``.
             ``seed`` fixes the training order (a permutation per (seed, epoch)) and the per-sample augmentation
@@ -93,6 +109,7 @@ class VQADataModule(ImageTextDataModule):
         holdout_images: int = 1000,
         holdout_seed: int | None = None,
         eval_on_missing: OnMissing = "error",
+        tag_words: str | list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -114,6 +131,7 @@ class VQADataModule(ImageTextDataModule):
         self.label_names: list[str] | None = load_answer_vocab(answer_vocab) if answer_vocab else None
         if (train or val) and self.label_names is None:
             raise ValueError("VQADataModule: answer_vocab is required to train or validate (soft-score targets)")
+        self.tag_words: list[str] | None = resolve_grounded_words(tag_words, key="data.tag_words") or None
 
     def collate(self, stage: str) -> VQACollate:
         return VQACollate(self.tokenizer)
@@ -134,6 +152,7 @@ class VQADataModule(ImageTextDataModule):
                     transform=self.train_transform,
                     exclude_images=holdout,
                     on_missing="skip",
+                    tag_words=self.tag_words,
                 )
             else:
                 self.datasets[name] = VQADataset(
