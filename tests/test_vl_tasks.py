@@ -264,6 +264,18 @@ def test_tag_loss_reads_the_stem_only(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pooling='pair'"):
         ClassificationTask(**kw, tag_weight=1.0, tag_words=["disc"], pooling="pair", image2_key="image2")
 
+    # tag_channels: the head reads the first channels only, so the rest get no gradient from it.
+    sliced = ClassificationTask(**kw, loss="soft_bce", tag_weight=1.0, tag_words=["disc", "wedge"], tag_channels=16)
+    _, out = sliced._logits_and_output(batch)
+    embeddings = out.embeddings
+    assert embeddings is not None
+    embeddings.retain_grad()
+    sliced._tag_loss(out, batch["tags"]).backward()
+    assert embeddings.grad is not None
+    assert embeddings.grad[..., 16:].abs().sum() == 0 and embeddings.grad[:, 1:, :16].abs().sum() > 0
+    with pytest.raises(ValueError, match="tag_channels"):
+        ClassificationTask(**kw, tag_weight=1.0, tag_words=["disc"], tag_channels=0)
+
 
 def test_vqa_fit_with_mined_tags(tmp_path_factory: pytest.TempPathFactory, world: Path) -> None:
     """`mmoe fit` with the tag loss: the data mines the tags, the model checks the words before the first step."""

@@ -85,6 +85,8 @@ class ClassificationTask(TaskModule):
         top_k: accuracies to report for ``"ce"`` (k <= num_classes are kept).
         tag_weight: weight of the image-tag loss (module docstring); 0 turns it off.
         tag_words: its words (``pair_mask_words`` syntax), the same as the data module's ``tag_words``.
+        tag_channels: the tag head reads only the first ``tag_channels`` channels of the stem's tokens (None: all),
+            so the other channels are left to the task loss alone.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class ClassificationTask(TaskModule):
         top_k: list[int] | None = None,
         tag_weight: float = 0.0,
         tag_words: str | list[str] | None = None,
+        tag_channels: int | None = None,
     ) -> None:
         if loss not in ("soft_bce", "ce"):
             raise ValueError(f"ClassificationTask: loss={loss!r}; expected 'soft_bce' or 'ce'")
@@ -162,6 +165,10 @@ class ClassificationTask(TaskModule):
         self.tag_head: torch.nn.Module | None = None
         if tag_weight > 0:
             dim = self.backbone.config.dim
+            if tag_channels is not None:
+                if not 0 < tag_channels <= dim:
+                    raise ValueError(f"ClassificationTask: tag_channels={tag_channels} must be in [1, {dim}]")
+                dim = tag_channels
             self.tag_head = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, len(self.tag_words)))
         self.mixup_fn = None
         if mixup:
@@ -222,6 +229,8 @@ class ClassificationTask(TaskModule):
                 "data.tag_words and model.tag_words must name the same words"
             )
         patches_BPD = out.embeddings[:, 1 : out.num_vision_tokens]  # drop the image CLS
+        if self.hparams.tag_channels is not None:
+            patches_BPD = patches_BPD[..., : self.hparams.tag_channels]
         logits_BT = self.tag_head(patches_BPD).float().amax(dim=1)
         return F.binary_cross_entropy_with_logits(logits_BT, tags_BT.to(logits_BT.dtype))
 
