@@ -275,6 +275,8 @@ def test_tag_loss_reads_the_stem_only(tmp_path: Path) -> None:
     assert embeddings.grad[..., 16:].abs().sum() == 0 and embeddings.grad[:, 1:, :16].abs().sum() > 0
     with pytest.raises(ValueError, match="tag_channels"):
         ClassificationTask(**kw, tag_weight=1.0, tag_words=["disc"], tag_channels=0)
+    with pytest.raises(ValueError, match="without tag_weight"):
+        ClassificationTask(**kw, tag_channels=16)
 
 
 def test_vqa_fit_with_mined_tags(tmp_path_factory: pytest.TempPathFactory, world: Path) -> None:

@@ -274,10 +274,13 @@ class VQADataset(AnnotatedDataset):
             self.items.extend(self._read_source(f, include_images, exclude_images, check_files))
         self._report_skipped()
         self.caption_tags = CaptionTags(tag_words) if tag_words else None
-        self.image_tags: dict[str, set[int]] = {}
+        self.image_tags: dict[str, torch.Tensor] = {}  # image path -> (T,) multi-hot, built once per image
         if self.caption_tags is not None:
             triples = ((it["image_path"], it["question"], it["answers"]) for it in self.items if "answers" in it)
-            self.image_tags = answer_tags(triples, self.caption_tags)
+            for path, cols in answer_tags(triples, self.caption_tags).items():
+                row = torch.zeros(len(self.caption_tags), dtype=torch.float32)
+                row[sorted(cols)] = 1.0
+                self.image_tags[path] = row
             if not self.image_tags:
                 raise ValueError(
                     f"VQADataset(tag_words=...): no annotated questions in {[f.questions for f in self.files]} to "
@@ -347,8 +350,6 @@ class VQADataset(AnnotatedDataset):
         out: dict[str, Any] = {"image": image, "question": item["question"], "question_id": item["question_id"]}
         if self.answer_vocab is not None and "answers" in item:
             out["labels"] = self.targets(item["answers"])
-        if self.caption_tags is not None and item["image_path"] in self.image_tags:
-            tags = torch.zeros(len(self.caption_tags), dtype=torch.float32)
-            tags[sorted(self.image_tags[item["image_path"]])] = 1.0
-            out["tags"] = tags
+        if item["image_path"] in self.image_tags:
+            out["tags"] = self.image_tags[item["image_path"]].clone()
         return out

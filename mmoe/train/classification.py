@@ -135,6 +135,8 @@ class ClassificationTask(TaskModule):
         words = resolve_grounded_words(tag_words, key="model.tag_words") if tag_words is not None else []
         if tag_weight > 0 and not words:
             raise ValueError("ClassificationTask: tag_weight > 0 needs tag_words (the words to mine as image tags)")
+        if tag_channels is not None and tag_weight <= 0:
+            raise ValueError(f"ClassificationTask: tag_channels={tag_channels} without tag_weight > 0 has no effect")
         if tag_weight > 0 and pooling == "pair":
             raise ValueError("ClassificationTask: tag_weight > 0 is for one image per sample; pooling='pair' has two")
 
