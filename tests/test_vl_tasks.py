@@ -277,6 +277,14 @@ def test_tag_loss_reads_the_stem_only(tmp_path: Path) -> None:
         ClassificationTask(**kw, tag_weight=1.0, tag_words=["disc"], tag_channels=0)
     with pytest.raises(ValueError, match="without tag_weight"):
         ClassificationTask(**kw, tag_channels=16)
+    # tag_decay_steps: the weight falls linearly to 0 at that step and stays there; a constant weight without it.
+    assert [task.tag_weight_at(s) for s in (0, 10_000)] == [2.0, 2.0]
+    decaying = ClassificationTask(**kw, loss="soft_bce", tag_weight=4.0, tag_words=["disc"], tag_decay_steps=100)
+    assert [decaying.tag_weight_at(s) for s in (0, 25, 100, 400)] == [4.0, 3.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="tag_decay_steps"):
+        ClassificationTask(**kw, tag_weight=1.0, tag_words=["disc"], tag_decay_steps=0)
+    with pytest.raises(ValueError, match="tag_decay_steps"):
+        ClassificationTask(**kw, tag_decay_steps=100)
 
 
 def test_vqa_fit_with_mined_tags(tmp_path_factory: pytest.TempPathFactory, world: Path) -> None:

@@ -87,6 +87,9 @@ class ClassificationTask(TaskModule):
         tag_words: its words (``pair_mask_words`` syntax), the same as the data module's ``tag_words``.
         tag_channels: the tag head reads only the first ``tag_channels`` channels of the stem's tokens (None: all),
             so the other channels are left to the task loss alone.
+        tag_decay_steps: when set, the tag weight falls linearly from ``tag_weight`` at step 0 to 0 at this
+            step and stays 0 after: the tags seed the object features early, the task loss alone has the rest of
+            the schedule (docs/results/learning.md). None: a constant weight.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class ClassificationTask(TaskModule):
         tag_weight: float = 0.0,
         tag_words: str | list[str] | None = None,
         tag_channels: int | None = None,
+        tag_decay_steps: int | None = None,
     ) -> None:
         if loss not in ("soft_bce", "ce"):
             raise ValueError(f"ClassificationTask: loss={loss!r}; expected 'soft_bce' or 'ce'")
@@ -137,6 +141,10 @@ class ClassificationTask(TaskModule):
             raise ValueError("ClassificationTask: tag_weight > 0 needs tag_words (the words to mine as image tags)")
         if tag_channels is not None and tag_weight <= 0:
             raise ValueError(f"ClassificationTask: tag_channels={tag_channels} without tag_weight > 0 has no effect")
+        if tag_decay_steps is not None and (tag_weight <= 0 or tag_decay_steps <= 0):
+            raise ValueError(
+                f"ClassificationTask: tag_decay_steps={tag_decay_steps} needs tag_weight > 0 and a positive step count"
+            )
         if tag_weight > 0 and pooling == "pair":
             raise ValueError("ClassificationTask: tag_weight > 0 is for one image per sample; pooling='pair' has two")
 
@@ -216,6 +224,14 @@ class ClassificationTask(TaskModule):
         out = self.backbone(image=image, text=text, text_padding_mask=padding)
         return self.head(out.features, out.num_vision_tokens), out
 
+    def tag_weight_at(self, step: int) -> float:
+        """The tag loss weight at optimizer step ``step`` (constant, or the linear decay of ``tag_decay_steps``)."""
+        weight = float(self.hparams.tag_weight)
+        decay = self.hparams.tag_decay_steps
+        if decay is None:
+            return weight
+        return weight * max(0.0, 1.0 - step / decay)
+
     def _tag_loss(self, out: BackboneOutput, tags_BT: torch.Tensor | None) -> torch.Tensor:
         """BCE of the max over patches of per-token tag logits against the mined image tags (module docstring)."""
         assert self.tag_head is not None and out.embeddings is not None
@@ -266,8 +282,9 @@ class ClassificationTask(TaskModule):
         loss = task_loss + aux
         bs = logits.shape[0]
         if self.tag_head is not None:
+            # computed at weight 0 as well, so that every parameter takes part in each step (DDP)
             tag_loss = self._tag_loss(out, batch.get("tags"))
-            loss = loss + self.hparams.tag_weight * tag_loss
+            loss = loss + self.tag_weight_at(self.global_step) * tag_loss
             self.log("train/tag_loss", tag_loss, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/task_loss", task_loss, batch_size=bs)
