@@ -392,6 +392,24 @@ def test_conv_stem_extra_blocks_widen_the_view_not_the_grid():
         get_config("tiny", patch_embed="conv", stem_blocks=-1)
 
 
+def test_conv_stem_shortcut_adds_a_linear_patchify():
+    """`stem_shortcut`: the tokens are the conv path plus a p x p stride-p linear patchify of the same image, so a
+    token's mean colour reaches the blocks linearly; only with the conv stem."""
+    torch.manual_seed(0)
+    model = create_model("tiny", patch_embed="conv", stem_shortcut=True, **SMALL).eval()
+    stem = model.vision_embed.patch_embed
+    assert stem.shortcut is not None
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        conv_only = stem.net(image).flatten(2).transpose(1, 2)
+        patches = image.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).reshape(2, 64, 3 * 64)
+        linear = patches @ stem.shortcut.weight.reshape(128, -1).T + stem.shortcut.bias
+        assert torch.allclose(stem(image), conv_only + linear, atol=1e-5)
+    assert create_model("tiny", patch_embed="conv", **SMALL).vision_embed.patch_embed.shortcut is None
+    with pytest.raises(ValueError, match="stem_shortcut"):
+        get_config("tiny", patch_embed="linear", stem_shortcut=True)
+
+
 def test_qk_norm_normalises_each_heads_queries_and_keys():
     """`qk_norm`: the output equals out(LN_inner(softmax(LN(q) LN(k)^T / sqrt(Dh)) v)) computed by hand."""
     from mmoe.model.attention import MultiwayAttention

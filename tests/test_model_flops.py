@@ -21,6 +21,7 @@ CASES = {
         "tiny",
         {"patch_embed": "conv", "patch_size": 16, "stem_width": 48, "stem_blocks": 1},
     ),
+    "dense conv stem with the linear shortcut": ("tiny", {"patch_embed": "conv", "stem_shortcut": True}),
     "MH-MoE": ("tiny_mhmoe", {"moe": {"extra": {"expert_impl": "per_expert"}}}),
     "SMoE": ("tiny_smoe", {"moe": {"extra": {"expert_impl": "per_expert"}}}),
     "X-MoE": ("tiny_xmoe", {"moe": {"extra": {"expert_impl": "per_expert"}}}),

@@ -58,6 +58,7 @@ class MultiwayTransformer(nn.Module):
             kind=config.patch_embed,
             stem_blocks=config.stem_blocks,
             stem_width=config.stem_width,
+            stem_shortcut=config.stem_shortcut,
         )
         self.text_embed: TextEmbed | None = TextEmbed(
             vocab_size=config.vocab_size, max_len=config.max_text_len, dim=config.dim

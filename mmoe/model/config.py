@@ -127,7 +127,9 @@ class MultiwayConfig:
     `patch_embed` ("linear": BEiT-3's patchify; "conv": the convolutional stem of Xiao et al. 2021, mmoe.model.embed);
     `stem_blocks` extra 3x3 stride-1 conv blocks at the patch resolution at the end of the conv stem (each widens
     a token's view by 2p pixels: 2 blocks let a 64-px world's token see its whole object); `stem_width` the first
-    conv's channels (doubling up to `dim`; default dim / 2^(log2(p) - 1)); `pos_embed_init` starts the learned
+    conv's channels (doubling up to `dim`; default dim / 2^(log2(p) - 1)); `stem_shortcut` adds a linear p x p
+    patchify to the conv stem's tokens, so each token's colour reaches the blocks even where the conv path has
+    learned to ignore it; `pos_embed_init` starts the learned
     patch positions as BEiT-3 does ("normal", std `init_std`) or at a 2-D sine-cosine table times
     `pos_embed_scale` ("sincos", as MAE's fixed table; here still learned): at std 0.02 the positions are ~20x
     weaker than a conv stem's patch features, and "where is" questions stay at their prior for thousands of steps
@@ -155,6 +157,7 @@ class MultiwayConfig:
     patch_embed: PatchEmbedKind = "linear"
     stem_blocks: int = 0
     stem_width: int | None = None
+    stem_shortcut: bool = False
     pos_embed_init: PosEmbedInit = "normal"
     pos_embed_scale: float = 1.0
     in_chans: int = 3
@@ -210,8 +213,10 @@ class MultiwayConfig:
             raise ValueError(f"MultiwayConfig.stem_blocks: expected an int >= 0, got {self.stem_blocks!r}")
         if self.stem_width is not None and (not isinstance(self.stem_width, int) or self.stem_width < 1):
             raise ValueError(f"MultiwayConfig.stem_width: expected a positive int or null, got {self.stem_width!r}")
-        if (self.stem_blocks or self.stem_width is not None) and self.patch_embed != "conv":
-            raise ValueError("MultiwayConfig.stem_blocks/stem_width: a stem setting needs patch_embed='conv'")
+        if (self.stem_blocks or self.stem_width is not None or self.stem_shortcut) and self.patch_embed != "conv":
+            raise ValueError(
+                "MultiwayConfig.stem_blocks/stem_width/stem_shortcut: a stem setting needs patch_embed='conv'"
+            )
         _check_literal("MultiwayConfig", "tokenizer", self.tokenizer, TokenizerKind)
         _check_literal("MultiwayConfig", "global_pool", self.global_pool, GlobalPool)
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:

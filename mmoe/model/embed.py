@@ -63,9 +63,20 @@ class ConvStem(nn.Module):
     """
 
     def __init__(
-        self, *, patch_size: int, in_chans: int, dim: int, extra_blocks: int = 0, width: int | None = None
+        self,
+        *,
+        patch_size: int,
+        in_chans: int,
+        dim: int,
+        extra_blocks: int = 0,
+        width: int | None = None,
+        shortcut: bool = False,
     ) -> None:
         super().__init__()
+        # A linear p x p patchify beside the conv path (``MultiwayConfig.stem_shortcut``): each token's mean colour
+        # is a linear function of its pixels, so it reaches the blocks whatever the conv path learns to be
+        # invariant to (a stem trained on shape words drops colour; docs/results/learning.md).
+        self.shortcut = nn.Conv2d(in_chans, dim, patch_size, patch_size) if shortcut else None
         layers: list[nn.Module] = []
         prev = in_chans
         for w in conv_stem_widths(patch_size, dim, width):
@@ -77,7 +88,10 @@ class ConvStem(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, image_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.net(image_BCHW).flatten(2).transpose(1, 2)
+        x_BDhw = self.net(image_BCHW)
+        if self.shortcut is not None:
+            x_BDhw = x_BDhw + self.shortcut(image_BCHW)
+        return x_BDhw.flatten(2).transpose(1, 2)
 
 
 class VisionEmbed(nn.Module):
@@ -98,6 +112,7 @@ class VisionEmbed(nn.Module):
         kind: str = "linear",
         stem_blocks: int = 0,
         stem_width: int | None = None,
+        stem_shortcut: bool = False,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
@@ -108,7 +123,12 @@ class VisionEmbed(nn.Module):
             )
         elif kind == "conv":
             self.patch_embed = ConvStem(
-                patch_size=patch_size, in_chans=in_chans, dim=dim, extra_blocks=stem_blocks, width=stem_width
+                patch_size=patch_size,
+                in_chans=in_chans,
+                dim=dim,
+                extra_blocks=stem_blocks,
+                width=stem_width,
+                shortcut=stem_shortcut,
             )
         else:
             raise ValueError(f"MultiwayConfig.patch_embed: expected 'linear' or 'conv', got {kind!r}")

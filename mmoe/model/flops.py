@@ -42,7 +42,8 @@ def patch_embed_macs(config: MultiwayConfig, height: int, width: int) -> int:
         macs += h * w * width_i * prev * 9
         prev = width_i
     macs += config.stem_blocks * h * w * prev * prev * 9  # stride-1 3x3 blocks at the patch resolution
-    return macs + patches * prev * dim
+    shortcut = patches * chans * p * p * dim if config.stem_shortcut else 0  # the linear patchify beside it
+    return macs + patches * prev * dim + shortcut
 
 
 def _moe_macs_per_token(config: MultiwayConfig) -> int:
