@@ -287,6 +287,53 @@ def test_tag_loss_reads_the_stem_only(tmp_path: Path) -> None:
         ClassificationTask(**kw, tag_decay_steps=100)
 
 
+def test_tied_tag_head_scores_tokens_against_the_words_embeddings(tmp_path: Path) -> None:
+    """`tag_tied`: logit = scale * <LN(token), e_word / |e_word|> + bias with e_word the mean of the word's BPE
+    rows; the tag loss then reaches those rows of the text embedding and no other."""
+    import torch.nn.functional as F
+
+    from mmoe.data.tokenizer import build_tokenizer
+    from mmoe.train.classification import ClassificationTask
+
+    vocab = tmp_path / "answers.json"
+    save_answer_vocab(vocab, ["yes", "no"])
+    kw = {"backbone": "tiny_mhmoe", "backbone_overrides": {"img_size": 32}, "label_vocab": str(vocab)}
+    task = ClassificationTask(**kw, loss="soft_bce", tag_weight=1.0, tag_words=["disc", "hexagon"], tag_tied=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        task.tag_head.scale.fill_(1.7)  # type: ignore[union-attr]
+        task.tag_head.bias.copy_(torch.tensor([0.3, -0.2]))  # type: ignore[union-attr]
+    tokens = torch.randn(2, 5, task.backbone.config.dim)
+    table = task.backbone.text_embed.token_embed.weight  # type: ignore[union-attr]
+    tok = build_tokenizer("openclip", max_len=16)
+    ids = [tok.encode_one(w) for w in ("disc", "hexagon")]
+    assert len(ids[1]) > 1  # a word of two BPE pieces: their mean
+    words = torch.stack([table[i].mean(dim=0) for i in ids])
+    normed = F.layer_norm(tokens, (tokens.shape[-1],))
+    expected = 1.7 * normed @ F.normalize(words, dim=-1).T + torch.tensor([0.3, -0.2])
+    assert torch.allclose(task.tag_head(tokens), expected, atol=1e-5)  # type: ignore[misc]
+    batch = {
+        "image": torch.randn(2, 3, 32, 32),
+        "text": torch.randint(0, 49408, (2, 6)),
+        "text_padding_mask": torch.zeros(2, 6, dtype=torch.bool),
+        "tags": torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+    }
+    _, out = task._logits_and_output(batch)
+    task.backbone.zero_grad()
+    task._tag_loss(out, batch["tags"]).backward()
+    grad = table.grad
+    assert grad is not None
+    touched = sorted({i for row in ids for i in row})
+    assert all(grad[i].abs().sum() > 0 for i in touched)
+    others = torch.ones(table.shape[0], dtype=torch.bool)
+    others[touched] = False
+    assert grad[others].abs().sum() == 0
+    with pytest.raises(ValueError, match="tag_tied"):
+        ClassificationTask(**kw, loss="soft_bce", tag_tied=True)
+    with pytest.raises(ValueError, match="tag_tied"):
+        ClassificationTask(**kw, tag_weight=1.0, tag_words=["disc"], tag_tied=True, tag_channels=16)
+
+
 def test_vqa_fit_with_mined_tags(tmp_path_factory: pytest.TempPathFactory, world: Path) -> None:
     """`mmoe fit` with the tag loss: the data mines the tags, the model checks the words before the first step."""
     shapes = json.loads((world / "world.json").read_text())["shapes"]

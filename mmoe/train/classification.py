@@ -61,6 +61,47 @@ LossName = Literal["soft_bce", "ce"]
 PredictFormat = Literal["vqa", "nlvr2", "labels"]
 
 
+class TiedTagHead(torch.nn.Module):
+    """Tag logits from the tag words' own text embeddings (``ClassificationTask(tag_tied=True)``).
+
+    logit(token, word) = scale * <LN(token), e_word / |e_word|> + bias_word, with e_word the mean of the word's
+    BPE rows of the backbone's token embedding, read at every call, so the gradient reaches those rows: the
+    word's embedding moves towards the image tokens that show the object, a token-level version of the
+    image-text alignment of contrastive pretraining (Radford et al. 2021).
+    """
+
+    def __init__(self, backbone: torch.nn.Module, words: list[str]) -> None:
+        super().__init__()
+        config = backbone.config
+        if config.tokenizer != "openclip" or backbone.text_embed is None:
+            raise ValueError(
+                f"ClassificationTask(tag_tied=True): needs the open_clip tokenizer and a text branch, the backbone "
+                f"has tokenizer={config.tokenizer!r}"
+            )
+        from mmoe.data.tokenizer import build_tokenizer
+
+        tok = build_tokenizer("openclip", max_len=16)
+        rows = [tok.encode_one(w) for w in words]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        weight = torch.zeros(len(rows), width)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            weight[i, : len(r)] = 1.0 / len(r)
+        self.register_buffer("ids_TK", ids, persistent=False)
+        self.register_buffer("weight_TK", weight, persistent=False)
+        self.norm = torch.nn.LayerNorm(config.dim)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.bias = torch.nn.Parameter(torch.zeros(len(rows)))
+        self._embed = [backbone.text_embed.token_embed]  # a list: not registered twice as a submodule
+
+    def forward(self, tokens_BPD: torch.Tensor) -> torch.Tensor:
+        table = self._embed[0].weight
+        words_TD = (table[self.ids_TK] * self.weight_TK.unsqueeze(-1).to(table.dtype)).sum(dim=1)
+        words_TD = F.normalize(words_TD.float(), dim=-1).to(tokens_BPD.dtype)
+        return self.scale * (self.norm(tokens_BPD) @ words_TD.T) + self.bias
+
+
 class ClassificationTask(TaskModule):
     """Backbone + ``ClassificationHead`` trained with soft-target BCE or cross-entropy (module docstring).
 
@@ -87,6 +128,10 @@ class ClassificationTask(TaskModule):
         tag_words: its words (``pair_mask_words`` syntax), the same as the data module's ``tag_words``.
         tag_channels: the tag head reads only the first ``tag_channels`` channels of the stem's tokens (None: all),
             so the other channels are left to the task loss alone.
+        tag_tied: the tag head scores each token against the tag word's own text embedding (the mean of its
+            tokens' rows, unit-normalised, times a learned scale, plus a per-word bias) instead of a free linear
+            layer, so the loss pulls the question's "magenta" and "disc" towards the image tokens that show them
+            (docs/results/learning.md). Needs the open_clip tokenizer and a text branch.
         tag_decay_steps: when set, the tag weight falls linearly from ``tag_weight`` at step 0 to 0 at this
             step and stays 0 after: the tags seed the object features early, the task loss alone has the rest of
             the schedule (docs/results/learning.md). None: a constant weight.
@@ -121,6 +166,7 @@ class ClassificationTask(TaskModule):
         tag_words: str | list[str] | None = None,
         tag_channels: int | None = None,
         tag_decay_steps: int | None = None,
+        tag_tied: bool = False,
     ) -> None:
         if loss not in ("soft_bce", "ce"):
             raise ValueError(f"ClassificationTask: loss={loss!r}; expected 'soft_bce' or 'ce'")
@@ -141,6 +187,11 @@ class ClassificationTask(TaskModule):
             raise ValueError("ClassificationTask: tag_weight > 0 needs tag_words (the words to mine as image tags)")
         if tag_channels is not None and tag_weight <= 0:
             raise ValueError(f"ClassificationTask: tag_channels={tag_channels} without tag_weight > 0 has no effect")
+        if tag_tied and (tag_weight <= 0 or not text_key or tag_channels is not None):
+            raise ValueError(
+                "ClassificationTask: tag_tied needs tag_weight > 0, a text branch (text_key) and all channels "
+                "(tag_channels null)"
+            )
         if tag_decay_steps is not None and (tag_weight <= 0 or tag_decay_steps <= 0):
             raise ValueError(
                 f"ClassificationTask: tag_decay_steps={tag_decay_steps} needs tag_weight > 0 and a positive step count"
@@ -179,7 +230,10 @@ class ClassificationTask(TaskModule):
                 if not 0 < tag_channels <= dim:
                     raise ValueError(f"ClassificationTask: tag_channels={tag_channels} must be in [1, {dim}]")
                 dim = tag_channels
-            self.tag_head = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, len(self.tag_words)))
+            if tag_tied:
+                self.tag_head = TiedTagHead(self.backbone, self.tag_words)
+            else:
+                self.tag_head = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, len(self.tag_words)))
         self.mixup_fn = None
         if mixup:
             from timm.data import Mixup
