@@ -67,7 +67,7 @@ class TiedTagHead(torch.nn.Module):
     logit(token, word) = scale * <LN(token), e_word / |e_word|> + bias_word, with e_word the mean of the word's
     BPE rows of the backbone's token embedding, read at every call, so the gradient reaches those rows: the
     word's embedding moves towards the image tokens that show the object, a token-level version of the
-    image-text alignment of contrastive pretraining (Radford et al. 2021).
+    image-text alignment of contrastive pretraining ([CLIP] in docs/references.md).
     """
 
     def __init__(self, backbone: torch.nn.Module, words: list[str]) -> None:
