@@ -225,6 +225,16 @@ def test_task_loss_rows_checkpoint_and_init_from(tmp_path: Path) -> None:
         ClassificationTask(backbone="tiny_mhmoe", num_classes=2, pooling="pair")
 
 
+def _tag_batch() -> dict[str, torch.Tensor]:
+    """Two 32-px images with random questions and the tags of two words (the first in both, the second in one)."""
+    return {
+        "image": torch.randn(2, 3, 32, 32),
+        "text": torch.randint(0, 49408, (2, 6)),
+        "text_padding_mask": torch.zeros(2, 6, dtype=torch.bool),
+        "tags": torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+    }
+
+
 def test_tag_loss_reads_the_stem_only(tmp_path: Path) -> None:
     """The image-tag loss is a max over patches of per-token logits on the stem's tokens: its gradient reaches
     the conv stem and the tag head, never the blocks or the text embedding; bad settings are refused."""
@@ -238,12 +248,7 @@ def test_tag_loss_reads_the_stem_only(tmp_path: Path) -> None:
     task = ClassificationTask(**kw, loss="soft_bce", tag_weight=2.0, tag_words=["Disc", "wedge"])
     assert task.tag_words == ["disc", "wedge"]
     torch.manual_seed(0)
-    batch = {
-        "image": torch.randn(2, 3, 32, 32),
-        "text": torch.randint(0, 49408, (2, 6)),
-        "text_padding_mask": torch.zeros(2, 6, dtype=torch.bool),
-        "tags": torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
-    }
+    batch = _tag_batch()
     _, out = task._logits_and_output(batch)
     loss = task._tag_loss(out, batch["tags"])
     assert out.embeddings is not None
@@ -312,12 +317,7 @@ def test_tied_tag_head_scores_tokens_against_the_words_embeddings(tmp_path: Path
     normed = F.layer_norm(tokens, (tokens.shape[-1],))
     expected = 1.7 * normed @ F.normalize(words, dim=-1).T + torch.tensor([0.3, -0.2])
     assert torch.allclose(task.tag_head(tokens), expected, atol=1e-5)  # type: ignore[misc]
-    batch = {
-        "image": torch.randn(2, 3, 32, 32),
-        "text": torch.randint(0, 49408, (2, 6)),
-        "text_padding_mask": torch.zeros(2, 6, dtype=torch.bool),
-        "tags": torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
-    }
+    batch = _tag_batch()
     _, out = task._logits_and_output(batch)
     task.backbone.zero_grad()
     task._tag_loss(out, batch["tags"]).backward()
