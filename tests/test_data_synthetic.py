@@ -154,6 +154,35 @@ def test_alt_world_shares_no_words_with_the_standard_one(tmp_path: Path) -> None
         make_world(tmp_path / "x", num_train=1, num_val=1, variant="nope")
 
 
+def test_holdout_world_shares_no_words_with_the_other_two(tmp_path: Path) -> None:
+    from mmoe.data.synthetic import ALT_WORLD, HOLDOUT_WORLD, STANDARD_WORLD
+
+    for other in (STANDARD_WORLD, ALT_WORLD):
+        assert not set(HOLDOUT_WORLD.colors) & set(other.colors)
+        assert not set(HOLDOUT_WORLD.shape_words) & set(other.shape_words)
+        assert not set(HOLDOUT_WORLD.sizes) & set(other.sizes)
+    out = tmp_path / "holdout"
+    summary = make_world(out, num_train=40, num_val=8, image_size=48, seed=1, variant="holdout")
+    assert summary["variant"] == "holdout" and summary["shapes"] == list(HOLDOUT_WORLD.shape_words)
+    anns = json.loads((out / "vqa/v2_mscoco_train2014_annotations.json").read_text())["annotations"]
+    qs = {
+        q["question_id"]: q["question"]
+        for q in json.loads((out / "vqa/v2_OpenEnded_mscoco_train2014_questions.json").read_text())["questions"]
+    }
+    kinds = Counter(a["question_type"] for a in anns)
+    assert set(kinds) == {"what number of", "does the scene contain", "what is the colour", "name the shape"}
+    other_words = {w for spec in (STANDARD_WORLD, ALT_WORLD) for w in (*spec.colors, *spec.shape_words)}
+    alt_openings = ("how many", "can you see", "which colour", "which shape")
+    for a in anns:
+        q = qs[a["question_id"]].lower()
+        assert not set(re.findall(r"[a-z]+", q)) & other_words, q
+        assert not q.startswith(alt_openings), q
+        if a["question_type"] == "what is the colour":
+            assert a["multiple_choice_answer"] in HOLDOUT_WORLD.colors
+        if a["question_type"] == "name the shape":
+            assert a["multiple_choice_answer"] in HOLDOUT_WORLD.shape_words
+
+
 def test_leftmost_answer_follows_the_scene() -> None:
     from mmoe.data.synthetic import ALT_WORLD
 

@@ -39,8 +39,8 @@ def run(argv: list[str] | None = None) -> dict:
         "--variant",
         choices=sorted(WORLD_VARIANTS),
         default="standard",
-        help="which world: 'alt' has other shape words, colours, sizes, 1-3 objects and other VQA questions "
-        "(judge a recipe on the world it was not tuned on)",
+        help="which world: 'alt' and 'holdout' each have their own shape words, colours, sizes, 1-3 objects and "
+        "VQA questions in their own wording (judge a recipe on a world it was not tuned on)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vqa-noise", type=float, default=0.05, help="probability an annotator gives another answer")

@@ -47,7 +47,9 @@ from mmoe.data.shard_writer import (
 from mmoe.files import atomic_write_bytes
 
 __all__ = [
+    "ALT_WORLD",
     "COLORS",
+    "HOLDOUT_WORLD",
     "POSITIONS",
     "SHAPES",
     "SIZES",
@@ -110,7 +112,10 @@ class WorldSpec:
     colour, shape word or size with the standard one, draws two outlines the standard world never shows,
     holds 1-3 objects, and asks four other question kinds in other wording (how many, can you see a, which
     colour is the named shape, which shape is furthest left), so a recipe can be judged on a world it was not
-    tuned on (docs/results/learning.md).
+    tuned on (docs/results/learning.md). The third (``"holdout"``) asks the same four kinds in a third wording,
+    with a third set of shape words, colours and sizes; it is kept for judging recipes once the other two
+    have been used for tuning. Its sizes sit near the standard world's, not below them like ``alt``'s (whose
+    smallest shapes are 8 px across in a 64-px image, where a disc and a hexagon are a few pixels apart).
 
     Attributes:
         name: the variant name (``mmoe-synthetic --variant``).
@@ -118,7 +123,8 @@ class WorldSpec:
         colors: colour word -> base RGB.
         sizes: size word -> radius as a fraction of a grid cell.
         max_objects: objects per scene are drawn from 1..max_objects.
-        questions: ``"standard"`` (colour, shape, count, position, yes/no) or ``"alt"`` (the four kinds above).
+        questions: ``"standard"`` (colour, shape, count, position, yes/no), or ``"alt"`` / ``"holdout"`` (the
+            four kinds above, in that world's wording).
     """
 
     name: str
@@ -161,7 +167,22 @@ ALT_WORLD = WorldSpec(
     max_objects=3,
     questions="alt",
 )
-WORLD_VARIANTS: dict[str, WorldSpec] = {w.name: w for w in (STANDARD_WORLD, ALT_WORLD)}
+HOLDOUT_WORLD = WorldSpec(
+    name="holdout",
+    shapes={"ball": "circle", "block": "square", "tent": "triangle", "spark": "star", "gem": "diamond"},
+    colors={
+        "navy": (30, 45, 125),
+        "gold": (225, 180, 45),
+        "teal": (20, 130, 125),
+        "crimson": (185, 20, 55),
+        "olive": (125, 135, 30),
+        "coral": (250, 125, 90),
+    },
+    sizes={"medium": 0.26, "huge": 0.42},
+    max_objects=3,
+    questions="holdout",
+)
+WORLD_VARIANTS: dict[str, WorldSpec] = {w.name: w for w in (STANDARD_WORLD, ALT_WORLD, HOLDOUT_WORLD)}
 _SUPERSAMPLE = 4
 _LICENSE = {
     "id": 1,
@@ -375,8 +396,8 @@ class _Question:
 def vqa_for_scene(objs: Sequence[SceneObject], rng: random.Random, spec: WorldSpec = STANDARD_WORLD) -> list[_Question]:
     """Questions whose answers are determined by the scene: colour, shape, count, position and yes/no in the
     standard world; count, existence, colour of a named shape and the leftmost shape in the ``alt`` world."""
-    if spec.questions == "alt":
-        return _alt_questions(objs, rng, spec)
+    if spec.questions in _FOUR_KIND_WORDING:
+        return _four_kind_questions(objs, rng, spec)
     qs: list[_Question] = []
     shape_count = Counter(o.shape for o in objs)
     color_count = Counter(o.color for o in objs)
@@ -433,16 +454,58 @@ def vqa_for_scene(objs: Sequence[SceneObject], rng: random.Random, spec: WorldSp
     return qs
 
 
-def _alt_questions(objs: Sequence[SceneObject], rng: random.Random, spec: WorldSpec) -> list[_Question]:
-    """The ``alt`` world's four question kinds, in wording the standard world never uses."""
+@dataclass(frozen=True)
+class _FourKindWording:
+    """The wording of the four question kinds of the ``alt`` and ``holdout`` worlds (each its own)."""
+
+    count: str  # formatted with the plural shape word
+    count_all: str
+    count_type: str
+    presence: str  # formatted with article, colour and shape
+    presence_type: str
+    colour: str  # formatted with the shape word
+    colour_type: str
+    leftmost: str
+    leftmost_type: str
+
+
+_FOUR_KIND_WORDING: dict[str, _FourKindWording] = {
+    "alt": _FourKindWording(
+        count="How many {} can you see?",
+        count_all="How many objects are in the picture?",
+        count_type="how many",
+        presence="Can you see {} {} {}?",
+        presence_type="can you see a",
+        colour="Which colour does the {} have?",
+        colour_type="which colour does the",
+        leftmost="Which shape is furthest to the left?",
+        leftmost_type="which shape is furthest",
+    ),
+    "holdout": _FourKindWording(
+        count="What number of {} are in the scene?",
+        count_all="What number of things are in the scene?",
+        count_type="what number of",
+        presence="Does the scene contain {} {} {}?",
+        presence_type="does the scene contain",
+        colour="What is the colour of the {}?",
+        colour_type="what is the colour",
+        leftmost="Name the shape nearest the left edge.",
+        leftmost_type="name the shape",
+    ),
+}
+
+
+def _four_kind_questions(objs: Sequence[SceneObject], rng: random.Random, spec: WorldSpec) -> list[_Question]:
+    """The four question kinds of the ``alt`` and ``holdout`` worlds (count, existence, colour of a named
+    shape, leftmost shape), each world in its own wording."""
+    w = _FOUR_KIND_WORDING[spec.questions]
     qs: list[_Question] = []
     shape_count = Counter(o.shape for o in objs)
     pair_count = Counter((o.color, o.shape) for o in objs)
     shape = rng.choice(sorted(shape_count)) if rng.random() < 0.6 else rng.choice(spec.shape_words)
-    qs.append(_Question(f"How many {_plural(shape)} can you see?", str(shape_count[shape]), "how many", "number",
-                        "number"))  # fmt: skip
+    qs.append(_Question(w.count.format(_plural(shape)), str(shape_count[shape]), w.count_type, "number", "number"))
     if rng.random() < 0.5:
-        qs.append(_Question("How many objects are in the picture?", str(len(objs)), "how many", "number", "number"))
+        qs.append(_Question(w.count_all, str(len(objs)), w.count_type, "number", "number"))
     for want_yes in rng.sample([True, False], 2):
         if want_yes:
             o = rng.choice(list(objs))
@@ -450,18 +513,16 @@ def _alt_questions(objs: Sequence[SceneObject], rng: random.Random, spec: WorldS
         else:
             absent = [(c, s) for c in sorted(spec.colors) for s in spec.shape_words if (c, s) not in pair_count]
             color, shape = rng.choice(absent)
-        q = f"Can you see {_article(color)} {color} {shape}?"
-        qs.append(_Question(q, "yes" if want_yes else "no", "can you see a", "yes/no", "yes/no"))
+        q = w.presence.format(_article(color), color, shape)
+        qs.append(_Question(q, "yes" if want_yes else "no", w.presence_type, "yes/no", "yes/no"))
     unique_shape = [o for o in objs if shape_count[o.shape] == 1]
     if unique_shape:
         o = rng.choice(unique_shape)
-        q = f"Which colour does the {o.shape} have?"
-        qs.append(_Question(q, o.color, "which colour does the", "other", "color"))
+        qs.append(_Question(w.colour.format(o.shape), o.color, w.colour_type, "other", "color"))
     left = min(o.col for o in objs)
     leftmost = [o for o in objs if o.col == left]
     if len(objs) >= 2 and len(leftmost) == 1:
-        q = "Which shape is furthest to the left?"
-        qs.append(_Question(q, leftmost[0].shape, "which shape is furthest", "other", "shape"))
+        qs.append(_Question(w.leftmost, leftmost[0].shape, w.leftmost_type, "other", "shape"))
     return qs
 
 
@@ -799,8 +860,8 @@ def make_world(
         vqa_noise: probability that one of the 10 VQA annotators gives another valid answer.
         shards: also write webdataset shards under ``shards/{pair,image,text}`` (``write_world_shards``).
         shard_maxcount: samples per shard when ``shards`` is set.
-        variant: ``"standard"`` or ``"alt"`` (``WORLD_VARIANTS``): the second world's other words, colours,
-            sizes and questions (``WorldSpec``), for judging a recipe on a world it was not tuned on.
+        variant: ``"standard"``, ``"alt"`` or ``"holdout"`` (``WORLD_VARIANTS``): the other worlds' own words,
+            colours, sizes and questions (``WorldSpec``), for judging a recipe on a world it was not tuned on.
         progress: called as ``progress(stage, done, total)`` after each stage (a split's COCO/VQA, NLVR2,
             ImageFolder, text; the shards), for a command's progress bar; the library prints nothing.
 
