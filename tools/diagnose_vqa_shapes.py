@@ -31,7 +31,8 @@ from typing import Any
 
 from mmoe.metrics.vqa import load_vqa_json
 
-PRESENCE_TYPES = ("can you see a", "is there a")
+PRESENCE_TYPES = ("can you see a", "is there a", "does the scene contain")
+COUNT_TYPES = ("how many", "what number of")
 
 
 def _read(path: Path, key: str | None = None) -> Any:
@@ -90,7 +91,7 @@ def diagnose(world: Path, results: Path, split: str = "val") -> dict[str, dict[s
             groups["answer is a shape"].append(pred == gt)
             shape_preds[pred] += 1
             in_scene.append(pred in {s for _, s in objs})
-        elif a["question_type"] == "how many" and shape:
+        elif a["question_type"] in COUNT_TYPES and shape:
             every = all(s == shape for _, s in objs)
             groups[f"how many <shape>: {'every object' if every else 'not every object'} has it"].append(pred == gt)
     out: dict[str, dict[str, Any]] = {
