@@ -135,6 +135,10 @@ class ClassificationTask(TaskModule):
         tag_decay_steps: when set, the tag weight falls linearly from ``tag_weight`` at step 0 to 0 at this
             step and stays 0 after: the tags seed the object features early, the task loss alone has the rest of
             the schedule (docs/results/learning.md). None: a constant weight.
+        task_start_step: the task loss joins at this optimizer step (before it, weight 0; still computed, so
+            every parameter takes part in each DDP step). With ``tag_weight > 0`` the first steps train the
+            stem on the image tags alone, so the object features are there before colour and position answers
+            take the gradient (docs/results/learning.md). 0: from the first step.
     """
 
     def __init__(
@@ -167,6 +171,7 @@ class ClassificationTask(TaskModule):
         tag_channels: int | None = None,
         tag_decay_steps: int | None = None,
         tag_tied: bool = False,
+        task_start_step: int = 0,
     ) -> None:
         if loss not in ("soft_bce", "ce"):
             raise ValueError(f"ClassificationTask: loss={loss!r}; expected 'soft_bce' or 'ce'")
@@ -195,6 +200,11 @@ class ClassificationTask(TaskModule):
         if tag_decay_steps is not None and (tag_weight <= 0 or tag_decay_steps <= 0):
             raise ValueError(
                 f"ClassificationTask: tag_decay_steps={tag_decay_steps} needs tag_weight > 0 and a positive step count"
+            )
+        if task_start_step < 0 or (task_start_step > 0 and tag_weight <= 0):
+            raise ValueError(
+                f"ClassificationTask: task_start_step={task_start_step} must be >= 0, and > 0 only with "
+                "tag_weight > 0 (before it no loss but the tags trains the model)"
             )
         if tag_weight > 0 and pooling == "pair":
             raise ValueError("ClassificationTask: tag_weight > 0 is for one image per sample; pooling='pair' has two")
@@ -286,6 +296,10 @@ class ClassificationTask(TaskModule):
             return weight
         return weight * max(0.0, 1.0 - step / decay)
 
+    def task_weight_at(self, step: int) -> float:
+        """The task loss weight at optimizer step ``step``: 0 before ``task_start_step``, 1 from it on."""
+        return 0.0 if step < self.hparams.task_start_step else 1.0
+
     def _tag_loss(self, out: BackboneOutput, tags_BT: torch.Tensor | None) -> torch.Tensor:
         """BCE of the max over patches of per-token tag logits against the mined image tags (module docstring)."""
         assert self.tag_head is not None and out.embeddings is not None
@@ -333,7 +347,7 @@ class ClassificationTask(TaskModule):
         logits, out = self._logits_and_output(batch)
         task_loss = self._loss(logits, labels)
         aux = out.aux_loss if out.aux_loss is not None else logits.new_zeros(())
-        loss = task_loss + aux
+        loss = self.task_weight_at(self.global_step) * task_loss + aux
         bs = logits.shape[0]
         if self.tag_head is not None:
             # computed at weight 0 as well, so that every parameter takes part in each step (DDP)
