@@ -292,11 +292,18 @@ def test_tag_loss_reads_the_stem_only(tmp_path: Path) -> None:
         ClassificationTask(**kw, tag_decay_steps=100)
     # task_start_step: the task loss has weight 0 before that step, 1 from it; only with the tags on.
     assert [task.task_weight_at(s) for s in (0, 5)] == [1.0, 1.0]
-    late = ClassificationTask(**kw, loss="soft_bce", tag_weight=1.0, tag_words=["disc"], task_start_step=50)
+    late = ClassificationTask(**kw, loss="soft_bce", tag_weight=1.0, tag_words=["disc", "wedge"], task_start_step=50)
     assert [late.task_weight_at(s) for s in (0, 49, 50, 900)] == [0.0, 0.0, 1.0, 1.0]
     for bad in ({"tag_weight": 1.0, "tag_words": ["disc"], "task_start_step": -1}, {"task_start_step": 10}):
         with pytest.raises(ValueError, match="task_start_step"):
             ClassificationTask(**kw, **bad)
+    # ... and in a training step before it, the answer head gets no gradient, the stem does.
+    batch_l = {**batch, "labels": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
+    late.zero_grad()
+    late.training_step(batch_l, 0).backward()  # type: ignore[union-attr]
+    head = [p.grad for p in late.head.parameters()]
+    assert all(g is None or g.abs().sum() == 0 for g in head)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in late.named_parameters() if "patch_embed" in n)
 
 
 def test_tied_tag_head_scores_tokens_against_the_words_embeddings(tmp_path: Path) -> None:
