@@ -114,3 +114,23 @@ def test_image_text_max_pooling_adds_the_patch_max() -> None:
     assert head(feats, NV).shape == (3, 7) and _linears(head)[0] == (3 * D, 2 * D)
     with pytest.raises(ValueError, match="image_text_max"):
         pool_features(torch.randn(2, NV, D), NV, "image_text_max")
+
+
+def test_image_text_max_mean_pooling_adds_the_patch_mean() -> None:
+    """image_text_max_mean: image_text_max, then the mean over the patch tokens (4D wide), which, unlike the max,
+    grows with the number of patches that carry a feature."""
+    torch.manual_seed(0)
+    feats = torch.randn(3, NV + NT, D)
+    pooled = pool_features(feats, NV, "image_text_max_mean")
+    assert pooled.shape == (3, 4 * D)
+    assert torch.equal(pooled[:, : 3 * D], pool_features(feats, NV, "image_text_max"))
+    slow = torch.stack([sum(feats[b, p] for p in range(1, NV)) / (NV - 1) for b in range(3)])
+    assert torch.allclose(pooled[:, 3 * D :], slow, atol=1e-6)
+    one, two = torch.zeros(1, NV + NT, D), torch.zeros(1, NV + NT, D)
+    one[0, 1, 0] = two[0, 1, 0] = two[0, 2, 0] = 1.0  # one and two patches carry the same feature
+    p1, p2 = pool_features(one, NV, "image_text_max_mean"), pool_features(two, NV, "image_text_max_mean")
+    assert p1[0, 2 * D] == p2[0, 2 * D] and p2[0, 3 * D] == 2 * p1[0, 3 * D] > 0
+    head = ClassificationHead(D, 7, pooling="image_text_max_mean")
+    assert head(feats, NV).shape == (3, 7) and _linears(head)[0] == (4 * D, 2 * D)
+    with pytest.raises(ValueError, match="image_text_max_mean"):
+        pool_features(torch.randn(2, NV, D), NV, "image_text_max_mean")

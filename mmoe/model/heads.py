@@ -18,6 +18,9 @@ One ``ClassificationHead`` serves every classification fine-tuning task; only th
   feature to the answer, as the max-pooled FiLM network has (Perez et al. 2018); trained from scratch on the
   shapes world, a CLS read out through attention that has yet to become selective learns several times slower
   (docs/results/learning.md).
+* ``"image_text_max_mean"`` (VQA variant, not in BEiT-3): ``"image_text_max"`` plus the mean over the patch
+  tokens -> 4D. With a fixed number of patches the mean is a sum up to a constant, so it can count the patches
+  whose question-conditioned feature fires (how many of the named shape); a max cannot count.
 * ``"mean_patch"`` (ImageNet): mean of the patch tokens (CLS excluded) -> LN -> Linear(D, C). BEiT-3
   scales the last layer's initial weights by ``init_scale = 0.001``.
 
@@ -34,17 +37,25 @@ from torch import nn
 
 __all__ = ["Pooler", "ClassificationHead", "Pooling", "pool_features"]
 
-Pooling = Literal["image_cls", "image_text_cls", "image_text_max", "pair", "mean_patch"]
+Pooling = Literal["image_cls", "image_text_cls", "image_text_max", "image_text_max_mean", "pair", "mean_patch"]
 
 # unilm beit3 head shapes ([B3] sec. 3): hidden width multiplier (None = a single Linear), whether an input LN leads.
 _DEFAULT_HIDDEN_MULT: dict[str, int | None] = {
     "image_cls": 2,
     "image_text_cls": 2,
     "image_text_max": 2,
+    "image_text_max_mean": 2,
     "pair": 2,
     "mean_patch": None,
 }
-_IN_MULT: dict[str, int] = {"image_cls": 1, "image_text_cls": 2, "image_text_max": 3, "pair": 4, "mean_patch": 1}
+_IN_MULT: dict[str, int] = {
+    "image_cls": 1,
+    "image_text_cls": 2,
+    "image_text_max": 3,
+    "image_text_max_mean": 4,
+    "pair": 4,
+    "mean_patch": 1,
+}
 
 
 def _init_linear_ln(module: nn.Module, std: float = 0.02) -> None:
@@ -92,13 +103,16 @@ def pool_features(features_BND: torch.Tensor, num_vision_tokens: int, pooling: P
                 "pool_features('image_text_cls'): no text tokens after the image tokens (need image + text input)"
             )
         return torch.cat([features_BND[:, 0], features_BND[:, num_vision_tokens]], dim=-1)
-    if pooling == "image_text_max":
+    if pooling in ("image_text_max", "image_text_max_mean"):
         if features_BND.shape[1] <= num_vision_tokens or num_vision_tokens < 2:
             raise ValueError(
-                "pool_features('image_text_max'): needs patch tokens and text tokens after them (image + text input)"
+                f"pool_features({pooling!r}): needs patch tokens and text tokens after them (image + text input)"
             )
-        patches = features_BND[:, 1:num_vision_tokens].amax(dim=1)
-        return torch.cat([features_BND[:, 0], features_BND[:, num_vision_tokens], patches], dim=-1)
+        patches_BPD = features_BND[:, 1:num_vision_tokens]
+        parts = [features_BND[:, 0], features_BND[:, num_vision_tokens], patches_BPD.amax(dim=1)]
+        if pooling == "image_text_max_mean":
+            parts.append(patches_BPD.mean(dim=1))
+        return torch.cat(parts, dim=-1)
     if pooling == "pair":
         if features_BND.shape[1] <= num_vision_tokens:
             raise ValueError("pool_features('pair'): no text tokens after the image tokens (need image + text input)")
@@ -110,8 +124,8 @@ def pool_features(features_BND: torch.Tensor, num_vision_tokens: int, pooling: P
         img0_BD, img1_BD = cls_2BD.chunk(2, dim=0)
         return torch.cat([img0_BD, img1_BD], dim=-1)
     raise ValueError(
-        f"pool_features: unknown pooling {pooling!r}; expected 'image_cls', 'image_text_cls', 'image_text_max', 'pair' "
-        "or 'mean_patch'"
+        f"pool_features: unknown pooling {pooling!r}; expected 'image_cls', 'image_text_cls', 'image_text_max', "
+        "'image_text_max_mean', 'pair' or 'mean_patch'"
     )
 
 

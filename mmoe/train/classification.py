@@ -177,7 +177,7 @@ class ClassificationTask(TaskModule):
             raise ValueError(f"ClassificationTask: loss={loss!r}; expected 'soft_bce' or 'ce'")
         if pooling == "pair" and not image2_key:
             raise ValueError("ClassificationTask: pooling='pair' (NLVR2) needs image2_key (e.g. 'image2')")
-        if pooling in ("pair", "image_text_cls", "image_text_max") and not text_key:
+        if pooling in ("pair", "image_text_cls", "image_text_max", "image_text_max_mean") and not text_key:
             raise ValueError(
                 f"ClassificationTask: pooling={pooling!r} needs text_key (image CLS and text CLS are pooled)"
             )
