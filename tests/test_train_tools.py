@@ -96,7 +96,7 @@ def test_relational_questions_name_the_extreme_object(tmp_path: Path) -> None:
         assert key(ranked[-1]) > key(ranked[-2])
 
 
-@pytest.mark.parametrize("variant", ["standard", "alt"])
+@pytest.mark.parametrize("variant", ["standard", "alt", "holdout"])
 def test_shape_diagnosis_catches_an_answerer_blind_to_shapes(tmp_path: Path, variant: str) -> None:
     """A rule that answers presence questions from the colour alone is right on every "no" group but the one that
     needs the shape, which it gets wrong every time; the correct answers score 100 in every group."""
@@ -128,6 +128,9 @@ def test_shape_diagnosis_catches_an_answerer_blind_to_shapes(tmp_path: Path, var
     (tmp_path / "truth.json").write_text(json.dumps(truth))
     (tmp_path / "blind.json").write_text(json.dumps(blind))
     right = tool.diagnose(tmp_path / "w", tmp_path / "truth.json")
+    counts = right.pop("how many <shape>: answers given")
+    n_counts = sum(v["n"] for k, v in right.items() if k.startswith("how many <shape>"))
+    assert counts["n"] == n_counts > 0 and sum(counts["predicted"].values()) == n_counts
     assert right and all(g["acc"] == 100.0 for g in right.values())
     assert right["answer is a shape"]["predicted_in_scene"] == 100.0
     wrong = tool.diagnose(tmp_path / "w", tmp_path / "blind.json")

@@ -68,6 +68,7 @@ def diagnose(world: Path, results: Path, split: str = "val") -> dict[str, dict[s
     predicted = {r["question_id"]: r["answer"] for r in _read(results)}
     groups: dict[str, list[bool]] = defaultdict(list)
     shape_preds: Counter[str] = Counter()
+    count_preds: Counter[str] = Counter()
     in_scene: list[bool] = []
     for a in anns:
         qid = a["question_id"]
@@ -94,12 +95,18 @@ def diagnose(world: Path, results: Path, split: str = "val") -> dict[str, dict[s
         elif a["question_type"] in COUNT_TYPES and shape:
             every = all(s == shape for _, s in objs)
             groups[f"how many <shape>: {'every object' if every else 'not every object'} has it"].append(pred == gt)
+            count_preds[pred] += 1
     out: dict[str, dict[str, Any]] = {
         k: {"n": len(v), "correct": sum(v), "acc": round(100 * sum(v) / len(v), 2)} for k, v in sorted(groups.items())
     }
     if in_scene:
         out["answer is a shape"]["predicted_in_scene"] = round(100 * sum(in_scene) / len(in_scene), 2)
         out["answer is a shape"]["predicted"] = dict(shape_preds.most_common())
+    if count_preds:
+        out["how many <shape>: answers given"] = {
+            "n": sum(count_preds.values()),
+            "predicted": dict(count_preds.most_common()),
+        }
     return out
 
 
@@ -114,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = diagnose(args.world, args.results, args.split)
     print("| group | questions | exact-match accuracy |\n|---|---|---|")
     for k, v in out.items():
+        if "acc" not in v:  # the answers given to the named-shape counts
+            print(f"| {k} | {v['n']} | {', '.join(f'{a!r}: {c}' for a, c in v['predicted'].items())} |")
+            continue
         extra = f" (predicted shape in the scene: {v['predicted_in_scene']})" if "predicted_in_scene" in v else ""
         print(f"| {k} | {v['n']} | {v['acc']}{extra} |")
     if args.json:
