@@ -395,7 +395,8 @@ class _Question:
 
 def vqa_for_scene(objs: Sequence[SceneObject], rng: random.Random, spec: WorldSpec = STANDARD_WORLD) -> list[_Question]:
     """Questions whose answers are determined by the scene: colour, shape, count, position and yes/no in the
-    standard world; count, existence, colour of a named shape and the leftmost shape in the ``alt`` world."""
+    standard world; count, existence, colour of a named shape and the leftmost shape in the ``alt`` and
+    ``holdout`` worlds."""
     if spec.questions in _FOUR_KIND_WORDING:
         return _four_kind_questions(objs, rng, spec)
     qs: list[_Question] = []

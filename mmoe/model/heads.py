@@ -135,7 +135,8 @@ class ClassificationHead(nn.Module):
     Args:
         dim: backbone width D.
         num_classes: C (3129 answers for VQAv2, 2 for NLVR2, 1000 for ImageNet).
-        pooling: ``"image_cls"``, ``"image_text_cls"``, ``"pair"`` or ``"mean_patch"``.
+        pooling: ``"image_cls"``, ``"image_text_cls"``, ``"image_text_max"``, ``"image_text_max_mean"``,
+            ``"pair"`` or ``"mean_patch"`` (module docstring).
         hidden_mult: MLP hidden width as a multiple of D; ``None`` = a single Linear; ``"auto"`` = the
             unilm beit3 shape for the pooling (2 for image_cls/image_text_cls/pair, None for mean_patch).
         norm_eps: LayerNorm epsilon (BEiT-3 uses 1e-5 for VQA/NLVR2, 1e-6 for ImageNet).
